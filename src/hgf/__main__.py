@@ -1,0 +1,5 @@
+import sys
+
+from hgf.cli import main
+
+sys.exit(main())

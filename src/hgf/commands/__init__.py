@@ -1,0 +1,1 @@
+"""One module per ``hgf`` subcommand; see :mod:`hgf.cli`."""

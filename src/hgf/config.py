@@ -1,0 +1,413 @@
+"""One config tree for everything: nested dataclasses, TOML presets, ``--section.key=value`` overrides.
+
+Precedence (lowest to highest): dataclass defaults < the named model size (``model.size``) <
+the TOML file < command-line overrides. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` with one line naming the key and the file.
+
+Every project decision the paper leaves open ([D] in METHOD.md) is a field here with its
+default documented next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hgf.errors import HGFError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(HGFError, ValueError):
+    """A bad configuration value; the message is one line naming the key and its source."""
+
+
+# Named model sizes. ``debug`` trains in seconds on a CPU; ``paper`` is the ~25M-parameter model of
+# METHOD.md §2 (with a 4096-token vocabulary); ``base100m`` is the inference benchmark size;
+# ``1b``/``3b`` are planning sizes for multi-GPU runs.
+SIZES: dict[str, dict[str, int]] = {
+    "debug": dict(d_model=64, n_layers=2, n_heads=4, d_ff=192, max_seq_len=128),
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=256),
+    "small": dict(d_model=256, n_layers=6, n_heads=8, d_ff=768, max_seq_len=256),
+    "paper": dict(d_model=512, n_layers=6, n_heads=8, d_ff=1536, max_seq_len=512),
+    "base100m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, max_seq_len=1024),
+    "1b": dict(d_model=2048, n_layers=20, n_heads=16, d_ff=5632, max_seq_len=2048),
+    "3b": dict(d_model=3072, n_layers=26, n_heads=24, d_ff=8192, max_seq_len=2048),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``linear`` and ``attention`` are the two orthogonal variant axes."""
+
+    size: str = "debug"  # a key of SIZES; its values sit below anything the TOML/CLI sets
+    vocab_size: int = 4096
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4  # standard heads; differential attention uses n_heads // 2 (METHOD §3)
+    d_ff: int = 192  # hidden width of the gated MLP
+    max_seq_len: int = 128
+    linear: str = "dense"  # dense | bitlinear | hgf
+    attention: str = "standard"  # standard | differential
+    mlp: str = "swiglu"  # swiglu | relu2 (squared-ReLU GLU, BitNet b1.58 2B4T)
+    subln: str = "auto"  # auto (on for ternary linears) | on | off
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class QuantConfig:
+    """BitNet b1.58 quantizers (METHOD §3)."""
+
+    weight_eps: float = 1e-5  # clamp of mean|W| before 1/mean|W|
+    act_eps: float = 1e-5  # clamp of max|x| before 127/max|x|
+    act_bits: int = 8  # per-token absmax activation bits
+
+
+@dataclass
+class HGFConfig:
+    """The gated low-rank correction of HGFLinear. All [D] in METHOD.md unless noted."""
+
+    rank: int = 8  # low-rank r; ignored when target_overhead > 0
+    target_overhead: float = 0.0  # >0: derive r from this overhead fraction (see hgf.memory)
+    overhead_bits: float = 2.0  # bits/weight of the backbone used for target_overhead
+    targets: str = "all"  # attention | mlp | all: which projections carry a correction
+    gate: str = "sigmoid"  # sigmoid | raw | tanh parameterization of the per-projection gate
+    gate_init: float = 0.1  # g0; the paper's gates settle near 0.1 [S3]
+    fusion: str = "additive"  # additive: T + g·C | convex: (1-g)·T + g·C
+    init: str = "kaiming"  # kaiming (A Kaiming-uniform, B zeros) | svd (residual SVD, LoftQ-like)
+    gate_lr_mult: float = 1.0  # gate learning rate = train.lr × this (own group, no weight decay)
+    gate_l2: float = 0.0  # weight of the L2 pull  gate_l2 · Σ (g - gate_target)²  added to the loss
+    gate_target: float = 0.1
+    gate_warmup_frac: float = 0.0  # upper clamp on g ramps from gate_init to 1 over this fraction
+    gate_freeze_frac: float = 1.0  # gates stop changing after this fraction of steps (1 = never)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset folder with train.txt/valid.txt; "" = ../shared/data/tinystories or HF
+    source: str = "auto"  # auto | local | hf  (hf = roneneldan/TinyStories through `datasets`)
+    tokenizer: str = "bpe"  # bpe (train a byte-level BPE) | path to a tokenizer .json file | gpt2
+    cache_dir: str = "data"  # where prepared token files and manifests are cached
+    max_train_stories: int = 0  # 0 = all
+    max_valid_stories: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 1.5e-3
+    min_lr_frac: float = 0.1  # cosine decays to lr × this
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | two_stage (BitNet: LR and WD drop halfway) | constant
+    two_stage_lr_frac: float = 2.0 / 3.0  # second-stage peak LR = lr × this (1.5e-3 → 1e-3)
+    weight_decay: float = 0.1  # two_stage sets it to 0 for the second half
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    log_every: int = 10
+    ckpt_every: int = 0  # 0 = only at the end
+    out_dir: str = "runs/default"
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50  # validation every N steps on a fixed subset (0 = only at the end)
+    batches: int = 8  # size of the fixed subset, in batches of train.batch_size
+    full_at_end: bool = True
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "none"  # none | ddp | fsdp2
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    hgf: HGFConfig = field(default_factory=HGFConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.linear": ("dense", "bitlinear", "hgf"),
+    "model.attention": ("standard", "differential"),
+    "model.mlp": ("swiglu", "relu2"),
+    "model.subln": ("auto", "on", "off"),
+    "hgf.targets": ("attention", "mlp", "all"),
+    "hgf.gate": ("sigmoid", "raw", "tanh"),
+    "hgf.fusion": ("additive", "convex"),
+    "hgf.init": ("kaiming", "svd"),
+    "data.source": ("auto", "local", "hf"),
+    "train.schedule": ("cosine", "two_stage", "constant"),
+    "train.dtype": ("auto", "float32", "bfloat16"),
+    "dist.strategy": ("none", "ddp", "fsdp2"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    """Check/convert ``value`` to the field type ``typ``; raise a one-line ConfigError."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # Optional[...]: not used, kept strict
+        raise ConfigError(f"{source}: {key}: unsupported field type {typ}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(
+        f"{source}: {key} must be {typ.__name__}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _flatten(d: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
+    """``{"model": {"d_model": 8}}`` -> ``{"model.d_model": (8, source)}`` with checks."""
+    sections = _section_types()
+    out: dict[str, tuple[Any, str]] = {}
+    for sec, body in d.items():
+        if sec not in sections:
+            raise ConfigError(f"{source}: unknown section [{sec}] (known: {', '.join(sections)})")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{sec}] must be a table of keys")
+        names = {f.name for f in fields(sections[sec])}
+        for k, v in body.items():
+            if k not in names:
+                raise ConfigError(f"{source}: unknown key {sec}.{k}")
+            out[f"{sec}.{k}"] = (v, source)
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.lr=1e-3", "--model.linear", "hgf"]`` -> nested dict (values still strings)."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"command line: expected --section.key=value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: --{key} needs a value")
+            i += 1
+            value = args[i]
+        sec, _, name = key.partition(".")
+        out.setdefault(sec, {})[name] = value
+        i += 1
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: malformed TOML: {e}") from None
+
+
+def build_config(*layers: tuple[dict[str, Any], str]) -> Config:
+    """Build a validated Config from (nested dict, source name) layers, later layers win."""
+    flat: dict[str, tuple[Any, str]] = {}
+    for d, source in layers:
+        flat.update(_flatten(d, source))
+    size, size_src = flat.get("model.size", ("debug", "defaults"))
+    if size not in SIZES:
+        raise ConfigError(f"{size_src}: model.size={size!r} is not one of {', '.join(SIZES)}")
+    merged = {f"model.{k}": (v, f"size {size!r}") for k, v in SIZES[size].items()}
+    merged.update(flat)
+
+    cfg = Config()
+    hints = {sec: typing.get_type_hints(cls) for sec, cls in _section_types().items()}
+    for key, (value, source) in merged.items():
+        sec, name = key.split(".")
+        setattr(getattr(cfg, sec), name, _coerce(value, hints[sec][name], key, source))
+    validate(cfg, {k: s for k, (_, s) in merged.items()})
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < size < TOML file < ``--section.key=value`` overrides."""
+    layers: list[tuple[dict[str, Any], str]] = []
+    if path is not None:
+        layers.append((read_toml(path), str(path)))
+    if overrides:
+        layers.append((parse_overrides(overrides), "command line"))
+    return build_config(*layers)
+
+
+def config_from_dict(d: dict[str, Any], source: str = "stored config") -> Config:
+    return build_config((d, source))
+
+
+def load_config_json(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: malformed JSON: {e}") from None
+    return config_from_dict(d, str(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
+    """Raise ConfigError for impossible values; the message names the key and where it came from."""
+    sources = sources or {}
+
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{sources.get(key, 'defaults')}: {key}={_get(cfg, key)!r}: {msg}")
+
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            fail(key, f"must be one of {', '.join(allowed)}")
+    m, h, t = cfg.model, cfg.hgf, cfg.train
+    for key in ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+                "model.d_ff", "model.max_seq_len", "train.steps", "train.batch_size",
+                "train.seq_len", "train.grad_accum", "quant.act_bits"):
+        if _get(cfg, key) <= 0:
+            fail(key, "must be > 0")
+    if m.d_model % m.n_heads:
+        fail("model.n_heads", f"must divide model.d_model={m.d_model}")
+    if (m.d_model // m.n_heads) % 2:
+        fail("model.n_heads", "head dim d_model/n_heads must be even (RoPE)")
+    if m.attention == "differential" and m.n_heads % 2:
+        fail("model.n_heads", "must be even for differential attention (it uses n_heads/2 heads)")
+    if t.seq_len > m.max_seq_len:
+        fail("train.seq_len", f"exceeds model.max_seq_len={m.max_seq_len}")
+    if m.linear == "hgf":
+        if h.target_overhead < 0:
+            fail("hgf.target_overhead", "must be >= 0")
+        if h.target_overhead == 0 and h.rank <= 0:
+            fail("hgf.rank", "must be > 0 (or set hgf.target_overhead)")
+        if h.gate == "sigmoid" and not 0 < h.gate_init < 1:
+            fail("hgf.gate_init", "must lie in (0, 1) for a sigmoid gate")
+        if h.gate == "tanh" and not -1 < h.gate_init < 1:
+            fail("hgf.gate_init", "must lie in (-1, 1) for a tanh gate")
+    if h.overhead_bits <= 0:
+        fail("hgf.overhead_bits", "must be > 0")
+    for key in ("hgf.gate_warmup_frac", "hgf.gate_freeze_frac", "train.min_lr_frac",
+                "train.two_stage_lr_frac"):
+        if not 0 <= _get(cfg, key) <= 1:
+            fail(key, "must lie in [0, 1]")
+    for key in ("train.lr", "hgf.gate_lr_mult", "hgf.gate_l2", "train.weight_decay",
+                "train.grad_clip", "train.warmup_steps", "eval.every", "eval.batches",
+                "train.ckpt_every", "train.log_every"):
+        if _get(cfg, key) < 0:
+            fail(key, "must be >= 0")
+    for key in ("train.beta1", "train.beta2"):
+        if not 0 <= _get(cfg, key) < 1:
+            fail(key, "must lie in [0, 1)")
+    if not math.isfinite(t.lr):
+        fail("train.lr", "must be finite")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    sec, name = key.split(".")
+    return getattr(getattr(cfg, sec), name)
+
+
+def subln_enabled(m: ModelConfig) -> bool:
+    return m.subln == "on" or (m.subln == "auto" and m.linear != "dense")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+
+def dump_toml(d: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for sec, body in d.items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with some keys changed: ``replace(cfg, train={"steps": 5})``."""
+    d = cfg.to_dict()
+    for sec, body in sections.items():
+        d.setdefault(sec, {}).update(body)
+    return config_from_dict(d, "replace()")
+
+
+__all__ = [
+    "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "EvalConfig",
+    "HGFConfig", "ModelConfig", "QuantConfig", "TrainConfig", "build_config", "config_from_dict",
+    "dump_toml", "load_config", "load_config_json", "parse_overrides", "read_toml",
+    "replace", "subln_enabled", "validate",
+]

@@ -1,0 +1,151 @@
+"""HGFLinear: a BitLinear plus a gated low-rank full-precision correction (Hybrid Gated Flow).
+
+    T(x) = BitLinear(x)                      ternary stream
+    C(x) = B (A x)                           low-rank FP stream, A ∈ R^{r×d_in}, B ∈ R^{d_out×r}
+    additive fusion:  y = T(x) + g · C(x)    (default)
+    convex fusion:    y = (1 - g) · T(x) + g · C(x)
+
+``g`` is one learned scalar per projection, ``g = min(φ(α), g_max)`` with φ the gate
+parameterization (sigmoid | raw | tanh) and ``g_max`` an upper clamp the trainer ramps during
+gate warmup (a non-persistent buffer; 1e9 = no clamp). The correction reads the full-precision
+(normalised, unquantized) input. ``A`` is Kaiming-uniform and ``B`` zero, so at initialisation
+(additive fusion) the layer equals its BitLinear exactly; the ternary weight keeps the name
+``weight`` so BitNet checkpoints load with only ``A``, ``B``, ``gate`` missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hgf.model.quant import BitLinear, ternarize
+
+NO_CLAMP = 1e9
+
+GATE_FORWARD = {
+    "sigmoid": torch.sigmoid,
+    "raw": lambda a: a,
+    "tanh": torch.tanh,
+}
+GATE_INVERSE = {
+    "sigmoid": lambda g: math.log(g / (1 - g)),
+    "raw": lambda g: g,
+    "tanh": math.atanh,
+}
+
+
+class HGFLinear(BitLinear):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        gate: str = "sigmoid",
+        gate_init: float = 0.1,
+        fusion: str = "additive",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **bitlinear_kwargs: float,
+    ) -> None:
+        super().__init__(in_features, out_features, device=device, dtype=dtype, **bitlinear_kwargs)
+        if rank <= 0:
+            raise ValueError(f"HGFLinear rank must be > 0, got {rank}")
+        if gate not in GATE_FORWARD:
+            raise ValueError(f"unknown gate parameterization {gate!r}")
+        if fusion not in ("additive", "convex"):
+            raise ValueError(f"unknown fusion {fusion!r}")
+        self.rank = rank
+        self.gate_kind = gate
+        self.gate_init = gate_init
+        self.fusion = fusion
+        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.gate = nn.Parameter(torch.empty((), device=device, dtype=torch.float32))
+        self.register_buffer("gate_max", torch.tensor(NO_CLAMP, device=device), persistent=False)
+        self.reset_correction()
+
+    def reset_correction(self) -> None:
+        """LoRA init: A Kaiming-uniform, B zeros, gate at its init value."""
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+        with torch.no_grad():
+            self.gate.fill_(GATE_INVERSE[self.gate_kind](self.gate_init))
+            self.gate_max.fill_(NO_CLAMP)
+
+    @torch.no_grad()
+    def init_from_residual_svd(self) -> None:
+        """LoftQ-like init: A, B from the top-r SVD of the residual ``W - W_t/s_w``, divided by g0
+        so that ``g·B A`` starts as the best rank-r fix of the quantization error."""
+        w_t, s = ternarize(self.weight, self.weight_eps)
+        resid = self.weight.float() - w_t / s  # [out, in]
+        u, sv, vh = torch.linalg.svd(resid, full_matrices=False)
+        r = self.rank
+        root = sv[:r].sqrt()
+        g = float(self.gate_value()) or 1.0
+        self.B.copy_((u[:, :r] * root / g).to(self.B.dtype))  # [out, r]
+        self.A.copy_((root[:, None] * vh[:r]).to(self.A.dtype))  # [r, in]
+
+    def gate_value(self) -> torch.Tensor:
+        """The effective gate ``min(φ(α), g_max)`` as a float32 scalar tensor."""
+        g = GATE_FORWARD[self.gate_kind](self.gate.float())
+        return torch.minimum(g, self.gate_max)
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = super().forward(x)
+        g = self.gate_value().to(t.dtype)
+        c = self.correction(x).to(t.dtype)
+        if self.fusion == "convex":
+            return (1 - g) * t + g * c
+        return t + g * c
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, gate={self.gate_kind}, {self.fusion}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What the trainer needs for the gate schedule
+
+
+def hgf_layers(model: nn.Module) -> Iterator[tuple[str, HGFLinear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, HGFLinear):
+            yield name, mod
+
+
+def gate_values(model: nn.Module) -> dict[str, float]:
+    """Every gate's effective value, keyed by the projection's module name."""
+    with torch.no_grad():
+        return {name: float(m.gate_value()) for name, m in hgf_layers(model)}
+
+
+def set_gate_max(model: nn.Module, value: float) -> None:
+    """Set the upper clamp of every gate (gate warmup); ``NO_CLAMP`` removes it."""
+    for _, m in hgf_layers(model):
+        m.gate_max.fill_(value)
+
+
+def gate_l2_penalty(model: nn.Module, target: float) -> torch.Tensor | None:
+    """``Σ (g - target)²`` over every gate, or None when the model has no gates."""
+    terms = [(m.gate_value() - target) ** 2 for _, m in hgf_layers(model)]
+    return torch.stack(terms).sum() if terms else None
+
+
+def gate_clamp_at(step: int, total_steps: int, gate_init: float, warmup_frac: float) -> float:
+    """Upper clamp on g at ``step``: linear ramp gate_init → 1 over warmup, then no clamp."""
+    warmup = int(round(warmup_frac * total_steps))
+    if warmup <= 0 or step >= warmup:
+        return NO_CLAMP
+    return gate_init + (1.0 - gate_init) * step / warmup
+
+
+def gates_frozen_at(step: int, total_steps: int, freeze_frac: float) -> bool:
+    """True once ``step`` reaches the freeze point (freeze_frac < 1)."""
+    return freeze_frac < 1.0 and step >= int(round(freeze_frac * total_steps))
