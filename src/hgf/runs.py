@@ -1,0 +1,93 @@
+"""The run-directory contract shared by training, evaluation, export and interop.
+
+A finished (or checkpointed) run directory holds:
+    config.json        the resolved config (``Config.to_dict()``)
+    model.safetensors  the final training-model weights (tied weights stored once)
+    tokenizer.json     the tokenizer (a ``tokenizers`` JSON file), when the run used one
+    metrics.jsonl      one JSON object per logged step/eval (written by the trainer)
+    checkpoints/       resumable checkpoints (trainer-owned layout)
+
+Files are written atomically (temporary file in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_model, save_model
+
+from hgf.config import Config, ConfigError, load_config_json
+from hgf.errors import HGFError
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; nothing partial is ever visible."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata))
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu") -> None:
+    """Load safetensors weights into ``model``; a missing/corrupt/mismatched file is an HGFError."""
+    path = Path(path)
+    if not path.is_file():
+        raise HGFError(f"{path}: weights file not found")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
+    except (SafetensorsError, OSError, RuntimeError, ValueError) as e:
+        raise HGFError(f"{path}: corrupt or incompatible weights file: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise HGFError(f"{path}: weights do not match the config: missing {sorted(missing)[:3]}, "
+                       f"unexpected {sorted(unexpected)[:3]}")
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HGFError(f"{run_dir}: run directory not found")
+    try:
+        return load_config_json(run_dir / CONFIG_FILE)
+    except ConfigError:
+        raise
+    except OSError as e:
+        raise HGFError(f"{run_dir / CONFIG_FILE}: cannot read: {e}") from None
+
+
+def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
+                 weights: str | Path | None = None) -> tuple[torch.nn.Module, Config]:
+    """The training model of a run (its ``model.safetensors`` unless ``weights`` is given)."""
+    from hgf.model import build_model
+
+    cfg = load_run_config(run_dir)
+    model = build_model(cfg)
+    load_weights(model, weights or Path(run_dir) / MODEL_FILE, device)
+    return model.to(device).eval(), cfg
