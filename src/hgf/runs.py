@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from hgf.config import Config, ConfigError, load_config_json
@@ -63,7 +63,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.d
         raise HGFError(f"{path}: weights file not found")
     try:
         missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
-    except (SafetensorsError, OSError, RuntimeError, ValueError) as e:
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise HGFError(f"{path}: corrupt or incompatible weights file: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
         raise HGFError(f"{path}: weights do not match the config: missing {sorted(missing)[:3]}, "
