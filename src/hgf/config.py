@@ -210,9 +210,8 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif typ is str:
-        if isinstance(value, str):
-            return value
+    elif typ is str and isinstance(value, str):
+        return value
     raise ConfigError(
         f"{source}: {key} must be {typ.__name__}, got {type(value).__name__} {value!r}"
     )
