@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from hgf.cli import main
 from hgf.config import config_from_dict
-from hgf.data import EOT, load_prepared, prepare, read_stories, token_dtype, train_bpe
+from hgf.data import EOT, load_prepared, prepare, read_stories, token_dtype, train_bpe, write_stories
 from hgf.data import sources as sources_mod
 from hgf.errors import HGFError
 
@@ -28,16 +28,12 @@ def make_stories(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def write_split(path: Path, stories: list[str]) -> None:
-    path.write_text("".join(f"{s}\n{EOT}\n" for s in stories), encoding="utf-8")
-
-
 @pytest.fixture
 def dataset(tmp_path):
     folder = tmp_path / "ds"
     folder.mkdir()
-    write_split(folder / "train.txt", make_stories(120, seed=1))
-    write_split(folder / "valid.txt", make_stories(30, seed=2))
+    write_stories(folder / "train.txt", make_stories(120, seed=1))
+    write_stories(folder / "valid.txt", make_stories(30, seed=2))
     return folder
 
 
@@ -104,7 +100,7 @@ def test_cache_is_idempotent_and_keyed_by_content(tmp_path, dataset):
     # a cap or an edited file lands in another folder
     p3 = prepare(cfg_for(tmp_path, dataset, max_train_stories=50), progress=False)
     assert p3.built and p3.dir != p1.dir and p3.manifest["splits"]["train"]["stories"] == 50
-    write_split(dataset / "valid.txt", make_stories(31, seed=3))
+    write_stories(dataset / "valid.txt", make_stories(31, seed=3))
     p4 = prepare(cfg, progress=False)
     assert p4.built and p4.dir not in (p1.dir, p3.dir)
     assert not any(x.name.startswith(".tmp-") for x in (tmp_path / "cache").iterdir())
@@ -150,7 +146,7 @@ def test_empty_file(tmp_path, dataset):
 
 
 def test_tiny_file(tmp_path, dataset):
-    write_split(dataset / "valid.txt", ["Tiny.", "Story."])
+    write_stories(dataset / "valid.txt", ["Tiny.", "Story."])
     msg = _one_line_error(cfg_for(tmp_path, dataset))
     assert msg.startswith(f"{dataset / 'valid.txt'}: too small: 2 stories give ")
     assert msg.endswith("tokens, fewer than one training window (train.seq_len+1 = 33)")

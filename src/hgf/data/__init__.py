@@ -6,10 +6,10 @@
 """
 
 from hgf.data.prepare import Prepared, load_prepared, prepare, token_dtype
-from hgf.data.sources import EOT, DataFiles, read_stories, resolve_files
+from hgf.data.sources import EOT, DataFiles, read_stories, resolve_files, write_stories
 from hgf.data.tokenizer import build_tokenizer, resolve_spec, train_bpe
 
 __all__ = [
     "EOT", "DataFiles", "Prepared", "build_tokenizer", "load_prepared", "prepare", "read_stories",
-    "resolve_files", "resolve_spec", "token_dtype", "train_bpe",
+    "resolve_files", "resolve_spec", "token_dtype", "train_bpe", "write_stories",
 ]

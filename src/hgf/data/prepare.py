@@ -34,8 +34,15 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from hgf.config import Config
-from hgf.data.sources import SPLITS, read_stories, resolve_files
-from hgf.data.tokenizer import BPE_MIN_FREQUENCY, build_tokenizer, eot_id, resolve_spec
+from hgf.data.sources import SPLITS, DataFiles, read_stories, resolve_files
+from hgf.data.tokenizer import (
+    BPE_MIN_FREQUENCY,
+    TokenizerSpec,
+    build_tokenizer,
+    eot_id,
+    id_range,
+    resolve_spec,
+)
 from hgf.errors import HGFError
 from hgf.runs import TOKENIZER_FILE, atomic_write_text
 
@@ -137,13 +144,20 @@ def prepare(cfg: Config, progress: bool = True) -> Prepared:
         else:
             _check_windows(p.manifest["splits"], cfg)
             return p
+    return _build(cfg, files, spec, hashes, out, progress)
 
+
+def _build(cfg: Config, files: DataFiles, spec: TokenizerSpec, hashes: dict[str, str], out: Path,
+           progress: bool) -> Prepared:
+    """Read, tokenize and write the folder ``out`` under a temporary name, then rename it into place."""
+    d, key, cache = cfg.data, out.name, out.parent
     stories = {s: read_stories(files.path(s), getattr(d, f"max_{s}_stories")) for s in SPLITS}
     tok = build_tokenizer(spec, d.tokenizer, stories["train"], cfg.model.vocab_size, progress)
-    vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+    vocab = id_range(tok)
     eot, dtype = eot_id(tok), token_dtype(vocab)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         splits = {}
         for s in SPLITS:
@@ -230,5 +244,8 @@ def _check_windows(splits: dict, cfg: Config) -> None:
 def _discard(folder: Path) -> None:
     """Move a bad cache folder out of the way (atomic), then delete it."""
     trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
-    os.rename(folder, trash)
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:  # another process moved it first
+        return
     shutil.rmtree(trash, ignore_errors=True)

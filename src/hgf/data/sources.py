@@ -20,7 +20,7 @@ from pathlib import Path
 import hgf
 from hgf.config import Config
 from hgf.errors import HGFError
-from hgf.runs import atomic_write_text
+from hgf.runs import atomic_write
 
 EOT = "<|endoftext|>"
 SPLITS = ("train", "valid")
@@ -113,6 +113,13 @@ def download_tinystories(root: Path, max_train: int, max_valid: int, required: b
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise HGFError(f"could not download {HF_DATASET} ({msg}); "
                            f"{HOW_TO_GET}") from None
-        stories = stories[:cap] if cap > 0 else stories
-        atomic_write_text(files.path(split), "".join(f"{s}\n{EOT}\n" for s in stories))
+        write_stories(files.path(split), stories[:cap] if cap > 0 else stories)
     return files
+
+
+def write_stories(path: Path, stories: list[str]) -> None:
+    """Write ``stories`` in the TinyStories layout, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{s}\n{EOT}\n" for s in stories)
+    atomic_write(path, write)

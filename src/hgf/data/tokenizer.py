@@ -1,4 +1,4 @@
-"""Tokenizers, all from the ``tokenizers`` library and all byte level (every text round-trips).
+"""Tokenizers from the ``tokenizers`` library; bpe and gpt2 are byte level (every text round-trips).
 
 ``data.tokenizer`` is one of
     bpe          train a byte-level BPE on the train stories: GPT-2 regex pre-split, 256 byte
@@ -91,11 +91,16 @@ def build_tokenizer(spec: TokenizerSpec, origin: str, train_stories: list[str], 
     """The tokenizer of ``spec`` (trained on ``train_stories`` for bpe), checked against the model."""
     tok = (train_bpe(train_stories, vocab_size, progress) if spec.kind == "bpe"
            else load_tokenizer(spec, origin))
-    need = tok.get_vocab_size(with_added_tokens=True)
+    need = id_range(tok)
     if need > vocab_size:
         raise HGFError(f"model.vocab_size={vocab_size} is smaller than the vocabulary of tokenizer "
                        f"{origin!r} ({need} ids); set --model.vocab_size={need} (or larger)")
     return tok
+
+
+def id_range(tok: Tokenizer) -> int:
+    """1 + the largest id the tokenizer can emit (its vocabulary size when ids are dense)."""
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
 
 def eot_id(tok: Tokenizer) -> int:
