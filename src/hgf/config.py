@@ -127,6 +127,9 @@ class TrainConfig:
     ckpt_every: int = 0  # 0 = only at the end
     out_dir: str = "runs/default"
     progress: bool = True
+    resume: str = "auto"  # auto: continue from the latest good checkpoint in out_dir | never
+    keep_checkpoints: int = 3  # keep the last K checkpoints
+    tensorboard: bool = False  # also log to out_dir/tb (needs the tensorboard package)
 
 
 @dataclass
@@ -171,6 +174,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("auto", "local", "hf"),
     "train.schedule": ("cosine", "two_stage", "constant"),
     "train.dtype": ("auto", "float32", "bfloat16"),
+    "train.resume": ("auto", "never"),
     "dist.strategy": ("none", "ddp", "fsdp2"),
 }
 
@@ -328,7 +332,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
     m, h, t = cfg.model, cfg.hgf, cfg.train
     for key in ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
                 "model.d_ff", "model.max_seq_len", "train.steps", "train.batch_size",
-                "train.seq_len", "train.grad_accum", "quant.act_bits"):
+                "train.seq_len", "train.grad_accum", "quant.act_bits", "train.keep_checkpoints"):
         if _get(cfg, key) <= 0:
             fail(key, "must be > 0")
     if m.d_model % m.n_heads:
