@@ -1,0 +1,145 @@
+"""The reproduction grid: arms × step regimes × seeds, each a separate training run.
+
+A reproduce preset (``configs/reproduce/<name>.toml``) is data:
+
+    [grid]      arms, steps (one run per regime: the schedule ends at the regime's last step),
+                seeds, lr_sweep (candidate LRs for ``--sweep``), sweep_steps
+    [lr]        the chosen learning rate per arm (from the sweep)
+    [base.*]    config sections applied to every arm (model size, data, train, eval, hgf)
+    [arm.NAME.*] config sections for one arm only
+
+An arm's config is, lowest to highest: defaults < ``configs/<arm>.toml`` < ``[base]`` <
+``[arm.NAME]`` < ``[lr]`` < the run's steps/seed/out_dir.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hgf
+from hgf.config import Config, ConfigError, build_config, read_toml
+
+ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff")
+DONE_FILE = "done.json"
+
+
+def configs_dir() -> Path:
+    """``configs/`` of the working directory if present, else of the source checkout."""
+    local = Path("configs")
+    return local if local.is_dir() else Path(hgf.__file__).resolve().parents[2] / "configs"
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml":
+        if not p.is_file():
+            raise ConfigError(f"{p}: reproduce preset not found")
+        return p
+    p = configs_dir() / "reproduce" / f"{name_or_path}.toml"
+    if not p.is_file():
+        known = sorted(q.stem for q in p.parent.glob("*.toml"))
+        raise ConfigError(f"unknown reproduce preset {name_or_path!r} (known: {', '.join(known)})")
+    return p
+
+
+@dataclass
+class Preset:
+    name: str
+    path: Path
+    arms: list[str]
+    steps: list[int]
+    seeds: int
+    base: dict[str, Any]
+    arm_overrides: dict[str, dict[str, Any]]
+    lr: dict[str, float]
+    lr_sweep: list[float] = field(default_factory=list)
+    sweep_steps: int = 0
+
+
+def load_preset(name_or_path: str) -> Preset:
+    path = resolve_preset(name_or_path)
+    d = read_toml(path)
+    unknown = set(d) - {"grid", "lr", "base", "arm"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: grid, lr, base, arm)")
+    grid = d.get("grid", {})
+    bad = set(grid) - {"arms", "steps", "seeds", "lr_sweep", "sweep_steps"}
+    if bad:
+        raise ConfigError(f"{path}: unknown key grid.{sorted(bad)[0]}")
+    arms = list(grid.get("arms", ARMS))
+    for a in arms:
+        if a not in ARMS:
+            raise ConfigError(f"{path}: grid.arms: unknown arm {a!r} (known: {', '.join(ARMS)})")
+    steps = [int(s) for s in grid.get("steps", [2500, 3500])]
+    if not steps or min(steps) <= 0:
+        raise ConfigError(f"{path}: grid.steps must be positive step counts")
+    preset = Preset(
+        name=path.stem, path=path, arms=arms, steps=steps, seeds=int(grid.get("seeds", 1)),
+        base=d.get("base", {}), arm_overrides=d.get("arm", {}),
+        lr={k: float(v) for k, v in d.get("lr", {}).items()},
+        lr_sweep=[float(x) for x in grid.get("lr_sweep", [])],
+        sweep_steps=int(grid.get("sweep_steps", 0)),
+    )
+    for a in list(preset.lr) + list(preset.arm_overrides):
+        if a not in ARMS:
+            raise ConfigError(f"{path}: unknown arm {a!r} in [lr]/[arm] (known: {', '.join(ARMS)})")
+    arm_config(preset, preset.arms[0], preset.steps[0], 0, Path("validate"))  # fail early
+    return preset
+
+
+def arm_config(preset: Preset, arm: str, steps: int, seed_index: int, run_dir: Path,
+               lr: float | None = None) -> Config:
+    arm_file = configs_dir() / f"{arm}.toml"
+    layers = [(read_toml(arm_file), str(arm_file)), (preset.base, f"{preset.path} [base]")]
+    if arm in preset.arm_overrides:
+        layers.append((preset.arm_overrides[arm], f"{preset.path} [arm.{arm}]"))
+    lr = lr if lr is not None else preset.lr.get(arm)
+    if lr is not None:
+        layers.append(({"train": {"lr": lr}}, f"{preset.path} [lr]"))
+    base_seed = preset.base.get("train", {}).get("seed", Config().train.seed)
+    run = {"train": {"steps": steps, "seed": int(base_seed) + seed_index, "out_dir": str(run_dir)}}
+    layers.append((run, "reproduce grid"))
+    return build_config(*layers)
+
+
+@dataclass
+class RunSpec:
+    arm: str
+    steps: int
+    seed_index: int
+    dir: Path
+    cfg: Config
+    lr_candidate: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / DONE_FILE).is_file()
+
+    def status(self) -> dict[str, Any] | None:
+        if not self.done:
+            return None
+        return json.loads((self.dir / DONE_FILE).read_text())
+
+
+def plan_grid(preset: Preset, out: Path, arms: list[str] | None = None,
+              steps: list[int] | None = None, seeds: int | None = None) -> list[RunSpec]:
+    specs = []
+    for arm in arms or preset.arms:
+        for n in steps or preset.steps:
+            for s in range(seeds if seeds is not None else preset.seeds):
+                d = out / "runs" / f"{arm}-{n}steps-seed{s}"
+                specs.append(RunSpec(arm, n, s, d, arm_config(preset, arm, n, s, d)))
+    return specs
+
+
+def plan_sweep(preset: Preset, out: Path, lrs: list[float], steps: int,
+               arms: list[str] | None = None) -> list[RunSpec]:
+    specs = []
+    for arm in arms or preset.arms:
+        for lr in lrs:
+            d = out / "sweep" / f"{arm}-lr{lr:g}"
+            specs.append(RunSpec(arm, steps, 0, d, arm_config(preset, arm, steps, 0, d, lr), lr))
+    return specs
