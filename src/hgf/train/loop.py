@@ -216,7 +216,7 @@ def train(cfg: Config, data: TokenData | None = None) -> RunResult:
                 stats = tr.train_step(step)
             except NonFiniteError as e:
                 good = ckpt.dir / step_name(last_saved) if last_saved else "none"
-                raise HGFError(f"{e}; run stopped, last good checkpoint: {good}") from None
+                raise NonFiniteError(f"{e}; run stopped, last good checkpoint: {good}") from None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             tok_s = tokens_per_step / (time.perf_counter() - t0)
