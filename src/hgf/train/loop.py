@@ -184,6 +184,8 @@ def train(cfg: Config, data: TokenData | None = None) -> RunResult:
         raise HGFError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                        f"vocabulary ({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
     device = resolve_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
     tr = build_trainer(cfg, data.tokens("train"), device)
     model, diagnostics = tr.model, TernaryDiagnostics()
     start = 0

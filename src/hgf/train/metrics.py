@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,9 @@ class Progress:
     """A tqdm bar over the steps with loss and tokens/s (tqdm shows the ETA)."""
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of every 0.1 s
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-                        dynamic_ncols=True, desc="train")
+                        dynamic_ncols=True, desc="train", mininterval=0.1 if tty else 30.0)
 
     def update(self, loss: float, tokens_per_s: float) -> None:
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
