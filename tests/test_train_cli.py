@@ -54,6 +54,7 @@ def test_train_eval_plot_through_the_cli(tmp_path, dataset, capsys):
 
     assert main(["train", preset, *_args(run, dataset)]) == 0  # finished: resumes at the end
     assert "resumed from step 8" in capsys.readouterr().out
+    assert read_metrics(run) == recs  # nothing logged twice, same numbers
 
     assert main(["eval", str(run)]) == 0
     out = json.loads((run / "eval.json").read_text())

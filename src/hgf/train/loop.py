@@ -196,7 +196,8 @@ def train(cfg: Config, data: TokenData | None = None) -> RunResult:
     logger = MetricsLogger(run_dir, enabled=main, tensorboard=t.tensorboard)
     if main:
         _start_run_dir(cfg, run_dir, data, device, resumed_from)
-        logger.truncate_after(start)
+        # the end-of-run evaluations follow the last checkpoint: a finished run redoes them
+        logger.truncate_after(start, ("eval", "final") if start == t.steps else ())
     valid, bpt = data.tokens("valid"), data.bytes_per_token("valid")
 
     def validate(step: int) -> EvalResult:

@@ -63,11 +63,13 @@ class MetricsLogger:
                                "(pip install tensorboard)") from None
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a resumed run re-logs them)."""
+    def truncate_after(self, step: int, drop_at_step: tuple[str, ...] = ()) -> None:
+        """Drop records past ``step``, and those of the kinds ``drop_at_step`` at ``step`` (a
+        resumed run logs them again)."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
+        keep = [r for r in read_metrics(self.path.parent) if r.get("step", 0) < step
+                or (r.get("step") == step and r.get("kind") not in drop_at_step)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict[str, Any]) -> None:
