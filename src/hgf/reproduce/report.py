@@ -135,7 +135,8 @@ def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
            f"Command: `{command}`  ", f"Preset file: `{preset.path}`", ""]
     for steps, rows in res["table"].items():
         out += [f"## {steps} steps", "",
-                "| arm | val loss (nats/token) | perplexity | bits/byte | LR | diverged | largest spike | final grad norm | paper |",
+                "| arm | val loss (nats/token) | perplexity | bits/byte | LR | diverged "
+                "| largest spike | final grad norm | paper |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for arm, r in rows.items():
             pm = "±" + _fmt(r["val_loss_std"]) if r["n"] > 1 else ""
