@@ -8,9 +8,11 @@ import torch
 
 from hgf.errors import HGFError
 from hgf.train.batches import BatchSampler, eval_batches, window_starts
-from trainkit import one_thread  # noqa: F401
 
 TOKENS = np.arange(1000, dtype=np.uint16)
+
+pytest_plugins = ["trainkit"]  # the dataset and one_thread fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_windows_shift_targets_by_one_and_stay_in_range():

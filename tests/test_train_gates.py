@@ -1,21 +1,26 @@
 """The HGF gate schedule in the training loop: clamp during warmup, bitwise freeze after."""
 
+import pytest
 import torch
 
+from hgf.data import prepare
 from hgf.model import gate_values, hgf_layers
 from hgf.model.hgf_linear import NO_CLAMP
 from hgf.train import build_trainer
-from trainkit import SyntheticData, one_thread, tiny_config  # noqa: F401
+from trainkit import tiny_config
+
+pytest_plugins = ["trainkit"]  # the dataset and one_thread fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _trainer(tmp_path, *over):
-    cfg = tiny_config(tmp_path, "hgf", "--train.steps=10", "--train.lr=1e-2", *over)
-    return build_trainer(cfg, SyntheticData().tokens("train"), torch.device("cpu"))
+def _trainer(tmp_path, dataset, *over):
+    cfg = tiny_config(tmp_path, dataset, "hgf", "--train.steps=10", "--train.lr=1e-2", *over)
+    return build_trainer(cfg, prepare(cfg, progress=False).tokens("train"), torch.device("cpu"))
 
 
-def test_gates_clamped_during_warmup(tmp_path):
+def test_gates_clamped_during_warmup(tmp_path, dataset):
     # a strong L2 pull towards 0.9 drives every gate up, so the warmup clamp must bind
-    tr = _trainer(tmp_path, "--hgf.gate_warmup_frac=0.5", "--hgf.gate_l2=10",
+    tr = _trainer(tmp_path, dataset, "--hgf.gate_warmup_frac=0.5", "--hgf.gate_l2=10",
                   "--hgf.gate_target=0.9", "--hgf.gate_lr_mult=10")
     binding = 0
     for step in range(10):
@@ -34,8 +39,8 @@ def test_gates_clamped_during_warmup(tmp_path):
         assert g[name] == float(torch.sigmoid(m.gate.detach()))
 
 
-def test_gates_bitwise_frozen_after_freeze_step(tmp_path):
-    tr = _trainer(tmp_path, "--hgf.gate_freeze_frac=0.5", "--hgf.gate_lr_mult=10")
+def test_gates_bitwise_frozen_after_freeze_step(tmp_path, dataset):
+    tr = _trainer(tmp_path, dataset, "--hgf.gate_freeze_frac=0.5", "--hgf.gate_lr_mult=10")
     gates = [m.gate for _, m in hgf_layers(tr.model)]
     start = [g.detach().clone() for g in gates]
     for step in range(5):

@@ -9,7 +9,10 @@ from hgf.config import load_config
 from hgf.model import build_model
 from hgf.train.optim import build_optimizer
 from hgf.train.schedule import Schedule
-from trainkit import ROOT, one_thread  # noqa: F401
+from trainkit import ROOT
+
+pytest_plugins = ["trainkit"]  # the dataset and one_thread fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sched(*over: str) -> Schedule:

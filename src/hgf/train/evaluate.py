@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from hgf.model import lm_loss
-from hgf.train.batches import Batch
+from hgf.train.batches import Batch, eval_batches
+from hgf.train.device import Autocast
 
 
 @dataclass
@@ -34,7 +36,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
              bytes_per_token: float = float("nan"),
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             autocast: Autocast = contextlib.nullcontext,
              ) -> EvalResult:
     """Token-weighted mean loss of ``model`` over ``batches`` (restores train/eval mode)."""
     was_training = model.training
@@ -52,3 +54,13 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], device: torch.device,
     mean = total / max(n, 1)
     return EvalResult(loss=mean, ppl=math.exp(min(mean, 700.0)),
                       bpb=mean / (math.log(2) * bytes_per_token), tokens=n)
+
+
+def evaluate_tokens(model: nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int,
+                    device: torch.device, bytes_per_token: float = float("nan"),
+                    autocast: Autocast = contextlib.nullcontext,
+                    max_windows: int = 0) -> EvalResult:
+    """:func:`evaluate` over the non-overlapping windows of a token array (the first
+    ``max_windows`` of them, or all)."""
+    return evaluate(model, eval_batches(tokens, batch_size, seq_len, max_windows), device,
+                    bytes_per_token, autocast)

@@ -30,22 +30,21 @@ from hgf.errors import HGFError
 from hgf.model import build_model, gate_values, lm_loss
 from hgf.parallel import is_main_process, parallelize, world
 from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, save_config, save_weights
-from hgf.train.batches import BatchSampler, eval_batches
+from hgf.train.batches import BatchSampler
 from hgf.train.checkpoint import (
     Checkpointer,
     check_resumable_config,
     load_checkpoint,
     step_name,
 )
+from hgf.train.device import Autocast, autocast_for, resolve_device
 from hgf.train.diagnostics import TernaryDiagnostics
-from hgf.train.evaluate import EvalResult, evaluate
+from hgf.train.evaluate import EvalResult, evaluate_tokens
 from hgf.train.gates import GateSchedule
 from hgf.train.metrics import MetricsLogger, Progress
 from hgf.train.optim import build_optimizer
 from hgf.train.runinfo import write_run_info
 from hgf.train.schedule import Schedule
-
-Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
 class TokenData(Protocol):
@@ -56,22 +55,6 @@ class TokenData(Protocol):
 
     def tokens(self, split: str) -> np.ndarray: ...
     def bytes_per_token(self, split: str) -> float: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HGFError(f"train.device={name!r} but no CUDA GPU is available")
-    return dev
-
-
-def autocast_for(device: torch.device, dtype: str) -> Autocast:
-    """bf16 autocast on CUDA (auto) or when asked; plain float32 otherwise."""
-    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 class NonFiniteError(HGFError):
@@ -215,8 +198,8 @@ def train(cfg: Config, data: TokenData | None = None) -> RunResult:
     valid, bpt = data.tokens("valid"), data.bytes_per_token("valid")
 
     def validate(step: int) -> EvalResult:
-        subset = eval_batches(valid, t.batch_size, t.seq_len, ev.batches * t.batch_size)
-        res = evaluate(model, subset, device, bpt, tr.autocast)
+        res = evaluate_tokens(model, valid, t.seq_len, t.batch_size, device, bpt, tr.autocast,
+                              max_windows=ev.batches * t.batch_size)
         logger.log({"kind": "eval", "step": step, **res.to_dict(), **diagnostics(model)})
         return res
 
@@ -233,7 +216,7 @@ def train(cfg: Config, data: TokenData | None = None) -> RunResult:
                 stats = tr.train_step(step)
             except NonFiniteError as e:
                 good = ckpt.dir / step_name(last_saved) if last_saved else "none"
-                raise HGFError(f"{e}; run stopped, last good checkpoint: {good}") from None
+                raise NonFiniteError(f"{e}; run stopped, last good checkpoint: {good}") from None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             tok_s = tokens_per_step / (time.perf_counter() - t0)
@@ -254,8 +237,8 @@ def train(cfg: Config, data: TokenData | None = None) -> RunResult:
             ckpt.save(t.steps, cfg, model, tr.optimizer, tr.sampler, diagnostics)
         val, final = validate(t.steps), None
         if ev.full_at_end:
-            final = evaluate(model, eval_batches(valid, t.batch_size, t.seq_len), device, bpt,
-                             tr.autocast)
+            final = evaluate_tokens(model, valid, t.seq_len, t.batch_size, device, bpt,
+                                    tr.autocast)
             logger.log({"kind": "final", "step": t.steps, **final.to_dict()})
             progress.write(f"full validation: loss {final.loss:.4f} nats/token, "
                            f"ppl {final.ppl:.2f}, {final.bpb:.4f} bits/byte")
