@@ -115,3 +115,16 @@ def test_plan_grid_applies_preset_layers(tmp_path):
     assert hgf.cfg.model.linear == "hgf" and hgf.cfg.model.attention == "differential"
     assert hgf.cfg.train.steps == 6 and hgf.cfg.model.vocab_size == 300
     assert hgf.dir == tmp_path / "o" / "runs" / "hgf-6steps-seed0"
+
+
+@pytest.mark.slow
+def test_smoke_preset_on_real_data(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
+    if not (shared / "train.txt").is_file():
+        pytest.skip("../shared/data/tinystories is not present")
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--preset", "smoke", "--out", "out"]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(res["runs"]) == 12 and all(math.isfinite(r["val_loss"]) for r in res["runs"])
