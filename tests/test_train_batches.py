@@ -11,7 +11,7 @@ from hgf.train.batches import BatchSampler, eval_batches, window_starts
 
 TOKENS = np.arange(1000, dtype=np.uint16)
 
-pytest_plugins = ["trainkit"]  # the dataset and one_thread fixtures
+pytest_plugins = ["train_fixtures"]  # the dataset and one_thread fixtures
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -13,7 +13,7 @@ from hgf.train.checkpoint import Checkpointer
 from hgf.train.metrics import read_metrics
 from trainkit import tiny_config
 
-pytest_plugins = ["trainkit"]  # the dataset and one_thread fixtures
+pytest_plugins = ["train_fixtures"]  # the dataset and one_thread fixtures
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,7 +9,7 @@ from hgf.model.hgf_linear import NO_CLAMP
 from hgf.train import build_trainer
 from trainkit import tiny_config
 
-pytest_plugins = ["trainkit"]  # the dataset and one_thread fixtures
+pytest_plugins = ["train_fixtures"]  # the dataset and one_thread fixtures
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

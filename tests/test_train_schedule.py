@@ -11,7 +11,7 @@ from hgf.train.optim import build_optimizer
 from hgf.train.schedule import Schedule
 from trainkit import ROOT
 
-pytest_plugins = ["trainkit"]  # the dataset and one_thread fixtures
+pytest_plugins = ["train_fixtures"]  # the dataset and one_thread fixtures
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

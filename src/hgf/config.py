@@ -121,6 +121,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op CPU threads (0 = torch's default); 1 suits tiny models
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
     log_every: int = 10
@@ -360,7 +361,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
             fail(key, "must lie in [0, 1]")
     for key in ("train.lr", "hgf.gate_lr_mult", "hgf.gate_l2", "train.weight_decay",
                 "train.grad_clip", "train.warmup_steps", "eval.every", "eval.batches",
-                "train.ckpt_every", "train.log_every"):
+                "train.ckpt_every", "train.log_every", "train.threads"):
         if _get(cfg, key) < 0:
             fail(key, "must be >= 0")
     for key in ("train.beta1", "train.beta2"):

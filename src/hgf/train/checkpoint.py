@@ -210,7 +210,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer,
 # Keys that may change when a run is resumed: they affect logging and bookkeeping, not the math.
 RESUME_FREE = {"train.progress", "train.resume", "train.out_dir", "train.log_every",
                "train.ckpt_every", "train.keep_checkpoints", "train.tensorboard", "train.device",
-               "train.compile", "eval.every", "eval.full_at_end", "data.path", "data.cache_dir"}
+               "train.threads", "train.compile", "eval.every", "eval.full_at_end", "data.path",
+               "data.cache_dir"}
 
 
 def check_resumable_config(cfg: Config, stored_path: Path) -> None:

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from hgf.config import Config
+from hgf.data import Prepared, prepare
 from hgf.errors import HGFError
 from hgf.model import build_model, gate_values, lm_loss
 from hgf.parallel import is_main_process, parallelize, world
@@ -45,16 +45,6 @@ from hgf.train.metrics import MetricsLogger, Progress
 from hgf.train.optim import build_optimizer
 from hgf.train.runinfo import write_run_info
 from hgf.train.schedule import Schedule
-
-
-class TokenData(Protocol):
-    """What the trainer needs from prepared data (``hgf.data.Prepared`` provides it)."""
-
-    vocab_size: int
-    tokenizer_path: Path | str | None
-
-    def tokens(self, split: str) -> np.ndarray: ...
-    def bytes_per_token(self, split: str) -> float: ...
 
 
 class NonFiniteError(HGFError):
@@ -132,12 +122,6 @@ class RunResult:
     final: EvalResult | None  # full validation set (eval.full_at_end)
 
 
-def _prepare(cfg: Config, progress: bool) -> TokenData:
-    from hgf.data import prepare
-
-    return prepare(cfg, progress=progress)
-
-
 def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device) -> Trainer:
     """Seeded model, optimizer and sampler for ``cfg`` on ``device`` (not yet resumed)."""
     t, w = cfg.train, world()
@@ -163,7 +147,7 @@ def _resume_point(cfg: Config, ckpt: Checkpointer) -> Path | None:
     return path
 
 
-def _start_run_dir(cfg: Config, run_dir: Path, data: TokenData, device: torch.device,
+def _start_run_dir(cfg: Config, run_dir: Path, data: Prepared, device: torch.device,
                    resumed_from: int | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir)
@@ -172,18 +156,20 @@ def _start_run_dir(cfg: Config, run_dir: Path, data: TokenData, device: torch.de
         shutil.copyfile(data.tokenizer_path, run_dir / TOKENIZER_FILE)
 
 
-def train(cfg: Config, data: TokenData | None = None) -> RunResult:
+def train(cfg: Config, data: Prepared | None = None) -> RunResult:
     """Train ``cfg`` end to end into ``cfg.train.out_dir``; with ``train.resume = auto`` continue
     from the run's latest good checkpoint. ``data`` defaults to ``hgf.data.prepare(cfg)``."""
     t, ev, main = cfg.train, cfg.eval, is_main_process()
     run_dir = Path(t.out_dir)
     ckpt = Checkpointer(run_dir, t.keep_checkpoints, enabled=main)
     resume_path = _resume_point(cfg, ckpt)
-    data = data if data is not None else _prepare(cfg, t.progress and main)
+    data = data if data is not None else prepare(cfg, progress=t.progress and main)
     if data.vocab_size > cfg.model.vocab_size:
         raise HGFError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                        f"vocabulary ({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
     device = resolve_device(t.device)
+    if t.threads:
+        torch.set_num_threads(t.threads)
     tr = build_trainer(cfg, data.tokens("train"), device)
     model, diagnostics = tr.model, TernaryDiagnostics()
     start = 0
@@ -194,7 +180,8 @@ def train(cfg: Config, data: TokenData | None = None) -> RunResult:
     logger = MetricsLogger(run_dir, enabled=main, tensorboard=t.tensorboard)
     if main:
         _start_run_dir(cfg, run_dir, data, device, resumed_from)
-        logger.truncate_after(start)
+        # the end-of-run evaluations follow the last checkpoint: a finished run redoes them
+        logger.truncate_after(start, ("eval", "final") if start == t.steps else ())
     valid, bpt = data.tokens("valid"), data.bytes_per_token("valid")
 
     def validate(step: int) -> EvalResult:

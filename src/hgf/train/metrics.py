@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +63,13 @@ class MetricsLogger:
                                "(pip install tensorboard)") from None
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a resumed run re-logs them)."""
+    def truncate_after(self, step: int, drop_at_step: tuple[str, ...] = ()) -> None:
+        """Drop records past ``step``, and those of the kinds ``drop_at_step`` at ``step`` (a
+        resumed run logs them again)."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
+        keep = [r for r in read_metrics(self.path.parent) if r.get("step", 0) < step
+                or (r.get("step") == step and r.get("kind") not in drop_at_step)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -93,8 +96,9 @@ class Progress:
     """A tqdm bar over the steps with loss and tokens/s (tqdm shows the ETA)."""
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of every 0.1 s
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-                        dynamic_ncols=True, desc="train")
+                        dynamic_ncols=True, desc="train", mininterval=0.1 if tty else 30.0)
 
     def update(self, loss: float, tokens_per_s: float) -> None:
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
