@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ def load_dcp(model: nn.Module, optimizer: Optimizer, folder: Path) -> None:
     a process group; also works in one process without any)."""
     msd, osd = get_state_dict(model, optimizer)  # the templates: this process's shards
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # in one process DCP warns that it loads in one process
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .* single process")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
 
