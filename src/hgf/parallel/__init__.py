@@ -8,7 +8,6 @@ nothing about it. See docs/DISTRIBUTED.md.
 """
 
 from hgf.parallel.apply import (
-    STRATEGIES,
     clip_grad_norm_,
     full_tensor,
     gradient_sync,
@@ -27,6 +26,6 @@ from hgf.parallel.env import (
     world,
 )
 
-__all__ = ["STRATEGIES", "World", "all_mean", "all_sum", "barrier", "broadcast_object", "clip_grad_norm_",
+__all__ = ["World", "all_mean", "all_sum", "barrier", "broadcast_object", "clip_grad_norm_",
            "full_tensor", "gradient_sync", "is_main_process", "is_sharded", "parallelize",
            "process_group", "sync_replicated_grads", "world"]

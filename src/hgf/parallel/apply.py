@@ -34,8 +34,8 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
-from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -44,8 +44,6 @@ from torch.nn.parallel import DistributedDataParallel
 from hgf.config import Config
 from hgf.errors import HGFError
 from hgf.parallel.env import world
-
-STRATEGIES = ("none", "ddp", "fsdp2")
 
 
 def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
@@ -56,11 +54,9 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
     the optimizer from it afterwards. Under ddp the returned wrapper shares ``model``'s parameters.
     """
     strategy = cfg.dist.strategy
-    if strategy not in STRATEGIES:
-        raise HGFError(f"dist.strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
     if cfg.dist.activation_checkpointing:
         for block in model.layers:
-            checkpoint(block)  # recompute the block's activations in backward; names unchanged
+            _checkpoint(block)
     if strategy == "none":
         return torch.compile(model) if cfg.train.compile else model
     if not dist.is_initialized():
@@ -73,6 +69,18 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
     if strategy == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return _fully_shard(model, device, _bf16(cfg, device))
+
+
+def _checkpoint(block: nn.Module) -> None:
+    """Keep only the block's input; recompute its activations in backward. The block's own
+    ``forward`` is replaced (no wrapper module), so parameter names do not change, and the
+    checkpoint sits inside what ``block.compile()`` traces."""
+    forward = block.forward
+
+    def checkpointed(*args: object, **kwargs: object) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
 
 
 def _bf16(cfg: Config, device: torch.device) -> bool:
