@@ -98,7 +98,8 @@ class Checkpointer:
         if not (self.enabled or sharded):
             return None
         final = self.dir / step_name(step)
-        tmp = self.dir / f".tmp-{final.name}-{broadcast_object(os.getpid()) if sharded else os.getpid()}"
+        owner = broadcast_object(os.getpid()) if sharded else os.getpid()  # rank 0's on all ranks
+        tmp = self.dir / f".tmp-{final.name}-{owner}"
         if self.enabled:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
