@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from hgf.kernels import cpu
 from hgf.kernels.packing import packed_shape
-from hgf.kernels.reference import ternary_linear_reference
+from hgf.kernels.reference import EXACT_F32_IN, ternary_linear_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,4 +51,18 @@ def ternary_linear(
 ) -> torch.Tensor:
     """BitLinear inference ``[..., in] -> [..., out]`` with the fastest correct kernel."""
     check_args(x, packed, w_scale, packing, out_features, in_features)
-    return ternary_linear_reference(x, packed, w_scale, packing, out_features, in_features, act_eps)
+    args = (x, packed, w_scale, packing, out_features, in_features, act_eps)
+    kernel = kernel_for(x, in_features)
+    if kernel == "cpu":
+        return torch.ops.hgf.ternary_linear_cpu(*args)
+    return ternary_linear_reference(*args)
+
+
+def kernel_for(x: torch.Tensor, in_features: int) -> str:
+    """Which implementation ``ternary_linear`` runs for this input: "cpu", "triton" or
+    "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``)."""
+    if in_features > EXACT_F32_IN:
+        return "reference"
+    if x.device.type == "cpu" and cpu.load():
+        return "cpu"
+    return "reference"

@@ -35,3 +35,16 @@ def ternary_linear_reference(
     x_int, s_x = act_quant(x, act_eps)  # [..., in], [..., 1]
     acc = (x_int.to(acc_dtype) @ w.T).float()  # [..., out], exact integers
     return (acc / (s_x * w_scale.float())).to(x.dtype)
+
+
+def ternary_linear_fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    packing: str,
+    out_features: int,
+    in_features: int,
+    act_eps: float = 1e-5,
+) -> torch.Tensor:
+    """Shape-only implementation of every ternary_linear kernel op (for torch.compile/meta)."""
+    return x.new_empty((*x.shape[:-1], out_features))
