@@ -222,3 +222,63 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
                                    ternary_linear_reference(x, packed, s_w, "i2", 5, 8))
     finally:
         cpu.load.cache_clear()
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+# TRITON_INTERPRET must be set before triton is first imported, so these run in a subprocess.
+INTERPRETED_CHECK = """
+import torch
+from hgf.kernels import pack_ternary, ternary_linear_reference
+from hgf.kernels import triton_kernels as tk
+assert tk.INTERPRET
+gen = torch.Generator().manual_seed(2)
+# GEMV (m <= GEMV_MAX_TOKENS) and GEMM (tl.dot) paths; tails: in % 64-byte group != 0
+cases = [(1, 300, 40, torch.float32), (3, 700, 37, torch.bfloat16), (2, 1, 5, torch.float32),
+         (tk.GEMV_MAX_TOKENS + 3, 257, 70, torch.float32), (40, 130, 33, torch.bfloat16)]
+for packing in ("i2", "tq1"):
+    for m, in_f, out_f, dtype in cases:
+        w = torch.randint(-1, 2, (out_f, in_f), generator=gen)
+        packed, s_w = pack_ternary(w, packing), torch.rand(()) + 0.1
+        x = (torch.randn(m, in_f, generator=gen) * 2).to(dtype)
+        x[0] = 0  # an all-zero token
+        got = tk.ternary_linear_triton(x, packed, s_w, packing, out_f, in_f)
+        want = ternary_linear_reference(x, packed, s_w, packing, out_f, in_f)
+        assert got.dtype == dtype and torch.equal(got, want), (packing, m, in_f, out_f, dtype)
+        assert (got[0] == 0).all()
+print("INTERPRETED_OK")
+"""
+
+
+def test_triton_kernels_match_reference_interpreted():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import hgf
+
+    src = str(Path(hgf.__file__).parents[1])
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "INTERPRETED_OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_triton_on_gpu_matches_reference(packing):
+    from hgf.kernels.ops import kernel_for
+
+    x = torch.randn(1, 4096, device="cuda")
+    assert kernel_for(x, 4096) == "triton"
+    for m, in_f, out_f in [(1, 4096, 4096), (3, 1000, 333), (64, 2048, 700)]:
+        w = random_ternary(out_f, in_f).cuda()
+        packed, s_w = pack_ternary(w, packing), torch.tensor(0.7, device="cuda")
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, in_f, device="cuda").to(dtype)
+            got = ternary_linear(x, packed, s_w, packing, out_f, in_f)
+            want = ternary_linear_reference(x, packed, s_w, packing, out_f, in_f)
+            assert torch.equal(got, want), (m, in_f, out_f, dtype)
