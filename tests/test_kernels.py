@@ -282,3 +282,22 @@ def test_triton_on_gpu_matches_reference(packing):
             got = ternary_linear(x, packed, s_w, packing, out_f, in_f)
             want = ternary_linear_reference(x, packed, s_w, packing, out_f, in_f)
             assert torch.equal(got, want), (m, in_f, out_f, dtype)
+
+
+def test_cpu_kernel_threads_and_fork(cpu_kernel):
+    import multiprocessing as mp
+
+    bl, packed, s_w = bitlinear_and_packed(512, 1000, "i2")
+    x = torch.randn(3, 1000)
+    want = ternary_linear_reference(x, packed, s_w, "i2", 512, 1000)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(ternary_linear(x, packed, s_w, "i2", 512, 1000), want)
+    finally:
+        torch.set_num_threads(threads)
+    # a forked child (e.g. a DataLoader worker) has no pool threads: the kernel must not hang
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(ternary_linear, (x, packed, s_w, "i2", 512, 1000)).get(timeout=60)
+    assert torch.equal(got, want)

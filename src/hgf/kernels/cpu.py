@@ -6,6 +6,9 @@ source changes) and registers the op ``hgf::ternary_linear_cpu``. Without a comp
 or when the build fails, :func:`load` warns once and returns False, and ``ternary_linear`` uses
 the PyTorch reference. ``HGF_NO_CPU_KERNEL=1`` disables the kernel.
 
+Threads: ``torch.get_num_threads()``, on the kernel's own work-claiming pool (csrc/pool.h),
+which does not stall when a worker is descheduled on a busy machine.
+
 The ISA is chosen at run time: AVX-512 (VNNI + VBMI) micro-kernels where the CPU has them, else
 a portable loop (with an AVX2 clone). :func:`isa` reports or forces it (tests use that to check
 the portable path on an AVX-512 machine).
@@ -14,6 +17,7 @@ the portable path on an AVX-512 machine).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +26,8 @@ import torch
 
 from hgf.kernels.reference import ternary_linear_fake
 
-SOURCE = Path(__file__).parent / "csrc" / "ternary_cpu.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "ternary_cpu.cpp"
 ISAS = ("portable", "avx512-vnni")
 
 
@@ -34,11 +39,14 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
+        # torch rebuilds when the .cpp changes, not a header: name the build by all sources
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(CSRC.iterdir())))
         load_extension(
-            name="hgf_ternary_cpu",
+            name=f"hgf_ternary_cpu_{digest.hexdigest()[:10]}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-pthread"],
+            extra_ldflags=["-pthread"],
             is_python_module=False,
         )
     except Exception as e:  # no compiler, no ninja, a failed build: all fall back

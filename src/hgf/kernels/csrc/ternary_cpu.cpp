@@ -16,6 +16,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -85,33 +87,35 @@ HGF_CLONES int32_t dot_portable(const uint8_t* w, int64_t nbytes, const int8_t* 
 #if HGF_X86
 HGF_AVX512 inline int32_t hsum(__m512i v) { return _mm512_reduce_add_epi32(v); }
 
-// i2: R rows at once; acc[r][k] holds 4^k * sum c_k x (masked, unshifted 2-bit fields)
+// i2, R rows at once. Per 64-byte chunk: lo = w & 0x03 (digit 0) and w & 0x0C (4·digit 1), the
+// same on w >> 4 for digits 2, 3; two accumulators per row, the second holding 4·sum (every
+// lane a multiple of 4, so an exact arithmetic shift combines them).
 template <int R>
-HGF_AVX512 inline __attribute__((always_inline)) void i2_step(__m512i (&acc)[R][4],
+HGF_AVX512 inline __attribute__((always_inline)) void i2_step(__m512i (&acc)[R][2],
                                                               const uint8_t* w, int64_t ld,
                                                               const int8_t* x, int64_t g,
                                                               __mmask64 lanes) {
+  const __m512i m03 = _mm512_set1_epi8(0x03), m0c = _mm512_set1_epi8(0x0C);
   const __m512i x0 = _mm512_maskz_loadu_epi8(lanes, x), x1 = _mm512_maskz_loadu_epi8(lanes, x + g),
                 x2 = _mm512_maskz_loadu_epi8(lanes, x + 2 * g),
                 x3 = _mm512_maskz_loadu_epi8(lanes, x + 3 * g);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const __m512i wv = _mm512_maskz_loadu_epi8(lanes, w + r * ld);
-    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(wv, _mm512_set1_epi8(0x03)), x0);
-    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(wv, _mm512_set1_epi8(0x0C)), x1);
-    acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(wv, _mm512_set1_epi8(0x30)), x2);
-    acc[r][3] = _mm512_dpbusd_epi32(acc[r][3],
-                                    _mm512_and_si512(wv, _mm512_set1_epi8(char(0xC0))), x3);
+    const __m512i hi = _mm512_srli_epi16(wv, 4);  // digits 2, 3 into bits 0-3 of each byte
+    __m512i a = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(wv, m03), x0);
+    __m512i c = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(wv, m0c), x1);
+    acc[r][0] = _mm512_dpbusd_epi32(a, _mm512_and_si512(hi, m03), x2);
+    acc[r][1] = _mm512_dpbusd_epi32(c, _mm512_and_si512(hi, m0c), x3);
   }
 }
 
 template <int R>
 HGF_AVX512 void i2_rows_avx512(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
                                int32_t* out) {
-  __m512i acc[R][4];
+  __m512i acc[R][2];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    for (int k = 0; k < 4; ++k) acc[r][k] = _mm512_setzero_si512();
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
   const int64_t full = nbytes - nbytes % GROUP;
   for (int64_t b = 0; b < full; b += GROUP) i2_step<R>(acc, w + b, ld, x + 4 * b, GROUP, ~0ULL);
   if (full < nbytes) {
@@ -120,46 +124,95 @@ HGF_AVX512 void i2_rows_avx512(const uint8_t* w, int64_t ld, int64_t nbytes, con
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
-    out[r] = hsum(acc[r][0]) + hsum(acc[r][1]) / 4 + hsum(acc[r][2]) / 16 + hsum(acc[r][3]) / 64;
+    out[r] = hsum(_mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)));
 }
 
-// tq1: byte q = c0 + 3c1 + 9c2 + 27c3 + 81c4; c4 from two compares, c0..c3 of q - 81c4 < 81
-// by one two-register byte permute each (128-entry table, index bits 0..6)
+// tq1, R rows at once. Byte q = c0 + 3c1 + 9c2 + 27c3 + 81c4: the top trit from two compares,
+// c0..c3 of q - 81c4 (< 81) by one two-register byte permute each (128-entry table).
+struct Tq1Tables {
+  __m512i lo[4], hi[4];
+};
+
+template <int R>
+HGF_AVX512 inline __attribute__((always_inline)) void tq1_step(__m512i (&acc)[R][2],
+                                                               const Tq1Tables& t,
+                                                               const uint8_t* w, int64_t ld,
+                                                               const int8_t* x, int64_t g,
+                                                               __mmask64 lanes) {
+  const __m512i one = _mm512_set1_epi8(1), c81 = _mm512_set1_epi8(81),
+                c80 = _mm512_set1_epi8(80), c161 = _mm512_set1_epi8(char(161));
+  __m512i xv[5];
+#pragma GCC unroll 5
+  for (int k = 0; k < 5; ++k) xv[k] = _mm512_maskz_loadu_epi8(lanes, x + k * g);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    __m512i q = _mm512_maskz_loadu_epi8(lanes, w + r * ld);
+    const __mmask64 k1 = _mm512_cmpgt_epu8_mask(q, c80), k2 = _mm512_cmpgt_epu8_mask(q, c161);
+    const __m512i c4a = _mm512_maskz_mov_epi8(k1, one);
+    const __m512i c4 = _mm512_mask_add_epi8(c4a, k2, c4a, one);
+    q = _mm512_mask_sub_epi8(q, k1, q, c81);
+    q = _mm512_mask_sub_epi8(q, k2, q, c81);
+    __m512i a = _mm512_dpbusd_epi32(acc[r][0], c4, xv[4]);
+    __m512i c = _mm512_dpbusd_epi32(acc[r][1], _mm512_permutex2var_epi8(t.lo[0], q, t.hi[0]), xv[0]);
+    a = _mm512_dpbusd_epi32(a, _mm512_permutex2var_epi8(t.lo[1], q, t.hi[1]), xv[1]);
+    c = _mm512_dpbusd_epi32(c, _mm512_permutex2var_epi8(t.lo[2], q, t.hi[2]), xv[2]);
+    acc[r][0] = _mm512_dpbusd_epi32(a, _mm512_permutex2var_epi8(t.lo[3], q, t.hi[3]), xv[3]);
+    acc[r][1] = c;
+  }
+}
+
 template <int R>
 HGF_AVX512 void tq1_rows_avx512(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
                                 int32_t* out) {
-  alignas(64) uint8_t tab[4][128];
-  for (int v = 0; v < 128; ++v)
-    for (int k = 0, t = v; k < 4; ++k, t /= 3) tab[k][v] = t % 3;
-  __m512i lo[4], hi[4];
-  for (int k = 0; k < 4; ++k) {
-    lo[k] = _mm512_load_si512(tab[k]);
-    hi[k] = _mm512_load_si512(tab[k] + 64);
-  }
-  const __m512i one = _mm512_set1_epi8(1), c81 = _mm512_set1_epi8(81), c80 = _mm512_set1_epi8(80),
-                c161 = _mm512_set1_epi8(char(161));
-  __m512i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-  for (int64_t b = 0; b < nbytes; b += GROUP) {
-    const int64_t g = std::min(GROUP, nbytes - b);
-    const __mmask64 lanes = g == GROUP ? ~__mmask64(0) : (__mmask64(1) << g) - 1;
-    const int8_t* xg = x + 5 * b;
-    __m512i xv[5];
-    for (int k = 0; k < 5; ++k) xv[k] = _mm512_maskz_loadu_epi8(lanes, xg + k * g);
-    for (int r = 0; r < R; ++r) {
-      __m512i q = _mm512_maskz_loadu_epi8(lanes, w + r * ld + b);
-      const __mmask64 k1 = _mm512_cmpgt_epu8_mask(q, c80), k2 = _mm512_cmpgt_epu8_mask(q, c161);
-      const __m512i c4 = _mm512_mask_add_epi8(_mm512_maskz_mov_epi8(k1, one), k2,
-                                              _mm512_maskz_mov_epi8(k1, one), one);
-      q = _mm512_mask_sub_epi8(q, k1, q, c81);
-      q = _mm512_mask_sub_epi8(q, k2, q, c81);
-      __m512i a = _mm512_dpbusd_epi32(acc[r], c4, xv[4]);
-      for (int k = 0; k < 4; ++k)
-        a = _mm512_dpbusd_epi32(a, _mm512_permutex2var_epi8(lo[k], q, hi[k]), xv[k]);
-      acc[r] = a;
+  alignas(64) static const struct Tab {
+    uint8_t d[4][128];
+    Tab() {
+      for (int v = 0; v < 128; ++v)
+        for (int k = 0, t = v; k < 4; ++k, t /= 3) d[k][v] = t % 3;
     }
+  } tab;
+  Tq1Tables t;
+  for (int k = 0; k < 4; ++k) {
+    t.lo[k] = _mm512_load_si512(tab.d[k]);
+    t.hi[k] = _mm512_load_si512(tab.d[k] + 64);
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  __m512i acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  const int64_t full = nbytes - nbytes % GROUP;
+  for (int64_t b = 0; b < full; b += GROUP)
+    tq1_step<R>(acc, t, w + b, ld, x + 5 * b, GROUP, ~0ULL);
+  if (full < nbytes) {
+    const int64_t g = nbytes - full;
+    tq1_step<R>(acc, t, w + full, ld, x + 5 * full, g, (__mmask64(1) << g) - 1);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) out[r] = hsum(_mm512_add_epi32(acc[r][0], acc[r][1]));
+}
+
+// per-token quantisation of one row (see quantize)
+HGF_AVX512 void quantize_row_avx512(const float* x, int64_t in, int64_t kp, float eps, int8_t* q,
+                                    float* sx, int32_t* sumx) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; i += 16) {
+    const __mmask16 m = in - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - i)) - 1);
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+  const float s = (1.f / std::max(_mm512_reduce_max_ps(amax), eps)) * 127.f;
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t i = 0; i < in; i += 16) {
+    const __mmask16 m = in - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - i)) - 1);
+    // cvtps rounds to nearest even (default MXCSR), like nearbyint / torch.round
+    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
+    r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
+    _mm512_mask_cvtepi32_storeu_epi8(q + i, m, r);
+    sum = _mm512_add_epi32(sum, r);
+  }
+  std::memset(q + in, 0, kp - in);
+  *sx = s;
+  *sumx = _mm512_reduce_add_epi32(sum);
 }
 #endif
 
@@ -179,8 +232,15 @@ void rows_dot(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x, int
 // per-token int8 quantisation; x_int rows padded with zeros to kp
 void quantize(const float* x, int64_t m, int64_t in, int64_t kp, float eps, int8_t* xq,
               float* sx, int32_t* sumx) {
-  at::parallel_for(0, m, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
+  constexpr int64_t TOKENS = 16;  // tokens per chunk
+  hgf::Pool::get().run((m + TOKENS - 1) / TOKENS, at::get_num_threads(), [&](int64_t c) {
+    for (int64_t t = c * TOKENS; t < std::min(m, (c + 1) * TOKENS); ++t) {
+#if HGF_X86
+      if (isa() == 1) {
+        quantize_row_avx512(x + t * in, in, kp, eps, xq + t * kp, sx + t, sumx + t);
+        continue;
+      }
+#endif
       const float* xt = x + t * in;
       float amax = 0.f;
       for (int64_t i = 0; i < in; ++i) amax = std::max(amax, std::fabs(xt[i]));
@@ -225,11 +285,12 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
   const float* s = sx.data_ptr<float>();
   const int32_t* sum = sumx.data_ptr<int32_t>();
   float* yp = y.data_ptr<float>();
+  // chunks of row blocks with about 32 KiB of (weight bytes x tokens) each
   const int64_t nblk = (out_features + ROWS - 1) / ROWS;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, nbytes * m));
-  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+  const int64_t per_chunk = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, ROWS * nbytes * m));
+  hgf::Pool::get().run((nblk + per_chunk - 1) / per_chunk, at::get_num_threads(), [&](int64_t c) {
     int32_t acc[ROWS];
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t blk = c * per_chunk; blk < std::min(nblk, (c + 1) * per_chunk); ++blk) {
       const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, out_features - r0);
       for (int64_t t = 0; t < m; ++t) {  // weights of these rows stay in L1 across tokens
         if (nr == ROWS)
