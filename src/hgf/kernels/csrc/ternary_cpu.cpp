@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -259,32 +260,12 @@ void quantize(const float* x, int64_t m, int64_t in, int64_t kp, float eps, int8
   });
 }
 
-at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
-                              const at::Tensor& w_scale, c10::string_view packing,
-                              int64_t out_features, int64_t in_features, double act_eps) {
-  TORCH_CHECK(packing == "i2" || packing == "tq1", "packing must be i2 or tq1");
-  const int per = packing == "i2" ? 4 : 5;  // codes per byte
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 &&
-                  packed.size(0) == out_features,
-              "packed must be uint8 [out, nbytes]");
-  const int64_t nbytes = packed.size(1);
-  TORCH_CHECK(nbytes == (in_features + per - 1) / per, "packed has the wrong row length");
-  TORCH_CHECK(x.size(-1) == in_features, "x must be [..., in_features]");
-  const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();  // [M, in]
-  const at::Tensor wp = packed.contiguous();
-  const int64_t m = xf.size(0), kp = per * nbytes + GROUP;
-  const float s_w = w_scale.to(at::kFloat).item<float>();
-  at::Tensor xq = at::empty({m, kp}, xf.options().dtype(at::kChar));
-  at::Tensor sx = at::empty({m}, xf.options());
-  at::Tensor sumx = at::empty({m}, xf.options().dtype(at::kInt));
-  quantize(xf.data_ptr<float>(), m, in_features, kp, float(act_eps), xq.data_ptr<int8_t>(),
-           sx.data_ptr<float>(), sumx.data_ptr<int32_t>());
-  at::Tensor y = at::empty({m, out_features}, xf.options());  // [M, out]
-  const uint8_t* w = wp.data_ptr<uint8_t>();
-  const int8_t* q = xq.data_ptr<int8_t>();
-  const float* s = sx.data_ptr<float>();
-  const int32_t* sum = sumx.data_ptr<int32_t>();
-  float* yp = y.data_ptr<float>();
+// y[t, r] for rows [r0, r0 + nr): acc - sum x_int, divided by s_x * s_w, cast to T (round to
+// nearest even for bfloat16/half, as torch's .to()).
+template <class T>
+void matmul_rows(const uint8_t* w, int64_t nbytes, int per, int64_t out_features, int64_t m,
+                 const int8_t* q, int64_t kp, const float* s, const int32_t* sum, float s_w,
+                 T* y) {
   // chunks of row blocks with about 32 KiB of (weight bytes x tokens) each
   const int64_t nblk = (out_features + ROWS - 1) / ROWS;
   const int64_t per_chunk = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, ROWS * nbytes * m));
@@ -300,13 +281,60 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
             rows_dot<1>(w + (r0 + r) * nbytes, nbytes, nbytes, q + t * kp, per, acc + r);
         const float denom = s[t] * s_w;
         for (int64_t r = 0; r < nr; ++r)
-          yp[t * out_features + r0 + r] = float(acc[r] - sum[t]) / denom;
+          y[t * out_features + r0 + r] = T(float(acc[r] - sum[t]) / denom);
       }
     }
   });
+}
+
+at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
+                              const at::Tensor& w_scale, c10::string_view packing,
+                              int64_t out_features, int64_t in_features, double act_eps) {
+  TORCH_CHECK(packing == "i2" || packing == "tq1", "packing must be i2 or tq1");
+  const int per = packing == "i2" ? 4 : 5;  // codes per byte
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                  packed.size(0) == out_features,
+              "packed must be uint8 [out, nbytes]");
+  const int64_t nbytes = packed.size(1);
+  TORCH_CHECK(nbytes == (in_features + per - 1) / per, "packed has the wrong row length");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must be [..., in_features]");
+  TORCH_CHECK(w_scale.numel() == 1, "w_scale must be a scalar");
+  const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous();
+  const at::Tensor xf = fast ? x : x.to(at::kFloat).contiguous();  // [..., in] float32
+  const at::Tensor wp = packed.contiguous();
+  const int64_t m = xf.numel() / std::max<int64_t>(1, in_features), kp = per * nbytes + GROUP;
+  const float s_w = w_scale.scalar_type() == at::kFloat && w_scale.is_cpu()
+                        ? *w_scale.const_data_ptr<float>()
+                        : w_scale.item<float>();
+  thread_local std::vector<int8_t> xq;  // per-call scratch, reused
+  thread_local std::vector<float> sx;
+  thread_local std::vector<int32_t> sumx;
+  xq.resize(m * kp);
+  sx.resize(m);
+  sumx.resize(m);
+  quantize(xf.const_data_ptr<float>(), m, in_features, kp, float(act_eps), xq.data(), sx.data(),
+           sumx.data());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
-  return y.view(shape).to(x.scalar_type());
+  at::Tensor y = at::empty(shape, x.options());  // [..., out] in x's dtype
+  const uint8_t* w = wp.const_data_ptr<uint8_t>();
+  switch (y.scalar_type()) {
+    case at::kFloat:
+      matmul_rows(w, nbytes, per, out_features, m, xq.data(), kp, sx.data(), sumx.data(), s_w,
+                  y.mutable_data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      matmul_rows(w, nbytes, per, out_features, m, xq.data(), kp, sx.data(), sumx.data(), s_w,
+                  y.mutable_data_ptr<c10::BFloat16>());
+      break;
+    case at::kHalf:
+      matmul_rows(w, nbytes, per, out_features, m, xq.data(), kp, sx.data(), sumx.data(), s_w,
+                  y.mutable_data_ptr<c10::Half>());
+      break;
+    default:
+      TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
+  }
+  return y;
 }
 
 // request < 0: query; otherwise select min(request, best supported). Returns the active level.
