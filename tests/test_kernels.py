@@ -301,3 +301,23 @@ def test_cpu_kernel_threads_and_fork(cpu_kernel):
     with mp.get_context("fork").Pool(1) as pool:
         got = pool.apply_async(ternary_linear, (x, packed, s_w, "i2", 512, 1000)).get(timeout=60)
     assert torch.equal(got, want)
+
+
+def test_ternary_linear_traces_in_one_graph():
+    # the dispatch (kernel availability) is a constant for torch.compile; the ops have fakes
+    _, packed, s_w = bitlinear_and_packed(16, 40, "tq1")
+    x = torch.randn(2, 3, 40)
+
+    def f(x):
+        return ternary_linear(x, packed, s_w, "tq1", 16, 40) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_large_in_features_use_reference():
+    from hgf.kernels.ops import kernel_for
+
+    assert kernel_for(torch.zeros(1, 2**17 + 1), 2**17 + 1) == "reference"
+    assert kernel_for(torch.zeros(1, 8, device="meta"), 8) == "reference"

@@ -58,6 +58,12 @@ def load() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """:func:`load`, as a constant for torch.compile (it builds at most once, eagerly)."""
+    return load()
+
+
 @functools.cache
 def _register_fake() -> None:
     torch.library.register_fake("hgf::ternary_linear_cpu")(ternary_linear_fake)

@@ -63,6 +63,7 @@ def ternary_linear(
     return ternary_linear_reference(*args)
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -73,7 +74,7 @@ def kernel_for(x: torch.Tensor, in_features: int) -> str:
     "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``)."""
     if in_features > EXACT_F32_IN:
         return "reference"
-    if x.device.type == "cpu" and cpu.load():
+    if x.device.type == "cpu" and cpu.available():
         return "cpu"
     if x.device.type == "cuda" and triton_available():
         return "triton"

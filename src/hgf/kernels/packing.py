@@ -28,7 +28,6 @@ E.g. i2 with in = 4096: 16 full groups of 64 bytes; byte 5 of group 0 holds weig
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -50,7 +49,6 @@ def row_bytes(in_features: int, packing: str) -> int:
     return math.ceil(in_features / PER_BYTE[packing])
 
 
-@functools.lru_cache(maxsize=1024)
 def packed_shape(out_features: int, in_features: int, packing: str) -> tuple[int, int]:
     """Shape ``(out, nbytes)`` of the packed uint8 tensor."""
     return (out_features, row_bytes(in_features, packing))
