@@ -4,8 +4,13 @@
 
 Each kernel is a ``torch.library`` custom op (``hgf::ternary_linear_cpu``,
 ``hgf::ternary_linear_triton``) with a fake (shape) implementation; the pure-PyTorch reference
-is the fallback for every case a kernel does not support (other devices or dtypes, no compiler,
-no triton), so an unsupported case is slower, never wrong.
+is the fallback for every case a kernel does not support, so an unsupported case is slower,
+never wrong. Dispatch (:func:`kernel_for`):
+
+    CPU tensor, C++ kernel built           -> hgf::ternary_linear_cpu (any batch, fp32/bf16/fp16)
+    CUDA tensor, triton importable         -> hgf::ternary_linear_triton (GEMV <= 8 tokens, GEMM)
+    anything else, or in_features > 2^17   -> ternary_linear_reference
+All of them give the same bits as the reference (tests/test_kernels.py checks it).
 """
 
 from __future__ import annotations
