@@ -334,3 +334,8 @@ def test_gemv_table_and_copy_bandwidth_run():
     bw = read_bandwidth(nbytes=1 << 20, iters=2)
     assert bw > 0 and copy_bandwidth(nbytes=1 << 20, iters=2) > 0
     assert "ternary i2" in format_table(rows, bw)
+
+
+def test_stream_read_sums_bytes(cpu_kernel):
+    t = torch.randint(0, 256, (100_003,), dtype=torch.uint8)
+    assert torch.ops.hgf.stream_read(t) == int(t.sum())

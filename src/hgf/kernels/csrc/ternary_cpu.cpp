@@ -23,6 +23,7 @@
 #include "pool.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -399,6 +400,45 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
   return y;
 }
 
+// Sum of the bytes of a uint8 tensor, streamed like the GEMV weights (prefetch into L2, all
+// threads): the read-bandwidth probe of bench.py, a fairer peak than torch's reductions.
+int64_t sum_bytes_portable(const uint8_t* p, int64_t n) {
+  int64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+
+#if HGF_X86
+HGF_AVX512 int64_t sum_bytes_avx512(const uint8_t* p, int64_t n) {
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + i + 8192), _MM_HINT_T1);
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512(p + i), _mm512_setzero_si512()));
+  }
+  return _mm512_reduce_add_epi64(acc) + sum_bytes_portable(p + i, n - i);
+}
+#endif
+
+int64_t sum_bytes(const uint8_t* p, int64_t n) {
+#if HGF_X86
+  if (isa() == AVX512) return sum_bytes_avx512(p, n);
+#endif
+  return sum_bytes_portable(p, n);
+}
+
+int64_t stream_read(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.is_contiguous(), "expects a contiguous uint8");
+  constexpr int64_t CHUNK = 1 << 16;
+  const uint8_t* p = t.const_data_ptr<uint8_t>();
+  const int64_t n = t.numel();
+  std::atomic<int64_t> total{0};
+  hgf::Pool::get().run((n + CHUNK - 1) / CHUNK, at::get_num_threads(), [&](int64_t c) {
+    total += sum_bytes(p + c * CHUNK, std::min(CHUNK, n - c * CHUNK));
+  });
+  return total.load();
+}
+
 // request < 0: query; otherwise select min(request, best supported). Returns the active level.
 int64_t ternary_cpu_isa(int64_t request) {
   if (request >= 0) g_isa = std::min<int>(int(request), detect_isa());
@@ -411,6 +451,10 @@ TORCH_LIBRARY_FRAGMENT(hgf, m) {
   m.def("ternary_linear_cpu(Tensor x, Tensor packed, Tensor w_scale, str packing, int out_features, "
         "int in_features, float act_eps) -> Tensor");
   m.def("ternary_cpu_isa(int request) -> int", &ternary_cpu_isa);
+  m.def("stream_read(Tensor t) -> int");
 }
 
-TORCH_LIBRARY_IMPL(hgf, CPU, m) { m.impl("ternary_linear_cpu", &ternary_linear_cpu); }
+TORCH_LIBRARY_IMPL(hgf, CPU, m) {
+  m.impl("ternary_linear_cpu", &ternary_linear_cpu);
+  m.impl("stream_read", &stream_read);
+}
