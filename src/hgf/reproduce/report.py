@@ -239,7 +239,19 @@ def write_report(preset: Preset, specs: list[RunSpec], out: Path, command: str =
 
 
 def write_sweep(specs: list[RunSpec], out: Path) -> str:
-    """Pick each arm's LR by final validation loss (diverged runs lose); write sweep.json/md."""
+    """Pick each arm's LR by final validation loss (diverged runs lose); write sweep.json/md.
+
+    Every finished run under ``out/sweep`` counts, so partial sweeps (extra LRs for one arm)
+    accumulate into one table."""
+    from hgf.runs import load_run_config
+
+    known = {s.dir.resolve() for s in specs}
+    for done in sorted((out / "sweep").glob("*/done.json")):
+        if done.parent.resolve() not in known:
+            st = json.loads(done.read_text())
+            specs = [*specs, RunSpec(st["arm"], st["steps"], 0, done.parent,
+                                     load_run_config(done.parent), st["lr"])]
+    specs = sorted(specs, key=lambda s: (s.arm, s.lr_candidate or 0.0))
     best: dict[str, dict[str, Any]] = {}
     rows = []
     for spec in specs:
