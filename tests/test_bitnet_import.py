@@ -157,9 +157,12 @@ def test_import_as_hgf_equals_the_bitnet_and_cli(tmp_path, capsys):
     idx = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         assert torch.equal(hgf_model(idx), bitnet(idx))  # B = 0: the HGF model is the BitNet
+    assert main(["convert", str(ckpt), "--to", "run", str(tmp_path / "auto")]) == 0  # format detected
+    assert "(bitnet) ->" in capsys.readouterr().out
     assert main(["convert", str(ckpt), "--from", "bitnet", "--to", "run", str(tmp_path / "x"),
                  "--model.d_model=32"]) == 2
     assert "model.d_model is fixed by the BitNet checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_scale_convention_detection():

@@ -39,7 +39,9 @@ Each projection [in -> out] adds what its matmul saves:
 Head: int64 token ids and loss targets 16·N, final norm 8·N·d + 4·N, LM-head input (4·N·d, or a 2·N·d cast and
 the 2·V·d bf16 weight under autocast), the loss's fp32 log-softmax 4·N·V; transient at the loss
 (gradients of the log-probabilities and of the logits) 8·N·V.
-Activation checkpointing (per block): L · 4·N·d block inputs + one block recomputed in backward.
+Activation checkpointing (per block): L · 4·N·d block inputs + max(head saved + loss transient,
+one recomputed block + two fp32 activation gradients 8·N·max(d, f) + the gradients built so far,
+up to 4P): the loss's tensors are gone before a block is recomputed.
 
 Checks (tests/test_plan.py): the float32 and the CPU bf16-autocast formulas equal autograd's
 saved tensors exactly for standard attention; on CPU differential attention runs the math kernel
@@ -163,13 +165,24 @@ class StrategyMemory:
     optimizer: float
     optimizer_step: float
     gathered: float
-    activations: float
-    activations_ac: float
-    head_transient: float
+    activations: float  # saved without checkpointing (blocks + head)
+    head_transient: float  # around the loss: log-prob and logit gradients
+    block_inputs: float  # with checkpointing: the saved block inputs
+    block_recompute: float  # one recomputed block + its backward transient
     grads_resident: bool  # DDP buckets hold the gradients all step long
+    blocks_saved: float  # the blocks' share of ``activations`` (the rest is the head's)
+
+    @property
+    def activations_ac(self) -> float:
+        """Peak activations with checkpointing, without the loss transient and the gradients."""
+        return self.block_inputs + max(self.activations - self.blocks_saved, self.block_recompute)
 
     def peak(self, ac: bool) -> float:
-        acts = (self.activations_ac if ac else self.activations) + self.head_transient
+        if ac:  # the loss's tensors are gone before a block is recomputed, grads are then built up
+            late = self.block_recompute + (0 if self.grads_resident else self.grads)
+            acts = self.block_inputs + max(self.activations - self.blocks_saved + self.head_transient, late)
+        else:
+            acts = self.activations + self.head_transient
         forward = (self.weights + self.optimizer + self.gathered + acts
                    + (self.grads if self.grads_resident else 0))
         return max(forward, self.weights + self.grads + self.optimizer + self.optimizer_step)
@@ -195,8 +208,8 @@ class Plan:
         return self.memory[strategy].peak(ac) <= (1 - self.headroom) * self.gpu_mem
 
     def as_dict(self) -> dict:
-        mem = {s: {**vars(v), "peak": v.peak(False), "peak_ac": v.peak(True),
-                   "fits": self.fits(s, False), "fits_ac": self.fits(s, True)}
+        mem = {s: {**vars(v), "activations_ac": v.activations_ac, "peak": v.peak(False),
+                   "peak_ac": v.peak(True), "fits": self.fits(s, False), "fits_ac": self.fits(s, True)}
                for s, v in self.memory.items()}
         return {"gpus": self.gpus, "gpu_mem": self.gpu_mem, "micro_batch": self.micro_batch,
                 "seq_len": self.seq_len, "strategy": self.strategy, "autocast": self.autocast,
@@ -229,13 +242,14 @@ def make_plan(cfg: Config, gpus: int, gpu_mem: int, micro_batch: int, seq_len: i
     n = micro_batch * seq_len
     act_block = block_activation_bytes(cfg, micro_batch, seq_len, autocast, attention_kernel)
     head_saved, head_transient = head_activation_bytes(cfg, n, autocast)
-    acts = layers * act_block + head_saved
-    acts_ac = layers * 4 * n * cfg.model.d_model + act_block + head_saved
+    m = cfg.model
+    recompute = act_block + 2 * 4 * n * max(m.d_model, m.d_ff)  # + two fp32 activation grads
     c = FP16 if autocast else 4
 
     def state(share: int, gathered: float, resident: bool) -> StrategyMemory:
         return StrategyMemory(4 * p / share, 4 * p / share, 8 * p / share, 4 * p / share, gathered,
-                              acts, acts_ac, head_transient, resident)
+                              layers * act_block + head_saved, head_transient,
+                              layers * 4 * n * m.d_model, recompute, resident, layers * act_block)
 
     memory = {"single": state(1, 0, False), "ddp": state(1, 0, True),
               "fsdp2": state(gpus, c * (root + 2 * block) + 4 * block, False)}
@@ -249,7 +263,7 @@ def format_plan(plan: Plan) -> str:
     rows = [("weights (fp32 master)", "weights"), ("gradients (fp32)", "grads"),
             ("AdamW states (fp32)", "optimizer"), ("AdamW step temporary", "optimizer_step"),
             ("gathered params/grads", "gathered"), ("activations, no AC", "activations"),
-            ("activations, AC", "activations_ac"), ("loss transient", "head_transient")]
+            ("loss transient, no AC", "head_transient"), ("activations, AC", "activations_ac")]
     dt = "bf16 autocast" if plan.autocast else "float32"
     lines = [
         f"model: {m.linear} / {m.attention}, d_model {m.d_model} x {m.n_layers} layers, "
