@@ -8,7 +8,7 @@ import argparse
 import sys
 import time
 
-from hgf.infer.generate import generate, load_for_generation, resolve_device
+from hgf.infer.generate import check_sampling, generate, load_for_generation, resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     model, tokenizer = load_for_generation(args.path, resolve_device(args.device))
 
     def write(text: str) -> None:

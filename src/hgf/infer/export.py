@@ -44,22 +44,25 @@ def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def _pack_projection(name: str, mod: BitLinear, packing: str) -> dict[str, torch.Tensor]:
+def pack_projection(mod: BitLinear, packing: str, name: str = "projection"
+                    ) -> dict[str, torch.Tensor]:
+    """The packed buffers of one training projection: ``weight_packed``, ``weight_scale`` and,
+    for HGFLinear, ``A`` and the gate-folded ``B`` (``name`` only labels errors)."""
     if mod.act_bits != 8:
         raise HGFError(f"{name}: the packed runtime needs quant.act_bits=8, the model uses "
                        f"{mod.act_bits}")
     w_t, s_w = ternarize(mod.weight, mod.weight_eps)
-    out = {f"{name}.weight_packed": pack_ternary(w_t.cpu(), packing)}
+    out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
     if isinstance(mod, HGFLinear):
         g = mod.gate_value().detach().float().cpu()
         if mod.fusion == "convex":
             if abs(1 - float(g)) < 1e-6:
                 raise HGFError(f"{name}: convex fusion with gate g={float(g):.6g} = 1 zeroes the "
                                "ternary stream; it cannot be folded into the ternary scale")
-            s_w = s_w / (1 - g)
-        out[f"{name}.A"] = _fp16(f"{name}.A", mod.A.cpu())
-        out[f"{name}.B"] = _fp16(f"{name}.B", g * mod.B.detach().float().cpu())
-    out[f"{name}.weight_scale"] = s_w.detach().float().cpu().reshape(())
+            s_w = s_w.cpu() / (1 - g)
+        out["A"] = _fp16(f"{name}.A", mod.A.cpu())
+        out["B"] = _fp16(f"{name}.B", g * mod.B.detach().float().cpu())
+    out["weight_scale"] = s_w.detach().float().cpu().reshape(())
     return out
 
 
@@ -70,7 +73,7 @@ def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, BitLinear):
-            tensors.update(_pack_projection(name, mod, packing))
+            tensors.update({f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()})
         elif name in ("tok_emb", "lm_head"):
             if name == "lm_head" and cfg.model.tie_embeddings:
                 continue

@@ -47,6 +47,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """One HGFError line for an impossible generation setting."""
+    if max_new_tokens < 1:
+        raise HGFError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise HGFError(f"--temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise HGFError(f"--top-k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise HGFError(f"--top-p must lie in (0, 1], got {top_p}")
+
+
 @dataclass
 class Generation:
     prompt_ids: list[int]
@@ -61,6 +73,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int 
                  seed: int | None = None, eot_id: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> Generation:
     """Prefill + KV-cached decode; ``on_token`` sees every generated id as it comes."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     max_len = model.cfg.model.max_seq_len
     n = len(prompt_ids)
     if n == 0:
@@ -69,10 +82,6 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int 
     if n >= max_len:
         raise HGFError(f"the prompt has {n} tokens; model.max_seq_len={max_len} leaves no room "
                        "to generate")
-    if max_new_tokens < 1:
-        raise HGFError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if not 0 < top_p <= 1:
-        raise HGFError(f"--top-p must lie in (0, 1], got {top_p}")
     budget = min(max_new_tokens, max_len - n)
     gen = torch.Generator()
     if seed is None:
@@ -166,10 +175,12 @@ def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
     """A run directory (its training model and tokenizer.json) or a packed file (its packed
     model and the tokenizer stored in it)."""
     from hgf.infer.packed import load_packed
-    from hgf.runs import TOKENIZER_FILE, load_trained
+    from hgf.runs import CONFIG_FILE, TOKENIZER_FILE, load_trained
 
     path = Path(path)
     if path.is_dir():
+        if not (path / CONFIG_FILE).is_file():
+            raise HGFError(f"{path}: not a run directory (no {CONFIG_FILE})")
         tok_path = path / TOKENIZER_FILE
         if not tok_path.is_file():
             raise HGFError(f"{tok_path}: the run has no tokenizer")

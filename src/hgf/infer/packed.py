@@ -55,6 +55,19 @@ class PackedTernaryLinear(nn.Module):
         rank = layer.rank if isinstance(layer, HGFLinear) else 0
         return cls(layer.in_features, layer.out_features, packing, rank, layer.act_eps, device)
 
+    @classmethod
+    def from_training(cls, layer: BitLinear, packing: str = "i2",
+                      dtype: torch.dtype = torch.float32) -> PackedTernaryLinear:
+        """Convert one training layer (what export does for every projection of a model)."""
+        from hgf.infer.export import pack_projection
+
+        state = pack_projection(layer, packing)
+        if "A" in state:
+            state["A"], state["B"] = state["A"].to(dtype), state["B"].to(dtype)
+        packed = cls.like(layer, packing, device="meta")
+        packed.load_state_dict(state, strict=True, assign=True)
+        return packed.to(layer.weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ternary_linear(x, self.weight_packed, self.weight_scale, self.packing,
                            self.out_features, self.in_features, self.act_eps)
