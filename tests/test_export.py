@@ -22,7 +22,8 @@ from infer_utils import make_run, make_tokenizer, train_tiny
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict), f.metadata()
+        names = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+        return {k: f.get_tensor(k) for k in names}, f.metadata()
 
 
 @pytest.fixture(scope="module")
