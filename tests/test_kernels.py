@@ -134,3 +134,170 @@ def test_bad_arguments_raise_clearly():
         ternary_linear(torch.ones(1, 10), packed, s, "tq1", 4, 10)
     with pytest.raises(ValueError, match="unknown packing"):
         ternary_linear(torch.ones(1, 10), packed, s, "q4", 4, 10)
+
+
+# ---------------------------------------------------------------- CPU C++ kernel
+def have_compiler() -> bool:
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return bool(shutil.which("c++") or shutil.which("g++")) and is_ninja_available()
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    if not have_compiler():
+        pytest.skip("no C++ compiler / ninja: the CPU kernel falls back to the reference")
+    from hgf.kernels import cpu
+
+    assert cpu.load(), "a compiler exists but the CPU kernel did not build"
+    yield cpu
+    cpu.isa("avx512-vnni")  # restore the best ISA the machine has
+
+
+def test_cpu_kernel_is_built_and_dispatched(cpu_kernel):
+    from hgf.kernels.ops import kernel_for
+
+    assert kernel_for(torch.zeros(1, 8), 8) == "cpu"
+    assert cpu_kernel.isa() in ("portable", "avx512-vnni")
+
+
+@pytest.mark.parametrize("isa", ["avx512-vnni", "portable"])
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_cpu_kernel_matches_reference_exactly(cpu_kernel, isa, packing):
+    cpu_kernel.isa(isa)  # capped at what this CPU has
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(1, 4096, 256), (3, 7, 1), (2, 37, 700), (5, 130, 1000), (1, 9, 321), (17, 64, 64)]
+    for m, in_f, out_f in shapes:
+        w = random_ternary(out_f, in_f, gen)
+        packed, s_w = pack_ternary(w, packing), torch.rand(()) + 0.1
+        x = torch.randn(m, in_f, generator=gen) * 3
+        for dtype in (torch.float32, torch.bfloat16):
+            got = torch.ops.hgf.ternary_linear_cpu(x.to(dtype), packed, s_w, packing, out_f, in_f,
+                                                   1e-5)
+            want = ternary_linear_reference(x.to(dtype), packed, s_w, packing, out_f, in_f)
+            assert got.dtype == dtype and torch.equal(got, want), (isa, m, in_f, out_f, dtype)
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_cpu_kernel_zero_token_and_3d_input(cpu_kernel, packing):
+    bl, packed, s_w = bitlinear_and_packed(33, 130, packing)
+    x = torch.randn(2, 4, 130)
+    x[1, 2] = 0
+    y = torch.ops.hgf.ternary_linear_cpu(x, packed, s_w, packing, 33, 130, 1e-5)
+    assert y.shape == (2, 4, 33) and torch.isfinite(y).all() and (y[1, 2] == 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(y, bl(x), rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
+def test_cpu_kernel_fake_shape(cpu_kernel):
+    packed = pack_ternary(random_ternary(6, 20), "tq1")
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.zeros(2, 3, 20))
+        y = torch.ops.hgf.ternary_linear_cpu(x, mode.from_tensor(packed),
+                                             mode.from_tensor(torch.tensor(1.0)), "tq1", 6, 20,
+                                             1e-5)
+    assert y.shape == (2, 3, 6)
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    from hgf.kernels import cpu
+    from hgf.kernels.ops import kernel_for
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(ext, "load", broken)
+    cpu.load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="simulated compiler failure"):
+            assert kernel_for(torch.zeros(1, 8), 8) == "reference"
+        assert kernel_for(torch.zeros(1, 8), 8) == "reference"  # no second build attempt
+        _, packed, s_w = bitlinear_and_packed(5, 8, "i2")
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(ternary_linear(x, packed, s_w, "i2", 5, 8),
+                                   ternary_linear_reference(x, packed, s_w, "i2", 5, 8))
+    finally:
+        cpu.load.cache_clear()
+
+
+# ---------------------------------------------------------------- Triton (interpreter on CPU)
+# TRITON_INTERPRET must be set before triton is first imported, so these run in a subprocess.
+INTERPRETED_CHECK = """
+import torch
+from hgf.kernels import pack_ternary, ternary_linear_reference
+from hgf.kernels import triton_kernels as tk
+assert tk.INTERPRET
+gen = torch.Generator().manual_seed(2)
+# GEMV (m <= GEMV_MAX_TOKENS) and GEMM (tl.dot) paths; tails: in % 64-byte group != 0
+cases = [(1, 300, 40, torch.float32), (3, 700, 37, torch.bfloat16), (2, 1, 5, torch.float32),
+         (tk.GEMV_MAX_TOKENS + 3, 257, 70, torch.float32), (40, 130, 33, torch.bfloat16)]
+for packing in ("i2", "tq1"):
+    for m, in_f, out_f, dtype in cases:
+        w = torch.randint(-1, 2, (out_f, in_f), generator=gen)
+        packed, s_w = pack_ternary(w, packing), torch.rand(()) + 0.1
+        x = (torch.randn(m, in_f, generator=gen) * 2).to(dtype)
+        x[0] = 0  # an all-zero token
+        got = tk.ternary_linear_triton(x, packed, s_w, packing, out_f, in_f)
+        want = ternary_linear_reference(x, packed, s_w, packing, out_f, in_f)
+        assert got.dtype == dtype and torch.equal(got, want), (packing, m, in_f, out_f, dtype)
+        assert (got[0] == 0).all()
+print("INTERPRETED_OK")
+"""
+
+
+def test_triton_kernels_match_reference_interpreted():
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import hgf
+
+    src = str(Path(hgf.__file__).parents[1])
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", INTERPRETED_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "INTERPRETED_OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_triton_on_gpu_matches_reference(packing):
+    from hgf.kernels.ops import kernel_for
+
+    x = torch.randn(1, 4096, device="cuda")
+    assert kernel_for(x, 4096) == "triton"
+    for m, in_f, out_f in [(1, 4096, 4096), (3, 1000, 333), (64, 2048, 700)]:
+        w = random_ternary(out_f, in_f).cuda()
+        packed, s_w = pack_ternary(w, packing), torch.tensor(0.7, device="cuda")
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, in_f, device="cuda").to(dtype)
+            got = ternary_linear(x, packed, s_w, packing, out_f, in_f)
+            want = ternary_linear_reference(x, packed, s_w, packing, out_f, in_f)
+            assert torch.equal(got, want), (m, in_f, out_f, dtype)
+
+
+def test_cpu_kernel_threads_and_fork(cpu_kernel):
+    import multiprocessing as mp
+
+    bl, packed, s_w = bitlinear_and_packed(512, 1000, "i2")
+    x = torch.randn(3, 1000)
+    want = ternary_linear_reference(x, packed, s_w, "i2", 512, 1000)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(ternary_linear(x, packed, s_w, "i2", 512, 1000), want)
+    finally:
+        torch.set_num_threads(threads)
+    # a forked child (e.g. a DataLoader worker) has no pool threads: the kernel must not hang
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(ternary_linear, (x, packed, s_w, "i2", 512, 1000)).get(timeout=60)
+    assert torch.equal(got, want)

@@ -10,10 +10,14 @@ no triton), so an unsupported case is slower, never wrong.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 
+from hgf.kernels import cpu
 from hgf.kernels.packing import packed_shape
-from hgf.kernels.reference import ternary_linear_reference
+from hgf.kernels.reference import EXACT_F32_IN, ternary_linear_fake, ternary_linear_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,4 +54,40 @@ def ternary_linear(
 ) -> torch.Tensor:
     """BitLinear inference ``[..., in] -> [..., out]`` with the fastest correct kernel."""
     check_args(x, packed, w_scale, packing, out_features, in_features)
-    return ternary_linear_reference(x, packed, w_scale, packing, out_features, in_features, act_eps)
+    args = (x, packed, w_scale, packing, out_features, in_features, act_eps)
+    kernel = kernel_for(x, in_features)
+    if kernel == "cpu":
+        return torch.ops.hgf.ternary_linear_cpu(*args)
+    if kernel == "triton":
+        return torch.ops.hgf.ternary_linear_triton(*args)
+    return ternary_linear_reference(*args)
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_for(x: torch.Tensor, in_features: int) -> str:
+    """Which implementation ``ternary_linear`` runs for this input: "cpu", "triton" or
+    "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``)."""
+    if in_features > EXACT_F32_IN:
+        return "reference"
+    if x.device.type == "cpu" and cpu.load():
+        return "cpu"
+    if x.device.type == "cuda" and triton_available():
+        return "triton"
+    return "reference"
+
+
+@torch.library.custom_op("hgf::ternary_linear_triton", mutates_args=(), device_types="cuda")
+def _ternary_linear_triton(
+    x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, packing: str,
+    out_features: int, in_features: int, act_eps: float,
+) -> torch.Tensor:
+    from hgf.kernels.triton_kernels import ternary_linear_triton
+
+    return ternary_linear_triton(x, packed, w_scale, packing, out_features, in_features, act_eps)
+
+
+_ternary_linear_triton.register_fake(ternary_linear_fake)

@@ -34,19 +34,19 @@ import torch
 
 PACKINGS = ("i2", "tq1")
 GROUP = 64  # bytes per interleave group
-_BASE = {"i2": 4, "tq1": 3}  # digit base
-_PER_BYTE = {"i2": 4, "tq1": 5}  # codes per byte
+BASE = {"i2": 4, "tq1": 3}  # digit base
+PER_BYTE = {"i2": 4, "tq1": 5}  # codes per byte
 
 
 def _check_packing(packing: str) -> None:
-    if packing not in _BASE:
+    if packing not in BASE:
         raise ValueError(f"unknown packing {packing!r} (known: {', '.join(PACKINGS)})")
 
 
 def row_bytes(in_features: int, packing: str) -> int:
     """Bytes of one packed row: ``ceil(in / 4)`` (i2) or ``ceil(in / 5)`` (tq1)."""
     _check_packing(packing)
-    return math.ceil(in_features / _PER_BYTE[packing])
+    return math.ceil(in_features / PER_BYTE[packing])
 
 
 def packed_shape(out_features: int, in_features: int, packing: str) -> tuple[int, int]:
@@ -69,7 +69,7 @@ def pack_ternary(w_t: torch.Tensor, packing: str) -> torch.Tensor:
     if w_t.numel() and (w_t.min() < -1 or w_t.max() > 1):
         raise ValueError("pack_ternary: weights must be in {-1, 0, 1}")
     out_f, in_f = w_t.shape
-    base, per = _BASE[packing], _PER_BYTE[packing]
+    base, per = BASE[packing], PER_BYTE[packing]
     nbytes = row_bytes(in_f, packing)
     codes = torch.ones(out_f, per * nbytes, dtype=torch.int32, device=w_t.device)  # pad = code 1
     codes[:, :in_f] = w_t.to(torch.int32) + 1
@@ -84,7 +84,7 @@ def pack_ternary(w_t: torch.Tensor, packing: str) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, packing: str, in_features: int) -> torch.Tensor:
     """Codes ``W_t + 1`` (uint8, [out, in]) of a packed tensor."""
     _check_packing(packing)
-    base, per = _BASE[packing], _PER_BYTE[packing]
+    base, per = BASE[packing], PER_BYTE[packing]
     out_f, nbytes = packed.shape
     if nbytes != row_bytes(in_features, packing):
         raise ValueError(f"packed tensor has {nbytes} bytes per row, {packing} with "

@@ -5,9 +5,10 @@
     acc   = x_int @ W_tᵀ                            exact integers
     y     = acc / (s_x · s_w)                       float32, then cast to x's dtype
 
-``acc`` is computed in float32, which is exact while ``128 · in < 2^24`` (in ≤ 131072), else in
-float64; every kernel computes the same integers and the same float32 division, so kernels agree
-with this reference bit for bit (up to the order-independent integer sum).
+``acc`` is computed in float32 on the CPU, which is exact while ``128 · in < 2^24``
+(in ≤ 131072), else (and on other devices, where float32 matmuls may use TF32) in float64. Every
+kernel computes the same integers and the same float32 scale and division, so the kernels agree
+with this reference bit for bit.
 """
 
 from __future__ import annotations
@@ -30,8 +31,22 @@ def ternary_linear_reference(
     act_eps: float = 1e-5,
 ) -> torch.Tensor:
     """``y = (x_int @ W_tᵀ) / (s_x · s_w)`` from packed weights, ``[..., in] -> [..., out]``."""
-    acc_dtype = torch.float32 if in_features <= EXACT_F32_IN else torch.float64
+    exact_f32 = in_features <= EXACT_F32_IN and x.device.type == "cpu"
+    acc_dtype = torch.float32 if exact_f32 else torch.float64
     w = unpack_codes(packed, packing, in_features).to(acc_dtype) - 1  # [out, in]
     x_int, s_x = act_quant(x, act_eps)  # [..., in], [..., 1]
     acc = (x_int.to(acc_dtype) @ w.T).float()  # [..., out], exact integers
     return (acc / (s_x * w_scale.float())).to(x.dtype)
+
+
+def ternary_linear_fake(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    packing: str,
+    out_features: int,
+    in_features: int,
+    act_eps: float = 1e-5,
+) -> torch.Tensor:
+    """Shape-only implementation of every ternary_linear kernel op (for torch.compile/meta)."""
+    return x.new_empty((*x.shape[:-1], out_features))
