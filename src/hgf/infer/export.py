@@ -91,7 +91,8 @@ def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
         t = tensors.get(name)
         if (t is None or t.dtype != SAFETENSORS_DTYPE[spec.dtype]
                 or tuple(t.shape) != spec.shape):  # a bug here, never a user error
-            raise AssertionError(f"export produced a bad {name}: {t and (t.dtype, t.shape)}")
+            got = None if t is None else (t.dtype, tuple(t.shape))
+            raise AssertionError(f"export produced a bad {name}: {got}, expected {spec}")
     assert set(tensors) == set(expected), sorted(set(tensors) ^ set(expected))
     return {k: v.contiguous() for k, v in tensors.items()}
 

@@ -170,7 +170,10 @@ def read_header(path: str | Path) -> PackedHeader:
     stored: dict[str, TensorSpec] = {}
     data_end = 0
     for name, info in raw.items():
-        dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise HGFError(f"{path}: corrupt safetensors header entry for tensor {name}") from None
         if dtype not in ITEMSIZE:
             raise HGFError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         stored[name] = TensorSpec(dtype, shape, "rest")
