@@ -163,6 +163,12 @@ def format_breakdown(header: PackedHeader) -> str:
     for label, got, pred in rows:
         p = "" if pred is None else f"{pred / kib:.2f}"
         lines.append(f"{label:<30}{got / kib:>12.2f}{p:>16}")
+    if not b["backbone"]:
+        lines.append("no ternary projections (a dense model): no correction overhead to report")
+        return "\n".join(lines)
+    if not b["correction"]:
+        lines.append("no correction path (pure ternary): correction overhead 0%")
+        return "\n".join(lines)
     lines.append(
         f"correction overhead = correction / packed backbone: measured {b['overhead_measured']:.3%}"
         f" from the file, predicted {b['overhead_predicted']:.3%} by hgf.memory (which also "
