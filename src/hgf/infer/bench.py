@@ -5,8 +5,10 @@ Decode is bandwidth bound: tokens/s ≤ bandwidth / bytes read per token, and th
 2 (i2) or 1.6 (tq1) bits per ternary weight instead of 32 or 16. Every variant runs the same
 greedy loop (hgf.infer.generate_ids: prefill of a random prompt, then KV-cached decode of N
 tokens, never stopping early); decode tokens/s = (N - 1) / (time of the last token - time of the
-first). Memory: the bytes of the model's parameters and buffers (exact), the process RSS growth
-while loading and decoding (CPU), torch.cuda.max_memory_allocated (CUDA).
+first), the median of several rounds in which every variant decodes once (so a change of machine
+load hits every variant alike). Memory: the bytes of the model's parameters and buffers (exact),
+the process RSS growth while loading and warming up (CPU), the growth of
+torch.cuda.max_memory_allocated (CUDA).
 
 The models have random weights (speed does not depend on the values); the packed one is exported
 from an HGF training model through the real file format and loaded with load_packed.
@@ -64,18 +66,20 @@ def rss_bytes() -> int:
         return 0
 
 
-def decode_speed(model: nn.Module, prompt_len: int, tokens: int, seed: int = 0) -> dict:
-    """Greedy prefill + decode timing of ``tokens`` new tokens after a random prompt."""
+def _prompt(model: nn.Module, prompt_len: int, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(1, model.cfg.model.vocab_size, (prompt_len,), generator=g).tolist()
-    generate_ids(model, prompt, max_new_tokens=4)  # warm up kernels, allocator, caches
+    return torch.randint(1, model.cfg.model.vocab_size, (prompt_len,), generator=g).tolist()
+
+
+def decode_speed(model: nn.Module, prompt: list[int], tokens: int) -> dict:
+    """Greedy prefill + decode timing of ``tokens`` new tokens after ``prompt``."""
     stamps: list[float] = []
     t0 = time.perf_counter()
     generate_ids(model, prompt, max_new_tokens=tokens, on_token=lambda _: stamps.append(
         time.perf_counter()))
     decode_s = stamps[-1] - stamps[0]
     return {"prefill_ms": 1e3 * (stamps[0] - t0), "decode_tok_s": (len(stamps) - 1) / decode_s,
-            "ms_per_token": 1e3 * decode_s / (len(stamps) - 1), "tokens": len(stamps)}
+            "tokens": len(stamps)}
 
 
 def _export_packed(cfg: Config, packings: list[str], folder: Path) -> dict[str, Path]:
@@ -103,9 +107,22 @@ def _warm_up(path: Path, device: torch.device) -> None:
     layer(torch.ones(1, 64, device=device))
 
 
+def _load_variant(kind: str, path: Path | None, size: str, device: torch.device) -> nn.Module:
+    if path is None:
+        torch.manual_seed(0)
+        model = build_model(bench_config(size, "dense"), device).to(DENSE_DTYPES[kind])
+    else:
+        model, _ = load_packed(path, device)
+    return model.eval().requires_grad_(False)
+
+
 def run_decode(device: torch.device, size: str, tokens: int, prompt_len: int,
-               packings: list[str], dense: list[str], rank: int = 8) -> list[dict]:
-    rows = []
+               packings: list[str], dense: list[str], rank: int = 8, rounds: int = 3
+               ) -> list[dict]:
+    """Load the variants one after the other (memory measured per load, with a short warm-up
+    decode), then time ``rounds`` rounds in which every variant decodes once, so that a change
+    in machine load hits all variants alike; report the median round of each."""
+    rows, models = [], []
     with tempfile.TemporaryDirectory(prefix="hgf-bench-") as tmp:
         files = _export_packed(bench_config(size, "hgf", rank), packings, Path(tmp))
         if packings:
@@ -114,23 +131,28 @@ def run_decode(device: torch.device, size: str, tokens: int, prompt_len: int,
         variants += [(f"packed {p} HGF", p, files[p]) for p in packings]
         for label, kind, path in variants:
             gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
             rss0 = rss_bytes()
-            if path is None:
-                torch.manual_seed(0)
-                model = build_model(bench_config(size, "dense"), device).to(DENSE_DTYPES[kind])
-            else:
-                model, _ = load_packed(path, device)
-            model.eval().requires_grad_(False)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                cuda0 = torch.cuda.memory_allocated(device)
+            model = _load_variant(kind, path, size, device)
+            generate_ids(model, _prompt(model, prompt_len), max_new_tokens=4)  # warm-up
             row = {"variant": label, "params": sum(p.numel() for p in model.parameters()),
-                   "weight_bytes": model_bytes(model), **decode_speed(model, prompt_len, tokens)}
+                   "weight_bytes": model_bytes(model)}
             row["rss_delta_bytes"] = rss_bytes() - rss0 if device.type == "cpu" else None
             if device.type == "cuda":
-                row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - cuda0
             rows.append(row)
-            del model
+            models.append(model)
+    runs: list[list[dict]] = [[] for _ in rows]
+    for _ in range(rounds):
+        for model, out in zip(models, runs, strict=True):
+            out.append(decode_speed(model, _prompt(model, prompt_len), tokens))
+    for row, out in zip(rows, runs, strict=True):
+        out.sort(key=lambda r: r["decode_tok_s"])
+        row.update(out[len(out) // 2])
+        row["ms_per_token"] = 1e3 / row["decode_tok_s"]
+        row["rounds_tok_s"] = [r["decode_tok_s"] for r in out]
     base = next((r for r in rows if r["variant"] == "dense float32"), None)
     for r in rows:
         r["speedup_vs_f32"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
@@ -158,6 +180,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8, help="HGF correction rank")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens to decode")
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (median reported)")
     p.add_argument("--packings", nargs="+", default=list(PACKINGS), choices=list(PACKINGS))
     p.add_argument("--dense", nargs="+", default=list(DENSE_DTYPES), choices=list(DENSE_DTYPES))
     p.add_argument("--gemv-sizes", type=int, nargs="*", default=None,
@@ -183,7 +206,7 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
               f"{out['copy_gb_s']:.1f} GB/s)")
         print(format_table(out["gemv"], out["copy_gb_s"]))
     out["decode"] = run_decode(device, args.size, args.tokens, args.prompt_len, args.packings,
-                               args.dense, args.rank)
+                               args.dense, args.rank, args.rounds)
     print(f"\n# decode, model.size={args.size}, differential attention, greedy "
           f"{args.tokens} tokens after a {args.prompt_len}-token prompt, batch 1")
     print(format_decode(out["decode"]))
