@@ -20,6 +20,8 @@ from an HGF training model through the real file format and loaded with load_pac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -59,7 +61,11 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process (Linux), 0 where unknown."""
+    """Resident set size of this process (Linux), 0 where unknown. Memory freed earlier is first
+    handed back to the OS (glibc ``malloc_trim``), so a new model cannot hide in it."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
@@ -130,7 +136,6 @@ def run_decode(device: torch.device, size: str, tokens: int, prompt_len: int,
         variants = [(f"dense {d}", d, None) for d in dense]
         variants += [(f"packed {p} HGF", p, files[p]) for p in packings]
         for label, kind, path in variants:
-            gc.collect()
             rss0 = rss_bytes()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
