@@ -146,6 +146,14 @@ def test_bad_files(hgf_file: Path, tmp_path: Path) -> None:
         assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
+def test_export_refuses_a_tokenizer_larger_than_the_vocab(tmp_path: Path) -> None:
+    model, cfg, _ = train_tiny("bitnet")
+    run = make_run(tmp_path / "run", model, cfg, make_tokenizer(vocab_size=400))
+    with pytest.raises(HGFError, match=r"the tokenizer has \d+ tokens, more than the model.s model.vocab_size=320"):
+        export_run(run, tmp_path / "m.hgf")
+    assert not (tmp_path / "m.hgf").exists()
+
+
 def test_plain_weights_file_is_not_a_packed_model(tmp_path: Path, capsys) -> None:
     model, cfg, _ = train_tiny("bitnet")
     run = make_run(tmp_path / "run", model, cfg)

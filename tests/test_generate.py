@@ -131,6 +131,8 @@ def test_max_seq_len_is_respected() -> None:
     assert len(out.ids) == 3 and out.stop_reason == "max_seq_len"
     with pytest.raises(HGFError, match=f"model.max_seq_len={limit}"):
         generate_ids(model, [1] * limit, max_new_tokens=5)
+    with pytest.raises(HGFError, match="token id 320 outside the model's vocabulary of 320"):
+        generate_ids(model, [1, 320], max_new_tokens=5)
 
 
 def test_cli_generate_run_and_packed_file_agree(tmp_path: Path, capsys) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from hgf.config import Config
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
+from hgf.infer.generate import parse_tokenizer
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
 from hgf.model.hgf_linear import HGFLinear
@@ -114,6 +115,11 @@ def export_run(run_dir: str | Path, out: str | Path, packing: str = "i2",
     if tokenizer and not tok_path.is_file():
         raise HGFError(f"{tok_path}: tokenizer file not found")
     tok = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
+    if tok is not None:
+        n = parse_tokenizer(tok, str(tok_path)).get_vocab_size()
+        if n > cfg.model.vocab_size:
+            raise HGFError(f"{tok_path}: the tokenizer has {n} tokens, more than the model's "
+                           f"model.vocab_size={cfg.model.vocab_size}")
     export_model(model, cfg, out, packing, embeddings, tok)
 
 

@@ -82,6 +82,11 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int 
     if n >= max_len:
         raise HGFError(f"the prompt has {n} tokens; model.max_seq_len={max_len} leaves no room "
                        "to generate")
+    vocab = model.cfg.model.vocab_size
+    bad = [i for i in prompt_ids if not 0 <= i < vocab]
+    if bad:
+        raise HGFError(f"the prompt has token id {bad[0]} outside the model's vocabulary of "
+                       f"{vocab} (tokenizer and model do not match)")
     budget = min(max_new_tokens, max_len - n)
     gen = torch.Generator()
     if seed is None:
@@ -163,7 +168,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _tokenizer(text: str, source: str) -> Tokenizer:
+def parse_tokenizer(text: str, source: str) -> Tokenizer:
     try:
         return Tokenizer.from_str(text)
     except Exception as e:  # tokenizers raises bare Exception subclasses
@@ -185,9 +190,9 @@ def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
         if not tok_path.is_file():
             raise HGFError(f"{tok_path}: the run has no tokenizer")
         model, _ = load_trained(path, device)
-        return model.requires_grad_(False), _tokenizer(tok_path.read_text("utf-8"), str(tok_path))
+        return model.requires_grad_(False), parse_tokenizer(tok_path.read_text("utf-8"), str(tok_path))
     model, header = load_packed(path, device)
     if header.tokenizer_json is None:
         raise HGFError(f"{path}: the file carries no tokenizer; re-export it with "
                        "`hgf export RUN_DIR -o FILE --tokenizer tokenizer.json`")
-    return model, _tokenizer(header.tokenizer_json, f"{path} (tokenizer)")
+    return model, parse_tokenizer(header.tokenizer_json, f"{path} (tokenizer)")
