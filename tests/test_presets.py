@@ -12,8 +12,9 @@ from hgf.model import BitLinear, HGFLinear, build_model, lm_loss
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ, TARGETS
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "configs").rglob("*.toml"))
-ARMS = {
+PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.toml") if p.parent.name != "reproduce")
+GRIDS = sorted((ROOT / "configs" / "reproduce").glob("*.toml"))
+ARMS_AXES = ARMS = {
     "fp16": ("dense", "standard"), "bitnet": ("bitlinear", "standard"),
     "diff_only": ("dense", "differential"), "hgf": ("hgf", "differential"),
     "hgf_std": ("hgf", "standard"), "bitnet_diff": ("bitlinear", "differential"),
@@ -62,3 +63,16 @@ def test_preset_builds_runs_and_places_layers(path):
     assert type(model.tok_emb) is nn.Embedding
     assert type(model.lm_head) is nn.Linear  # full precision, never ternary
     assert type(model.layers[0].attn).__name__.lower().startswith(cfg.model.attention)
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.stem)
+def test_reproduce_presets_load(path):
+    from hgf.reproduce.grid import ARMS, load_preset, plan_grid
+
+    preset = load_preset(str(path))
+    assert set(preset.arms) <= set(ARMS) and preset.steps
+    specs = plan_grid(preset, Path("out"))
+    assert len(specs) == len(preset.arms) * len(preset.steps) * preset.seeds
+    for spec in specs:
+        assert (spec.cfg.model.linear, spec.cfg.model.attention) == ARMS_AXES[spec.arm]
+        assert spec.cfg.train.steps == spec.steps

@@ -121,12 +121,16 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op CPU threads (0 = torch's default); 1 suits tiny models
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
     log_every: int = 10
     ckpt_every: int = 0  # 0 = only at the end
     out_dir: str = "runs/default"
     progress: bool = True
+    resume: str = "auto"  # auto: continue from the latest good checkpoint in out_dir | never
+    keep_checkpoints: int = 3  # keep the last K checkpoints
+    tensorboard: bool = False  # also log to out_dir/tb (needs the tensorboard package)
 
 
 @dataclass
@@ -171,6 +175,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("auto", "local", "hf"),
     "train.schedule": ("cosine", "two_stage", "constant"),
     "train.dtype": ("auto", "float32", "bfloat16"),
+    "train.resume": ("auto", "never"),
     "dist.strategy": ("none", "ddp", "fsdp2"),
 }
 
@@ -328,7 +333,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
     m, h, t = cfg.model, cfg.hgf, cfg.train
     for key in ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
                 "model.d_ff", "model.max_seq_len", "train.steps", "train.batch_size",
-                "train.seq_len", "train.grad_accum", "quant.act_bits"):
+                "train.seq_len", "train.grad_accum", "quant.act_bits", "train.keep_checkpoints"):
         if _get(cfg, key) <= 0:
             fail(key, "must be > 0")
     if m.d_model % m.n_heads:
@@ -356,7 +361,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
             fail(key, "must lie in [0, 1]")
     for key in ("train.lr", "hgf.gate_lr_mult", "hgf.gate_l2", "train.weight_decay",
                 "train.grad_clip", "train.warmup_steps", "eval.every", "eval.batches",
-                "train.ckpt_every", "train.log_every"):
+                "train.ckpt_every", "train.log_every", "train.threads"):
         if _get(cfg, key) < 0:
             fail(key, "must be >= 0")
     for key in ("train.beta1", "train.beta2"):

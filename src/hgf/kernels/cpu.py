@@ -10,8 +10,8 @@ Threads: ``torch.get_num_threads()``, on the kernel's own work-claiming pool (cs
 which does not stall when a worker is descheduled on a busy machine.
 
 The ISA is chosen at run time: AVX-512 (VNNI + VBMI) micro-kernels where the CPU has them, else
-a portable loop (with an AVX2 clone). :func:`isa` reports or forces it (tests use that to check
-the portable path on an AVX-512 machine).
+an AVX2 kernel (i2) / auto-vectorised portable loops (tq1, and non-x86 CPUs). :func:`isa`
+reports or forces it (tests use that to check the slower paths on an AVX-512 machine).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hgf.kernels.reference import ternary_linear_fake
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "ternary_cpu.cpp"
-ISAS = ("portable", "avx512-vnni")
+ISAS = ("portable", "avx2", "avx512-vnni")
 
 
 @functools.cache
@@ -58,13 +58,19 @@ def load() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """:func:`load`, as a constant for torch.compile (it builds at most once, eagerly)."""
+    return load()
+
+
 @functools.cache
 def _register_fake() -> None:
     torch.library.register_fake("hgf::ternary_linear_cpu")(ternary_linear_fake)
 
 
 def isa(request: str | None = None) -> str:
-    """The kernel's active ISA; ``request`` ("portable" / "avx512-vnni") selects one (capped at
+    """The kernel's active ISA; ``request`` (one of ``ISAS``) selects one (capped at
     what the CPU supports). Raises RuntimeError when the kernel is unavailable."""
     if not load():
         raise RuntimeError("the hgf CPU ternary kernel is not available")

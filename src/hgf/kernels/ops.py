@@ -4,8 +4,13 @@
 
 Each kernel is a ``torch.library`` custom op (``hgf::ternary_linear_cpu``,
 ``hgf::ternary_linear_triton``) with a fake (shape) implementation; the pure-PyTorch reference
-is the fallback for every case a kernel does not support (other devices or dtypes, no compiler,
-no triton), so an unsupported case is slower, never wrong.
+is the fallback for every case a kernel does not support, so an unsupported case is slower,
+never wrong. Dispatch (:func:`kernel_for`):
+
+    CPU tensor, C++ kernel built           -> hgf::ternary_linear_cpu (any batch, fp32/bf16/fp16)
+    CUDA tensor, triton importable         -> hgf::ternary_linear_triton (GEMV <= 8 tokens, GEMM)
+    anything else, or in_features > 2^17   -> ternary_linear_reference
+All of them give the same bits as the reference (tests/test_kernels.py checks it).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def ternary_linear(
     return ternary_linear_reference(*args)
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -73,7 +79,7 @@ def kernel_for(x: torch.Tensor, in_features: int) -> str:
     "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``)."""
     if in_features > EXACT_F32_IN:
         return "reference"
-    if x.device.type == "cpu" and cpu.load():
+    if x.device.type == "cpu" and cpu.available():
         return "cpu"
     if x.device.type == "cuda" and triton_available():
         return "triton"

@@ -98,7 +98,7 @@ def _gemm(xq_ptr, sx_ptr, w_ptr, sw_ptr, y_ptr, M, N, nbytes, KP, P: tl.constexp
             xi = _x_index(p, nbytes, k, P, GROUP_B)
             x = tl.load(xq_ptr + toks[:, None].to(tl.int64) * KP + xi[None, :],
                         mask=(toks < M)[:, None] & ok[None, :], other=0)  # [BM, BB] int8
-            wk = (q % BASE).to(tl.int8) - 1
+            wk = ((q % BASE).to(tl.int32) - 1).to(tl.int8)  # explicit: no int promotion
             acc = tl.dot(x, tl.trans(wk), acc, out_dtype=tl.int32)
             q = q // BASE
     sx = tl.load(sx_ptr + toks, mask=toks < M, other=1.0)
@@ -115,8 +115,8 @@ def ternary_linear_triton(
     out_features: int,
     in_features: int,
     act_eps: float = 1e-5,
-    block_n: int = 32,
-    block_b: int = 128,
+    block_n: int = 16,
+    block_b: int = 256,
 ) -> torch.Tensor:
     """Launch the two kernels; ``x: [..., in]`` on the GPU (or CPU under TRITON_INTERPRET)."""
     per, base = PER_BYTE[packing], BASE[packing]

@@ -11,6 +11,10 @@ gate warmup (a non-persistent buffer; 1e9 = no clamp). The correction reads the 
 (normalised, unquantized) input. ``A`` is Kaiming-uniform and ``B`` zero, so at initialisation
 (additive fusion) the layer equals its BitLinear exactly; the ternary weight keeps the name
 ``weight`` so BitNet checkpoints load with only ``A``, ``B``, ``gate`` missing.
+
+Training speed: the forward runs as one autograd function, ``y = x_q (a·W_q)ᵀ + (x Aᵀ)(g·B)ᵀ`` with
+``a = 1`` (additive) or ``1 - g`` (convex), so the gate scales the small weights instead of the
+activations; its backward is the STE written out (see :class:`_HGFLinearFn`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgf.model.quant import BitLinear, ternarize
+from hgf.model.quant import BitLinear, quantized_operands, ternarize
 
 NO_CLAMP = 1e9
 
@@ -36,6 +40,59 @@ GATE_INVERSE = {
     "raw": lambda g: g,
     "tanh": math.atanh,
 }
+
+
+class _HGFLinearFn(torch.autograd.Function):
+    """Fused HGF projection over N tokens, with ``W_a = a·W_q``, ``gy = ∂L/∂y`` and the rank-r
+    activations kept transposed, ``hᵀ = A xᵀ`` (r×N):
+        forward   y = x_q W_aᵀ + h (g·B)ᵀ
+        backward  ∂x = gy (W_a + (g·B) A)           (STE: identity through the quantizer; the
+                                                     rank-r term is folded into the weight)
+                  ∂W = a · gyᵀ x_q    ∂a = Σ W_q ⊙ gyᵀ x_q
+                  ∂A = (g·B)ᵀ gyᵀ x   ∂(g·B) = (hᵀ gy)ᵀ
+    The r×N layouts are the ones BLAS runs fast for small r. Autograd carries ∂(g·B) on to g and
+    B, and ∂a to g for convex fusion (``a=None`` means a = 1, additive fusion).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, A: torch.Tensor, g_b: torch.Tensor,
+                a: torch.Tensor | None, weight_eps: float, act_eps: float,
+                act_bits: int) -> torch.Tensor:
+        x_q, w_q = quantized_operands(x, w, weight_eps, act_eps, act_bits)
+        dt = x_q.dtype
+        xq2 = x_q.reshape(-1, x_q.shape[-1])  # [N, in]
+        x2 = x.reshape(-1, x.shape[-1]).to(dt)  # [N, in]
+        A_, g_b_ = A.to(dt), g_b.to(dt)  # [r, in], [out, r]
+        w_a = w_q if a is None else w_q * a.to(dt)  # [out, in]
+        h_t = A_ @ x2.t()  # [r, N]
+        y = F.linear(xq2, w_a).addmm_(h_t.t(), g_b_.t())  # [N, out]
+        ctx.save_for_backward(x2, xq2, w_q, A_, g_b_, h_t, a)
+        ctx.grad_dtypes = (x.dtype, w.dtype, A.dtype, g_b.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x2, xq2, w_q, A_, g_b_, h_t, a = ctx.saved_tensors
+        need_x, need_w, need_a_mat, need_gb, need_a = ctx.needs_input_grad[:5]
+        dt_x, dt_w, dt_a, dt_gb = ctx.grad_dtypes
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)  # [N, out]
+        w_a = w_q if a is None else w_q * a.to(w_q.dtype)
+        grad_x = grad_w = grad_A = grad_gb = grad_a = None
+        if need_x:
+            grad_x = gy @ torch.addmm(w_a, g_b_, A_)  # [N, in]
+            grad_x = grad_x.view(*grad_y.shape[:-1], -1).to(dt_x)
+        if need_w or need_a:
+            g_wa = gy.t() @ xq2  # [out, in]
+            if need_a:
+                grad_a = (g_wa * w_q).sum().to(a.dtype)
+            if need_w:
+                grad_w = (g_wa if a is None else g_wa * a.to(g_wa.dtype)).to(dt_w)
+        if need_a_mat:
+            grad_h_t = g_b_.t().contiguous() @ gy.t()  # [r, N]
+            grad_A = (grad_h_t @ x2).to(dt_a)  # [r, in]
+        if need_gb:
+            grad_gb = (h_t @ gy).t().to(dt_gb)  # [out, r]
+        return grad_x, grad_w, grad_A, grad_gb, grad_a, None, None, None
 
 
 class HGFLinear(BitLinear):
@@ -99,12 +156,10 @@ class HGFLinear(BitLinear):
         return F.linear(F.linear(x, self.A), self.B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = super().forward(x)
-        g = self.gate_value().to(t.dtype)
-        c = self.correction(x).to(t.dtype)
-        if self.fusion == "convex":
-            return (1 - g) * t + g * c
-        return t + g * c
+        g = self.gate_value()
+        a = 1 - g if self.fusion == "convex" else None
+        return _HGFLinearFn.apply(x, self.weight, self.A, g * self.B, a, self.weight_eps,
+                                  self.act_eps, self.act_bits)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, gate={self.gate_kind}, {self.fusion}"

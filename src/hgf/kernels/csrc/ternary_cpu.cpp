@@ -9,24 +9,31 @@
 // the 2-bit field (c_k << 2k, its scale 4^k removed after the sum), tq1 by splitting off the top
 // trit with two compares and looking up the other four with vpermt2b (AVX512_VBMI). vpdpbusd
 // then multiplies the u8 codes by the s8 activations into int32 lanes. Without these ISA
-// extensions a portable loop (auto-vectorised, AVX2 clone via target_clones) is used.
+// extensions: an AVX2 kernel for i2 (vpmaddubsw), else a portable loop (auto-vectorised, with an
+// AVX2 clone via target_clones). The
+// weights stream from memory once per token: each step prefetches the same bytes two row
+// blocks ahead into L2 (prefetches past the end are harmless); on the Zen 4 dev machine this
+// lifts one core's DRAM stream from ~9 to ~20 GB/s (four interleaved row streams defeat the
+// hardware prefetcher).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "pool.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HGF_X86 1
 #define HGF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#define HGF_AVX2 __attribute__((target("avx2")))
 #define HGF_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define HGF_X86 0
@@ -38,16 +45,18 @@ namespace {
 constexpr int64_t GROUP = 64;  // bytes per interleave group
 constexpr int ROWS = 4;        // output rows per micro-kernel call
 
-int g_isa = -1;  // 0 portable, 1 AVX-512 VNNI+VBMI; -1 not yet detected
+constexpr int PORTABLE = 0, AVX2 = 1, AVX512 = 2;
+int g_isa = -1;  // PORTABLE, AVX2 or AVX512 (VNNI + VBMI); -1 not yet detected
 
 int detect_isa() {
 #if HGF_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi"))
-    return 1;
+    return AVX512;
+  if (__builtin_cpu_supports("avx2")) return AVX2;
 #endif
-  return 0;
+  return PORTABLE;
 }
 
 int isa() {
@@ -56,32 +65,84 @@ int isa() {
 }
 
 // ---------------------------------------------------------------- portable micro-kernels
-// digit k (0..per-1) of every byte value, for the base of the packing
-struct DigitTable {
-  uint8_t d[2][5][256];  // [packing: 0 i2, 1 tq1][digit][byte]
-  DigitTable() {
-    for (int v = 0; v < 256; ++v) {
-      for (int k = 0; k < 4; ++k) d[0][k][v] = (v >> (2 * k)) & 3;
-      for (int k = 0, t = v; k < 5; ++k, t /= 3) d[1][k][v] = t % 3;
-    }
-  }
-};
-const DigitTable kDigits;
-
-// sum over the row of code * x_int (codes from bytes w[0, nbytes))
-HGF_CLONES int32_t dot_portable(const uint8_t* w, int64_t nbytes, const int8_t* x, int per) {
-  const int p = per == 4 ? 0 : 1;
+// sum over one interleave group of code * x_int; compare/shift only, so the loops vectorise
+HGF_CLONES int32_t group_dot_i2(const uint8_t* w, const int8_t* x, int64_t g) {
   int32_t acc = 0;
-  for (int64_t b = 0; b < nbytes; b += GROUP) {
-    const int64_t g = std::min(GROUP, nbytes - b);
-    const int8_t* xg = x + per * b;
-    for (int k = 0; k < per; ++k) {
-      const uint8_t* table = kDigits.d[p][k];
-      for (int64_t j = 0; j < g; ++j) acc += int32_t(table[w[b + j]]) * xg[k * g + j];
-    }
+  for (int64_t j = 0; j < g; ++j) {
+    const int v = w[j];
+    acc += (v & 3) * x[j] + ((v >> 2) & 3) * x[g + j] + ((v >> 4) & 3) * x[2 * g + j] +
+           (v >> 6) * x[3 * g + j];
   }
   return acc;
 }
+
+HGF_CLONES int32_t group_dot_tq1(const uint8_t* w, const int8_t* x, int64_t g) {
+  int32_t acc = 0;
+  for (int64_t j = 0; j < g; ++j) {
+    int v = w[j];  // peel trits from the top: d = [v >= 2·3^k] + [v >= 3^k]
+    const int d4 = (v >= 162) + (v >= 81);
+    v -= 81 * d4;
+    const int d3 = (v >= 54) + (v >= 27);
+    v -= 27 * d3;
+    const int d2 = (v >= 18) + (v >= 9);
+    v -= 9 * d2;
+    const int d1 = (v >= 6) + (v >= 3);
+    v -= 3 * d1;
+    acc += v * x[j] + d1 * x[g + j] + d2 * x[2 * g + j] + d3 * x[3 * g + j] + d4 * x[4 * g + j];
+  }
+  return acc;
+}
+
+int32_t dot_portable(const uint8_t* w, int64_t nbytes, const int8_t* x, int per) {
+  int32_t acc = 0;
+  for (int64_t b = 0; b < nbytes; b += GROUP) {
+    const int64_t g = std::min(GROUP, nbytes - b);
+    acc += per == 4 ? group_dot_i2(w + b, x + 4 * b, g) : group_dot_tq1(w + b, x + 5 * b, g);
+  }
+  return acc;
+}
+
+// ---------------------------------------------------------------- AVX2 micro-kernel (i2)
+#if HGF_X86
+// Full 64-byte groups as two 32-byte halves: codes by shift+mask, vpmaddubsw (u8 x s8 pairs
+// to int16; at most 4·2·2·128 = 2048 after summing the four digits, no saturation), then
+// vpmaddwd with ones into int32. The tail group goes through the portable loop.
+template <int R>
+HGF_AVX2 void i2_rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
+                           int32_t* out) {
+  __m256i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  const int64_t full = nbytes - nbytes % GROUP;
+  for (int64_t b = 0; b < full; b += GROUP) {
+    for (int64_t h = 0; h < GROUP; h += 32) {
+      const int8_t* xg = x + 4 * b + h;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)),
+                    x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + GROUP)),
+                    x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 2 * GROUP)),
+                    x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 3 * GROUP));
+      for (int r = 0; r < R; ++r) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + b + h));
+        __m256i s16 = _mm256_maddubs_epi16(_mm256_and_si256(wv, m3), x0);
+        s16 = _mm256_add_epi16(
+            s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 2), m3), x1));
+        s16 = _mm256_add_epi16(
+            s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 4), m3), x2));
+        s16 = _mm256_add_epi16(
+            s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 6), m3), x3));
+        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16, ones));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[r]),
+                                    _mm256_extracti128_si256(acc[r], 1));
+    const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    out[r] = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+    if (full < nbytes) out[r] += group_dot_i2(w + r * ld + full, x + 4 * full, nbytes - full);
+  }
+}
+#endif
 
 // ---------------------------------------------------------------- AVX-512 micro-kernels
 #if HGF_X86
@@ -101,6 +162,7 @@ HGF_AVX512 inline __attribute__((always_inline)) void i2_step(__m512i (&acc)[R][
                 x3 = _mm512_maskz_loadu_epi8(lanes, x + 3 * g);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld), _MM_HINT_T1);
     const __m512i wv = _mm512_maskz_loadu_epi8(lanes, w + r * ld);
     const __m512i hi = _mm512_srli_epi16(wv, 4);  // digits 2, 3 into bits 0-3 of each byte
     __m512i a = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(wv, m03), x0);
@@ -146,6 +208,7 @@ HGF_AVX512 inline __attribute__((always_inline)) void tq1_step(__m512i (&acc)[R]
   for (int k = 0; k < 5; ++k) xv[k] = _mm512_maskz_loadu_epi8(lanes, x + k * g);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld), _MM_HINT_T1);
     __m512i q = _mm512_maskz_loadu_epi8(lanes, w + r * ld);
     const __mmask64 k1 = _mm512_cmpgt_epu8_mask(q, c80), k2 = _mm512_cmpgt_epu8_mask(q, c161);
     const __m512i c4a = _mm512_maskz_mov_epi8(k1, one);
@@ -221,10 +284,11 @@ template <int R>
 void rows_dot(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x, int per,
               int32_t* out) {
 #if HGF_X86
-  if (isa() == 1) {
+  if (isa() == AVX512) {
     if (per == 4) return i2_rows_avx512<R>(w, ld, nbytes, x, out);
     return tq1_rows_avx512<R>(w, ld, nbytes, x, out);
   }
+  if (isa() == AVX2 && per == 4) return i2_rows_avx2<R>(w, ld, nbytes, x, out);
 #endif
   for (int r = 0; r < R; ++r) out[r] = dot_portable(w + r * ld, nbytes, x, per);
 }
@@ -236,7 +300,7 @@ void quantize(const float* x, int64_t m, int64_t in, int64_t kp, float eps, int8
   hgf::Pool::get().run((m + TOKENS - 1) / TOKENS, at::get_num_threads(), [&](int64_t c) {
     for (int64_t t = c * TOKENS; t < std::min(m, (c + 1) * TOKENS); ++t) {
 #if HGF_X86
-      if (isa() == 1) {
+      if (isa() == AVX512) {
         quantize_row_avx512(x + t * in, in, kp, eps, xq + t * kp, sx + t, sumx + t);
         continue;
       }
@@ -259,32 +323,12 @@ void quantize(const float* x, int64_t m, int64_t in, int64_t kp, float eps, int8
   });
 }
 
-at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
-                              const at::Tensor& w_scale, c10::string_view packing,
-                              int64_t out_features, int64_t in_features, double act_eps) {
-  TORCH_CHECK(packing == "i2" || packing == "tq1", "packing must be i2 or tq1");
-  const int per = packing == "i2" ? 4 : 5;  // codes per byte
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 &&
-                  packed.size(0) == out_features,
-              "packed must be uint8 [out, nbytes]");
-  const int64_t nbytes = packed.size(1);
-  TORCH_CHECK(nbytes == (in_features + per - 1) / per, "packed has the wrong row length");
-  TORCH_CHECK(x.size(-1) == in_features, "x must be [..., in_features]");
-  const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();  // [M, in]
-  const at::Tensor wp = packed.contiguous();
-  const int64_t m = xf.size(0), kp = per * nbytes + GROUP;
-  const float s_w = w_scale.to(at::kFloat).item<float>();
-  at::Tensor xq = at::empty({m, kp}, xf.options().dtype(at::kChar));
-  at::Tensor sx = at::empty({m}, xf.options());
-  at::Tensor sumx = at::empty({m}, xf.options().dtype(at::kInt));
-  quantize(xf.data_ptr<float>(), m, in_features, kp, float(act_eps), xq.data_ptr<int8_t>(),
-           sx.data_ptr<float>(), sumx.data_ptr<int32_t>());
-  at::Tensor y = at::empty({m, out_features}, xf.options());  // [M, out]
-  const uint8_t* w = wp.data_ptr<uint8_t>();
-  const int8_t* q = xq.data_ptr<int8_t>();
-  const float* s = sx.data_ptr<float>();
-  const int32_t* sum = sumx.data_ptr<int32_t>();
-  float* yp = y.data_ptr<float>();
+// y[t, r] for rows [r0, r0 + nr): acc - sum x_int, divided by s_x * s_w, cast to T (round to
+// nearest even for bfloat16/half, as torch's .to()).
+template <class T>
+void matmul_rows(const uint8_t* w, int64_t nbytes, int per, int64_t out_features, int64_t m,
+                 const int8_t* q, int64_t kp, const float* s, const int32_t* sum, float s_w,
+                 T* y) {
   // chunks of row blocks with about 32 KiB of (weight bytes x tokens) each
   const int64_t nblk = (out_features + ROWS - 1) / ROWS;
   const int64_t per_chunk = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, ROWS * nbytes * m));
@@ -300,13 +344,99 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
             rows_dot<1>(w + (r0 + r) * nbytes, nbytes, nbytes, q + t * kp, per, acc + r);
         const float denom = s[t] * s_w;
         for (int64_t r = 0; r < nr; ++r)
-          yp[t * out_features + r0 + r] = float(acc[r] - sum[t]) / denom;
+          y[t * out_features + r0 + r] = T(float(acc[r] - sum[t]) / denom);
       }
     }
   });
+}
+
+at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
+                              const at::Tensor& w_scale, c10::string_view packing,
+                              int64_t out_features, int64_t in_features, double act_eps) {
+  TORCH_CHECK(packing == "i2" || packing == "tq1", "packing must be i2 or tq1");
+  const int per = packing == "i2" ? 4 : 5;  // codes per byte
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 &&
+                  packed.size(0) == out_features,
+              "packed must be uint8 [out, nbytes]");
+  const int64_t nbytes = packed.size(1);
+  TORCH_CHECK(nbytes == (in_features + per - 1) / per, "packed has the wrong row length");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must be [..., in_features]");
+  TORCH_CHECK(w_scale.numel() == 1, "w_scale must be a scalar");
+  const bool fast = x.scalar_type() == at::kFloat && x.is_contiguous();
+  const at::Tensor xf = fast ? x : x.to(at::kFloat).contiguous();  // [..., in] float32
+  const at::Tensor wp = packed.contiguous();
+  const int64_t m = xf.numel() / std::max<int64_t>(1, in_features), kp = per * nbytes + GROUP;
+  const float s_w = w_scale.scalar_type() == at::kFloat && w_scale.is_cpu()
+                        ? *w_scale.const_data_ptr<float>()
+                        : w_scale.item<float>();
+  thread_local std::vector<int8_t> xq;  // per-call scratch, reused
+  thread_local std::vector<float> sx;
+  thread_local std::vector<int32_t> sumx;
+  xq.resize(m * kp);
+  sx.resize(m);
+  sumx.resize(m);
+  quantize(xf.const_data_ptr<float>(), m, in_features, kp, float(act_eps), xq.data(), sx.data(),
+           sumx.data());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;
-  return y.view(shape).to(x.scalar_type());
+  at::Tensor y = at::empty(shape, x.options());  // [..., out] in x's dtype
+  const uint8_t* w = wp.const_data_ptr<uint8_t>();
+  switch (y.scalar_type()) {
+    case at::kFloat:
+      matmul_rows(w, nbytes, per, out_features, m, xq.data(), kp, sx.data(), sumx.data(), s_w,
+                  y.mutable_data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      matmul_rows(w, nbytes, per, out_features, m, xq.data(), kp, sx.data(), sumx.data(), s_w,
+                  y.mutable_data_ptr<c10::BFloat16>());
+      break;
+    case at::kHalf:
+      matmul_rows(w, nbytes, per, out_features, m, xq.data(), kp, sx.data(), sumx.data(), s_w,
+                  y.mutable_data_ptr<c10::Half>());
+      break;
+    default:
+      TORCH_CHECK(false, "x must be float32, bfloat16 or float16");
+  }
+  return y;
+}
+
+// Sum of the bytes of a uint8 tensor, streamed like the GEMV weights (prefetch into L2, all
+// threads): the read-bandwidth probe of bench.py, a fairer peak than torch's reductions.
+int64_t sum_bytes_portable(const uint8_t* p, int64_t n) {
+  int64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+
+#if HGF_X86
+HGF_AVX512 int64_t sum_bytes_avx512(const uint8_t* p, int64_t n) {
+  __m512i acc = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + i + 8192), _MM_HINT_T1);
+    acc = _mm512_add_epi64(acc, _mm512_sad_epu8(_mm512_loadu_si512(p + i), _mm512_setzero_si512()));
+  }
+  return _mm512_reduce_add_epi64(acc) + sum_bytes_portable(p + i, n - i);
+}
+#endif
+
+int64_t sum_bytes(const uint8_t* p, int64_t n) {
+#if HGF_X86
+  if (isa() == AVX512) return sum_bytes_avx512(p, n);
+#endif
+  return sum_bytes_portable(p, n);
+}
+
+int64_t stream_read(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.is_contiguous(), "expects a contiguous uint8");
+  constexpr int64_t CHUNK = 1 << 16;
+  const uint8_t* p = t.const_data_ptr<uint8_t>();
+  const int64_t n = t.numel();
+  std::atomic<int64_t> total{0};
+  hgf::Pool::get().run((n + CHUNK - 1) / CHUNK, at::get_num_threads(), [&](int64_t c) {
+    total += sum_bytes(p + c * CHUNK, std::min(CHUNK, n - c * CHUNK));
+  });
+  return total.load();
 }
 
 // request < 0: query; otherwise select min(request, best supported). Returns the active level.
@@ -321,6 +451,10 @@ TORCH_LIBRARY_FRAGMENT(hgf, m) {
   m.def("ternary_linear_cpu(Tensor x, Tensor packed, Tensor w_scale, str packing, int out_features, "
         "int in_features, float act_eps) -> Tensor");
   m.def("ternary_cpu_isa(int request) -> int", &ternary_cpu_isa);
+  m.def("stream_read(Tensor t) -> int");
 }
 
-TORCH_LIBRARY_IMPL(hgf, CPU, m) { m.impl("ternary_linear_cpu", &ternary_linear_cpu); }
+TORCH_LIBRARY_IMPL(hgf, CPU, m) {
+  m.impl("ternary_linear_cpu", &ternary_linear_cpu);
+  m.impl("stream_read", &stream_read);
+}

@@ -1,0 +1,63 @@
+"""``hgf eval RUN_DIR``: the full validation set through a trained run's model.
+
+Prints loss (nats/token), perplexity and bits per byte and writes ``RUN_DIR/eval.json``. The data
+is the run's own config (``--data.key=value`` overrides it, e.g. another ``data.path``); the
+prepared data must use the run's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from hgf.errors import HGFError
+
+EVAL_FILE = "eval.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="full validation loss, perplexity and bits/byte of a run")
+    p.add_argument("run_dir", help="a run directory written by hgf train")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the run's train.batch_size")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.set_defaults(func=run, takes_overrides=True)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from hgf.config import build_config, parse_overrides
+    from hgf.data import prepare
+    from hgf.runs import TOKENIZER_FILE, atomic_write_text, load_run_config, load_trained
+    from hgf.train import autocast_for, evaluate_tokens, resolve_device
+
+    run_dir = Path(args.run_dir)
+    cfg = load_run_config(run_dir)
+    if overrides:
+        over = parse_overrides(overrides)
+        if set(over) - {"data"}:
+            raise HGFError(f"hgf eval only takes --data.* overrides, got --{next(iter(over))}.*")
+        cfg = build_config((cfg.to_dict(), str(run_dir)), (over, "command line"))
+    device = resolve_device(args.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    model, _ = load_trained(run_dir, device)
+    prep = prepare(cfg, progress=cfg.train.progress)
+    run_tok = run_dir / TOKENIZER_FILE
+    if run_tok.is_file() and _sha256(run_tok) != prep.manifest["tokenizer_sha256"]:
+        raise HGFError(f"{prep.dir}: prepared with a different tokenizer than {run_tok}")
+    bs = args.batch_size or cfg.train.batch_size
+    res = evaluate_tokens(model, prep.tokens("valid"), cfg.train.seq_len, bs, device,
+                          prep.bytes_per_token("valid"), autocast_for(device, cfg.train.dtype))
+    out = {"split": "valid", "data": str(prep.dir), "seq_len": cfg.train.seq_len,
+           **res.to_dict()}
+    atomic_write_text(run_dir / EVAL_FILE, json.dumps(out, indent=2) + "\n")
+    print(f"{run_dir}: validation loss {res.loss:.4f} nats/token, perplexity {res.ppl:.2f}, "
+          f"{res.bpb:.4f} bits/byte over {res.tokens:,} tokens -> {run_dir / EVAL_FILE}")
+    return 0

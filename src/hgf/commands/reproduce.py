@@ -1,0 +1,74 @@
+"""``hgf reproduce --preset {smoke,cpu,paper}``: the paper's comparison, measured here.
+
+Runs every arm at every step regime and seed (finished runs are skipped, an interrupted one resumes
+from its checkpoint), then writes ``report.md``, ``results.json``, ``results.csv`` and plots.
+``--sweep`` runs the preset's LR sweep instead and writes ``sweep.json`` with each arm's best LR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="run the paper's arm comparison and write a report")
+    p.add_argument("--preset", default="smoke", help="smoke | cpu | paper | path to a preset TOML")
+    p.add_argument("--arms", type=lambda s: s.split(","), help="comma-separated subset of arms")
+    p.add_argument("--steps", type=_ints, help="step regimes, e.g. 2500,3500")
+    p.add_argument("--seeds", type=int, help="number of seeds")
+    p.add_argument("--out", help="output folder (default results/<preset>)")
+    p.add_argument("--sweep", action="store_true", help="run the LR sweep instead of the grid")
+    p.add_argument("--lrs", type=_floats, help="LR candidates for --sweep (default: the preset's)")
+    p.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the preset's)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    p.add_argument("--background", action="store_true",
+                   help="run detached; progress goes to OUT/reproduce.log")
+    p.set_defaults(func=run, takes_overrides=False)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hgf.reproduce.grid import load_preset, plan_grid, plan_sweep
+    from hgf.reproduce.report import write_report, write_sweep
+    from hgf.reproduce.runner import run_specs
+
+    preset = load_preset(args.preset)
+    out = Path(args.out or Path("results") / preset.name)
+    if args.background:
+        return _detach(out, args.argv)
+    if args.sweep:
+        lrs = args.lrs or preset.lr_sweep
+        steps = args.sweep_steps or preset.sweep_steps or min(preset.steps)
+        specs = plan_sweep(preset, out, lrs, steps, args.arms)
+        run_specs(specs)
+        print(write_sweep(specs, out))
+        return 0
+    specs = plan_grid(preset, out, args.arms, args.steps, args.seeds)
+    if not args.report_only:
+        run_specs(specs)
+    path = write_report(preset, specs, out)
+    print(f"report: {path}")
+    return 0
+
+
+def _detach(out: Path, argv: list[str]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "reproduce.log"
+    argv = [a for a in argv if a != "--background"]
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "hgf", *argv], stdout=f,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    print(f"running in the background (pid {proc.pid}); log: {log}")
+    print("rerun the same command without --background to resume it if it is stopped")
+    return 0

@@ -1,0 +1,261 @@
+"""The reproduction report: ``report.md``, ``results.json``, ``results.csv`` and PNG plots.
+
+Per arm and regime (mean ± std over seeds): final full-validation loss (nats/token), perplexity,
+bits per byte. Gap recovery  (L_ternary − L_hgf) / (L_ternary − L_fp16)  with the BitNet arm and
+with the bitnet_diff ablation as the ternary reference. Memory overhead of the correction from
+:mod:`hgf.memory`. Stability: largest loss spike (a train loss above the running minimum), a
+divergence flag (non-finite stop, or the last fixed-subset validation loss 10% above the
+run's best), final
+gradient norm. Gate values over training. Steps to reach the fp16 arm's loss at the first regime.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from hgf.memory import report_for_config
+from hgf.reproduce.grid import Preset, RunSpec
+from hgf.runs import atomic_write_text
+from hgf.train.metrics import read_metrics
+
+PAPER = {"fp16": 0.8490, "bitnet": 1.0294, "hgf": 0.9306, "diff_only": "> 1.68 (unstable)"}
+PAPER_GAP_RECOVERY = 0.548
+DIVERGENCE_MARGIN = 1.10
+
+
+def summarize_run(spec: RunSpec) -> dict[str, Any] | None:
+    """What the report needs from one run directory (None if it has not finished)."""
+    status = spec.status()
+    if status is None:
+        return None
+    recs = read_metrics(spec.dir)
+    train = [r for r in recs if r.get("kind") == "train"]
+    evals = [r for r in recs if r.get("kind") == "eval" and _finite(r.get("val_loss"))]
+    final = next((r for r in reversed(recs) if r.get("kind") == "final"), None)
+    last = final or (evals[-1] if evals else None)
+    losses = [r["loss"] for r in train if _finite(r.get("loss"))]
+    spike, run_min = 0.0, math.inf
+    for loss in losses:
+        spike = max(spike, loss - run_min) if run_min < math.inf else spike
+        run_min = min(run_min, loss)
+    best = min((r["val_loss"] for r in evals), default=math.inf)
+    final_loss = last["val_loss"] if last and _finite(last.get("val_loss")) else math.nan
+    # compare like with like: the last fixed-subset evaluation against the best one
+    diverged = status["status"] == "diverged" or not _finite(final_loss) or bool(
+        evals and evals[-1]["val_loss"] > DIVERGENCE_MARGIN * best)
+    return {
+        "arm": spec.arm, "steps": spec.steps, "seed_index": spec.seed_index, "dir": str(spec.dir),
+        "status": status["status"], "message": status.get("message", ""),
+        "lr": spec.cfg.train.lr, "wall_s": status.get("wall_s"),
+        "val_loss": final_loss,
+        "val_ppl": last.get("val_ppl", math.nan) if last else math.nan,
+        "val_bpb": last.get("val_bpb", math.nan) if last else math.nan,
+        "full_validation": final is not None,
+        "best_val_loss": best, "largest_spike": spike, "diverged": bool(diverged),
+        "final_grad_norm": next((r["grad_norm"] for r in reversed(train)
+                                 if _finite(r.get("grad_norm"))), math.nan),
+        "val_curve": [(r["step"], r["val_loss"]) for r in evals],
+        "train_curve": [(r["step"], r["loss"]) for r in train if _finite(r.get("loss"))],
+        "gates": [(r["step"], r["gates"]) for r in evals if r.get("gates")],
+    }
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if _finite(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def gap_recovery(l_ternary: float, l_hgf: float, l_fp: float) -> float:
+    den = l_ternary - l_fp
+    return (l_ternary - l_hgf) / den if _finite(den) and den != 0 else math.nan
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((s for s, v in curve if v <= target), None)
+
+
+def aggregate(preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
+    runs = [r for r in (summarize_run(s) for s in specs) if r is not None]
+    table: dict[str, dict[str, Any]] = {}
+    for steps in sorted({r["steps"] for r in runs}):
+        for arm in preset.arms:
+            rs = [r for r in runs if r["arm"] == arm and r["steps"] == steps]
+            if not rs:
+                continue
+            row = {"n": len(rs), "diverged": sum(r["diverged"] for r in rs),
+                   "lr": rs[0]["lr"], "largest_spike": max(r["largest_spike"] for r in rs),
+                   "final_grad_norm": statistics.fmean(r["final_grad_norm"] for r in rs)}
+            for k in ("val_loss", "val_ppl", "val_bpb"):
+                row[k], row[k + "_std"] = _mean_std([r[k] for r in rs])
+            table.setdefault(str(steps), {})[arm] = row
+    gaps: dict[str, dict[str, float]] = {}
+    for steps, rows in table.items():
+        loss = {a: r["val_loss"] for a, r in rows.items()}
+        if {"fp16", "hgf"} <= set(loss):
+            gaps[steps] = {ref: gap_recovery(loss[ref], loss["hgf"], loss["fp16"])
+                           for ref in ("bitnet", "bitnet_diff") if ref in loss}
+    reach: dict[str, dict[str, int | None]] = {}
+    if table:
+        first = str(min(int(s) for s in table))
+        target = table[first].get("fp16", {}).get("val_loss")
+        if _finite(target):
+            for r in runs:
+                if r["seed_index"] == 0:
+                    reach.setdefault(str(r["steps"]), {})[r["arm"]] = steps_to_reach(
+                        r["val_curve"], target)
+    memory = {}
+    hgf_spec = next((s for s in specs if s.arm == "hgf"), None)
+    if hgf_spec is not None:
+        rep = report_for_config(hgf_spec.cfg)
+        memory = {p: {"overhead": rep.overhead(p), "overhead_with_embeddings": rep.overhead(p, True),
+                      "reduction_vs_fp16": 1 - rep.total_bytes(p) / rep.fp16_bytes}
+                  for p in ("i2", "tq1")}
+        memory["params"] = rep.as_dict()["params"]
+    return {"preset": preset.name, "runs": runs, "table": table, "gap_recovery": gaps,
+            "steps_to_fp16_first_regime_loss": reach, "memory": memory,
+            "paper": {"val_loss": PAPER, "gap_recovery": PAPER_GAP_RECOVERY}}
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    return format(x, spec) if _finite(x) else "—"
+
+
+def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
+    out = [f"# hgf reproduce: preset `{res['preset']}`", "",
+           f"Command: `{command}`  ", f"Preset file: `{preset.path}`", ""]
+    for steps, rows in res["table"].items():
+        out += [f"## {steps} steps", "",
+                "| arm | val loss (nats/token) | perplexity | bits/byte | LR | diverged "
+                "| largest spike | final grad norm | paper |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for arm, r in rows.items():
+            pm = "±" + _fmt(r["val_loss_std"]) if r["n"] > 1 else ""
+            out.append(f"| {arm} | {_fmt(r['val_loss'])}{pm} | {_fmt(r['val_ppl'], '.2f')} | "
+                       f"{_fmt(r['val_bpb'])} | {r['lr']:g} | {r['diverged']}/{r['n']} | "
+                       f"{_fmt(r['largest_spike'], '.3f')} | {_fmt(r['final_grad_norm'], '.3f')} | "
+                       f"{PAPER.get(arm, '—')} |")
+        g = res["gap_recovery"].get(steps, {})
+        if g:
+            out += ["", "Gap recovery (L_ternary − L_hgf)/(L_ternary − L_fp16): "
+                    + ", ".join(f"vs {k}: **{_fmt(v, '.3f')}**" for k, v in g.items())
+                    + f" (paper: {PAPER_GAP_RECOVERY})"]
+        out.append("")
+        out.append(f"![validation loss, {steps} steps](val_loss_{steps}.png)")
+        out.append("")
+    if res["memory"]:
+        m = res["memory"]
+        out += ["## Memory (hgf arm, from hgf.memory)", "",
+                "| packing | correction overhead vs ternary backbone | with embeddings | saving vs FP16 |",
+                "|---|---|---|---|"]
+        for p in ("i2", "tq1"):
+            out.append(f"| {p} | {m[p]['overhead']:.2%} | {m[p]['overhead_with_embeddings']:.2%} | "
+                       f"{m[p]['reduction_vs_fp16']:.1%} |")
+        out += ["", "Paper: ~12–15% overhead, ~85% reduction vs FP16 (at much larger size, where "
+                "embeddings weigh less).", ""]
+    if res["steps_to_fp16_first_regime_loss"]:
+        out += ["## Steps to reach the fp16 arm's loss at the first regime", ""]
+        for steps, d in res["steps_to_fp16_first_regime_loss"].items():
+            out.append(f"- {steps}-step runs: " + ", ".join(
+                f"{a}: {'never' if s is None else s}" for a, s in d.items()))
+        out.append("")
+    out += ["## Gate values", "", "![gates](gates.png)", "", *gate_table(res), "",
+            "## What reproduced", "", *verdict(res), ""]
+    return "\n".join(out)
+
+
+def gate_table(res: dict[str, Any]) -> list[str]:
+    lines = []
+    for r in res["runs"]:
+        if r["arm"] == "hgf" and r["seed_index"] == 0 and r["gates"]:
+            step, gates = r["gates"][-1]
+            roles: dict[str, list[float]] = {}
+            for name, v in gates.items():
+                roles.setdefault(name.rsplit(".", 1)[-1], []).append(v)
+            lines.append(f"- hgf, {r['steps']}-step run, final gates (step {step}) mean per "
+                         "projection over layers: " + ", ".join(
+                             f"{k} {statistics.fmean(v):.3f}" for k, v in sorted(roles.items())))
+    return lines
+
+
+def verdict(res: dict[str, Any]) -> list[str]:
+    lines = []
+    for steps, rows in res["table"].items():
+        loss = {a: r["val_loss"] for a, r in rows.items()}
+        if {"fp16", "bitnet", "hgf"} <= set(loss):
+            order = loss["fp16"] < loss["hgf"] < loss["bitnet"]
+            lines.append(f"- {steps} steps: ordering fp16 < hgf < bitnet "
+                         f"{'**reproduced**' if order else '**not reproduced**'} "
+                         f"(fp16 {_fmt(loss['fp16'])}, hgf {_fmt(loss['hgf'])}, "
+                         f"bitnet {_fmt(loss['bitnet'])}).")
+            g = res["gap_recovery"].get(steps, {}).get("bitnet")
+            if _finite(g):
+                lines.append(f"  Gap recovery {g:.3f} vs the paper's {PAPER_GAP_RECOVERY}.")
+        if "diff_only" in rows:
+            d = rows["diff_only"]
+            lines.append(f"- {steps} steps: Diff_Only diverged in {d['diverged']}/{d['n']} runs "
+                         f"(paper: unstable, > 1.68); its loss {_fmt(d['val_loss'])}"
+                         + (f" vs fp16 {_fmt(loss['fp16'])}." if "fp16" in loss else "."))
+        if "hgf" in rows:
+            h = rows["hgf"]
+            lines.append(f"- {steps} steps: HGF diverged in {h['diverged']}/{h['n']} runs.")
+    return lines
+
+
+def write_csv(res: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    cols = ["arm", "steps", "seed_index", "lr", "status", "diverged", "val_loss", "val_ppl",
+            "val_bpb", "best_val_loss", "largest_spike", "final_grad_norm", "wall_s"]
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in res["runs"]:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def write_report(preset: Preset, specs: list[RunSpec], out: Path, command: str = "") -> Path:
+    from hgf.reproduce.plots import plot_gates, plot_val_curves
+
+    res = aggregate(preset, specs)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
+    atomic_write_text(out / "results.csv", write_csv(res))
+    plot_val_curves(res["runs"], out)
+    plot_gates(res["runs"], out / "gates.png")
+    command = command or f"hgf reproduce --preset {preset.name}"
+    atomic_write_text(out / "report.md", render_markdown(res, preset, command))
+    return out / "report.md"
+
+
+def write_sweep(specs: list[RunSpec], out: Path) -> str:
+    """Pick each arm's LR by final validation loss (diverged runs lose); write sweep.json/md."""
+    best: dict[str, dict[str, Any]] = {}
+    rows = []
+    for spec in specs:
+        r = summarize_run(spec)
+        if r is None:
+            continue
+        score = r["val_loss"] if not r["diverged"] and _finite(r["val_loss"]) else math.inf
+        rows.append((spec.arm, spec.lr_candidate, r["val_loss"], r["diverged"]))
+        if spec.arm not in best or score < best[spec.arm]["val_loss"]:
+            best[spec.arm] = {"lr": spec.lr_candidate, "val_loss": score}
+    atomic_write_text(out / "sweep.json", json.dumps(
+        {"best": best, "runs": rows, "steps": specs[0].steps if specs else 0}, indent=1) + "\n")
+    lines = [f"# LR sweep ({specs[0].steps if specs else 0} steps per run)", "",
+             "| arm | lr | val loss | diverged |", "|---|---|---|---|"]
+    lines += [f"| {a} | {lr:g} | {_fmt(v)} | {d} |" for a, lr, v, d in rows]
+    lines += ["", "Chosen: " + ", ".join(f"{a} {b['lr']:g}" for a, b in best.items())]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "sweep.md", text)
+    return text

@@ -1,0 +1,267 @@
+"""The training loop: ``forward_backward_step`` → ``train_step`` → ``train``.
+
+One update (``step`` = 0-based index of the update, ``k`` = train.grad_accum micro-batches):
+    set LR/WD (schedule.py) and the gate clamp / freeze (gates.py)
+    for each micro-batch:  L_i = CE(model(x_i), y_i) [+ gate L2 penalty];  backward(L_i / k)
+    stop with an HGFError if the loss or the gradient norm is not finite (no update is applied)
+    clip the global gradient norm to train.grad_clip (0 = off), AdamW step
+Autocast: bf16 on CUDA, float32 on CPU (train.dtype = auto). The model is built on one device and
+handed to :func:`hgf.parallel.parallelize` (checkpointing, compile, DDP/FSDP2). Under torchrun
+every rank runs this loop on its slice of the global batch: gradients are averaged over the ranks
+on the last micro-batch only, the logged loss is the mean over the ranks, logging and file writes
+happen on rank 0 (sharded checkpoints are written by every rank, see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from hgf.config import Config
+from hgf.data import Prepared, prepare
+from hgf.errors import HGFError
+from hgf.model import build_model, gate_values, lm_loss
+from hgf.parallel import (
+    all_mean,
+    barrier,
+    clip_grad_norm_,
+    gradient_sync,
+    is_main_process,
+    parallelize,
+    process_group,
+    sync_replicated_grads,
+    world,
+)
+from hgf.parallel.state import export_weights
+from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, save_config
+from hgf.train.batches import BatchSampler
+from hgf.train.checkpoint import (
+    Checkpointer,
+    check_resumable_config,
+    load_checkpoint,
+    step_name,
+)
+from hgf.train.device import Autocast, autocast_for, resolve_device
+from hgf.train.diagnostics import TernaryDiagnostics
+from hgf.train.evaluate import EvalResult, evaluate_tokens
+from hgf.train.gates import GateSchedule
+from hgf.train.metrics import MetricsLogger, Progress
+from hgf.train.optim import build_optimizer
+from hgf.train.runinfo import write_run_info
+from hgf.train.schedule import Schedule
+
+
+class NonFiniteError(HGFError):
+    """The loss or gradient norm of a step was NaN/Inf."""
+
+
+def forward_backward_step(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                          y: torch.Tensor, *, scale: float = 1.0, autocast: Autocast = contextlib.nullcontext,
+                          penalty: Callable[[], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Backpropagate ``scale · (CE + penalty)`` for one micro-batch; return the detached CE."""
+    with autocast():
+        logits = model(x)
+    loss = lm_loss(logits, y)
+    extra = penalty() if penalty is not None else None
+    total = loss if extra is None else loss + extra
+    (total * scale).backward()
+    return loss.detach()
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    lr: float
+
+
+@dataclass
+class Trainer:
+    """The objects one update needs; built by :func:`train` (or by a benchmark/test directly)."""
+
+    cfg: Config
+    model: nn.Module  # the model (parameters, gates, checkpoints; sharded in place by FSDP2)
+    forward: Callable[[torch.Tensor], torch.Tensor]  # what parallelize returned
+    optimizer: Optimizer
+    sampler: BatchSampler
+    device: torch.device
+    autocast: Autocast = contextlib.nullcontext
+    schedule: Schedule = field(init=False)
+    gates: GateSchedule = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.schedule = Schedule(self.cfg.train)
+        self.gates = GateSchedule(self.cfg)
+
+    def train_step(self, step: int) -> StepStats:
+        t = self.cfg.train
+        lr = self.schedule.apply(self.optimizer, step)
+        self.gates.apply(self.model, self.optimizer, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(t.grad_accum):
+            x, y = self.sampler.next()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with gradient_sync(self.forward, sync=i == t.grad_accum - 1):
+                loss_sum += forward_backward_step(
+                    self.forward, x, y, scale=1.0 / t.grad_accum, autocast=self.autocast,
+                    penalty=lambda: self.gates.penalty(self.model))
+        sync_replicated_grads(self.forward)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        mean_loss = all_mean(loss_sum / t.grad_accum)  # over the ranks: the global batch's loss
+        loss, grad_norm = torch.stack([mean_loss, norm.float()]).tolist()
+        if not np.isfinite(loss) or not np.isfinite(grad_norm):
+            what = "loss" if not np.isfinite(loss) else "gradient norm"
+            raise NonFiniteError(f"non-finite {what} ({loss if what == 'loss' else grad_norm}) "
+                                 f"at step {step + 1}")
+        self.optimizer.step()
+        return StepStats(loss=loss, grad_norm=grad_norm, lr=lr)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int  # optimizer updates done
+    losses: dict[int, float]  # step -> training loss, for the steps this process ran
+    resumed_from: int | None
+    val: EvalResult | None  # fixed validation subset after the last step
+    final: EvalResult | None  # full validation set (eval.full_at_end)
+    rank: int = 0  # this process's rank (the run's results are the same on every rank)
+
+
+def _prepare(cfg: Config, progress: bool) -> Prepared:
+    """Rank 0 prepares (and caches) the data first; the other ranks then read its cache."""
+    if not is_main_process():
+        barrier()
+    data = prepare(cfg, progress=progress)
+    if is_main_process():
+        barrier()
+    return data
+
+
+def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device) -> Trainer:
+    """Seeded model, optimizer and sampler for ``cfg`` on ``device`` (not yet resumed)."""
+    t, w = cfg.train, world()
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, device)
+    forward = parallelize(model, cfg)  # also compiles (train.compile)
+    sampler = BatchSampler(train_tokens, t.batch_size, t.seq_len, t.seed, w.rank, w.world_size)
+    return Trainer(cfg, model, forward, build_optimizer(model, cfg), sampler, device,
+                   autocast_for(device, t.dtype))
+
+
+def _resume_point(cfg: Config, ckpt: Checkpointer) -> Path | None:
+    if not ckpt.checkpoints():
+        return None
+    if cfg.train.resume == "never":
+        raise HGFError(f"{ckpt.dir.parent} already holds checkpoints and train.resume=never; "
+                       "choose another train.out_dir")
+    path = ckpt.find_resumable()
+    if path is not None:
+        check_resumable_config(cfg, path / CONFIG_FILE, world().world_size)
+    return path
+
+
+def _start_run_dir(cfg: Config, run_dir: Path, data: Prepared, device: torch.device,
+                   resumed_from: int | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    write_run_info(run_dir, cfg, device, resumed_from)
+    if data.tokenizer_path and Path(data.tokenizer_path).is_file():
+        shutil.copyfile(data.tokenizer_path, run_dir / TOKENIZER_FILE)
+
+
+def train(cfg: Config, data: Prepared | None = None) -> RunResult:
+    """Train ``cfg`` end to end into ``cfg.train.out_dir``; with ``train.resume = auto`` continue
+    from the run's latest good checkpoint. ``data`` defaults to ``hgf.data.prepare(cfg)``. Under
+    torchrun (``dist.strategy`` ddp/fsdp2) every rank calls this; see :mod:`hgf.parallel`."""
+    with process_group(cfg, resolve_device(cfg.train.device)) as device:
+        return _train(cfg, data, device)
+
+
+def _train(cfg: Config, data: Prepared | None, device: torch.device) -> RunResult:
+    t, ev, main = cfg.train, cfg.eval, is_main_process()
+    run_dir = Path(t.out_dir)
+    ckpt = Checkpointer(run_dir, t.keep_checkpoints, enabled=main)
+    resume_path = _resume_point(cfg, ckpt)
+    data = data if data is not None else _prepare(cfg, progress=t.progress and main)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise HGFError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                       f"vocabulary ({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    tr = build_trainer(cfg, data.tokens("train"), device)
+    model, diagnostics = tr.model, TernaryDiagnostics()
+    start = 0
+    if resume_path is not None:
+        start = load_checkpoint(resume_path, model, tr.optimizer, tr.sampler, diagnostics, device)
+    resumed_from = start if resume_path is not None else None
+
+    logger = MetricsLogger(run_dir, enabled=main, tensorboard=t.tensorboard)
+    if main:
+        _start_run_dir(cfg, run_dir, data, device, resumed_from)
+        # the end-of-run evaluations follow the last checkpoint: a finished run redoes them
+        logger.truncate_after(start, ("eval", "final") if start == t.steps else ())
+    valid, bpt = data.tokens("valid"), data.bytes_per_token("valid")
+
+    def validate(step: int) -> EvalResult:
+        res = evaluate_tokens(model, valid, t.seq_len, t.batch_size, device, bpt, tr.autocast,
+                              max_windows=ev.batches * t.batch_size * world().world_size)
+        logger.log({"kind": "eval", "step": step, **res.to_dict(), **diagnostics(model)})
+        return res
+
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world().world_size
+    progress = Progress(t.steps, start, enabled=t.progress and main)
+    losses: dict[int, float] = {}
+    last_saved = resumed_from
+    try:
+        if start == 0:
+            diagnostics(model)  # the reference snapshot of the first flip rate
+        for step in range(start, t.steps):
+            t0 = time.perf_counter()
+            try:
+                stats = tr.train_step(step)
+            except NonFiniteError as e:
+                good = ckpt.dir / step_name(last_saved) if last_saved else "none"
+                raise NonFiniteError(f"{e}; run stopped, last good checkpoint: {good}") from None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            tok_s = tokens_per_step / (time.perf_counter() - t0)
+            done = step + 1
+            losses[done] = stats.loss
+            progress.update(stats.loss, tok_s)
+            if done % max(t.log_every, 1) == 0 or done == t.steps:
+                record = {"kind": "train", "step": done, "loss": stats.loss, "lr": stats.lr,
+                          "grad_norm": stats.grad_norm, "tokens_per_s": tok_s}
+                gates = gate_values(model)
+                logger.log({**record, "gates": gates} if gates else record)
+            if ev.every and done % ev.every == 0 and done < t.steps:
+                validate(done)
+            if t.ckpt_every and done % t.ckpt_every == 0:
+                ckpt.save(done, cfg, model, tr.optimizer, tr.sampler, diagnostics)
+                last_saved = done
+        if last_saved != t.steps:
+            ckpt.save(t.steps, cfg, model, tr.optimizer, tr.sampler, diagnostics)
+        val, final = validate(t.steps), None
+        if ev.full_at_end:
+            final = evaluate_tokens(model, valid, t.seq_len, t.batch_size, device, bpt,
+                                    tr.autocast)
+            logger.log({"kind": "final", "step": t.steps, **final.to_dict()})
+            if main:
+                progress.write(f"full validation: loss {final.loss:.4f} nats/token, "
+                               f"ppl {final.ppl:.2f}, {final.bpb:.4f} bits/byte")
+        export_weights(model, run_dir / MODEL_FILE, metadata={"step": str(t.steps)})
+    finally:
+        progress.close()
+        logger.close()
+    return RunResult(run_dir, t.steps, losses, resumed_from, val, final, world().rank)
