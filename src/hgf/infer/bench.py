@@ -4,9 +4,10 @@ packed ternary HGF against the same architecture with dense float32 / bfloat16 p
 Decode is bandwidth bound: tokens/s ≤ bandwidth / bytes read per token, and the packed model reads
 2 (i2) or 1.6 (tq1) bits per ternary weight instead of 32 or 16. Every variant runs the same
 greedy loop (hgf.infer.generate_ids: prefill of a random prompt, then KV-cached decode of N
-tokens, never stopping early); decode tokens/s = (N - 1) / (time of the last token - time of the
-first), the median of several rounds in which every variant decodes once (so a change of machine
-load hits every variant alike). Memory: the bytes of the model's parameters and buffers (exact),
+tokens, never stopping early). Decode tokens/s = 1 / median time between consecutive tokens
+(robust to the preemptions of a shared machine; the mean, (N-1) / total, is shown beside it), the
+median of several rounds in which every variant decodes once, so that a change of machine load
+hits every variant alike. Memory: the bytes of the model's parameters and buffers (exact),
 the process RSS growth while loading and warming up (CPU), the growth of
 torch.cuda.max_memory_allocated (CUDA).
 
@@ -25,6 +26,7 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +40,13 @@ from hgf.infer.format import read_header
 from hgf.infer.generate import generate_ids, resolve_device
 from hgf.infer.packed import PackedTernaryLinear, load_packed
 from hgf.kernels import PACKINGS
-from hgf.kernels.bench import copy_bandwidth, environment, format_table, gemv_table
+from hgf.kernels.bench import (
+    copy_bandwidth,
+    environment,
+    format_table,
+    gemv_table,
+    read_bandwidth,
+)
 from hgf.model.transformer import build_model
 
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,14 +86,16 @@ def _prompt(model: nn.Module, prompt_len: int, seed: int = 0) -> list[int]:
 
 
 def decode_speed(model: nn.Module, prompt: list[int], tokens: int) -> dict:
-    """Greedy prefill + decode timing of ``tokens`` new tokens after ``prompt``."""
+    """Greedy prefill + decode timing of ``tokens`` new tokens after ``prompt``: tokens/s from
+    the mean and from the median time between consecutive tokens (the median is robust to the
+    preemptions of a busy machine)."""
     stamps: list[float] = []
     t0 = time.perf_counter()
     generate_ids(model, prompt, max_new_tokens=tokens, on_token=lambda _: stamps.append(
         time.perf_counter()))
-    decode_s = stamps[-1] - stamps[0]
-    return {"prefill_ms": 1e3 * (stamps[0] - t0), "decode_tok_s": (len(stamps) - 1) / decode_s,
-            "tokens": len(stamps)}
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # noqa: B905 (lengths differ by design)
+    return {"prefill_ms": 1e3 * (stamps[0] - t0), "tokens": len(stamps),
+            "decode_tok_s": 1 / statistics.median(gaps), "mean_tok_s": len(gaps) / sum(gaps)}
 
 
 def _export_packed(cfg: Config, packings: list[str], folder: Path) -> dict[str, Path]:
@@ -167,15 +177,15 @@ def run_decode(device: torch.device, size: str, tokens: int, prompt_len: int,
 
 def format_decode(rows: list[dict]) -> str:
     mem_col = "CUDA peak MiB" if rows and "cuda_peak_bytes" in rows[0] else "RSS delta MiB"
-    lines = [f"{'variant':<18}{'tok/s':>9}{'ms/token':>10}{'prefill ms':>11}{'weights MiB':>13}"
-             f"{mem_col:>15}{'speed vs f32':>14}{'weights vs f32':>16}"]
+    lines = [f"{'variant':<16}{'tok/s':>8}{'mean tok/s':>11}{'ms/token':>9}{'prefill ms':>11}"
+             f"{'weights MiB':>12}{mem_col:>15}{'speed vs f32':>13}{'weights vs f32':>15}"]
     for r in rows:
         mem = r.get("cuda_peak_bytes") or r.get("rss_delta_bytes") or 0
         sp = f"{r['speedup_vs_f32']:.2f}x" if r["speedup_vs_f32"] else "-"
         mr = f"{r['memory_vs_f32']:.3f}" if r["memory_vs_f32"] else "-"
-        lines.append(f"{r['variant']:<18}{r['decode_tok_s']:>9.1f}{r['ms_per_token']:>10.2f}"
-                     f"{r['prefill_ms']:>11.1f}{r['weight_bytes'] / MIB:>13.1f}{mem / MIB:>15.1f}"
-                     f"{sp:>14}{mr:>16}")
+        lines.append(f"{r['variant']:<16}{r['decode_tok_s']:>8.1f}{r['mean_tok_s']:>11.1f}"
+                     f"{r['ms_per_token']:>9.2f}{r['prefill_ms']:>11.1f}"
+                     f"{r['weight_bytes'] / MIB:>12.1f}{mem / MIB:>15.1f}{sp:>13}{mr:>15}")
     return "\n".join(lines)
 
 
@@ -205,11 +215,11 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     out: dict = {"env": env}
     if sizes:
-        out["copy_gb_s"] = copy_bandwidth(device)
+        out["read_gb_s"], out["copy_gb_s"] = read_bandwidth(device), copy_bandwidth(device)
         out["gemv"] = gemv_table(tuple(sizes), device)
-        print(f"\n# GEMV, one token x [1, n] times [n, n] (copy bandwidth "
-              f"{out['copy_gb_s']:.1f} GB/s)")
-        print(format_table(out["gemv"], out["copy_gb_s"]))
+        print(f"\n# GEMV, one token x [1, n] times [n, n] (read bandwidth "
+              f"{out['read_gb_s']:.1f} GB/s, copy {out['copy_gb_s']:.1f} GB/s)")
+        print(format_table(out["gemv"], out["read_gb_s"]))
     out["decode"] = run_decode(device, args.size, args.tokens, args.prompt_len, args.packings,
                                args.dense, args.rank, args.rounds)
     print(f"\n# decode, model.size={args.size}, differential attention, greedy "
