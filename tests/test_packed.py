@@ -45,7 +45,8 @@ def test_packed_linear_has_no_float_weight() -> None:
     packed = PackedTernaryLinear.from_training(layer, "i2")
     assert list(packed.parameters()) == []  # buffer-only
     bufs = dict(packed.named_buffers())
-    assert set(bufs) == {"weight_packed", "weight_scale", "A", "B"}
+    assert set(bufs) == {"weight_packed", "weight_scale", "A_t", "B_t"}
+    assert bufs["A_t"].shape == (64, 4) and bufs["B_t"].shape == (4, 32)
     assert bufs["weight_packed"].dtype == torch.uint8 and bufs["weight_packed"].shape == (32, 16)
 
 

@@ -1,6 +1,7 @@
 """The packed runtime: buffer-only ternary projections swapped into the one hgf Transformer.
 
     PackedTernaryLinear:  y = ternary_linear(x; W_t packed, s_w) + B'(A x)
+                            (A, B' held transposed at run time: y += (x A_t) B_t, one mm + addmm)
                             = (x_int @ W_tᵀ) / (s_x · s_w) + B'(A x),     B' = g·B
 
 which is the training layer's inference function (BitLinear / HGFLinear, additive fusion; convex
@@ -16,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
@@ -42,11 +42,11 @@ class PackedTernaryLinear(nn.Module):
         shape = packed_shape(out_features, in_features, packing)
         self.register_buffer("weight_packed", torch.empty(shape, dtype=torch.uint8, device=device))
         self.register_buffer("weight_scale", torch.empty((), dtype=torch.float32, device=device))
-        if rank:
-            self.register_buffer("A", torch.empty(rank, in_features, device=device, dtype=dtype))
-            self.register_buffer("B", torch.empty(out_features, rank, device=device, dtype=dtype))
+        if rank:  # stored transposed, so the decode step is one mm and one addmm
+            self.register_buffer("A_t", torch.empty(in_features, rank, device=device, dtype=dtype))
+            self.register_buffer("B_t", torch.empty(rank, out_features, device=device, dtype=dtype))
         else:
-            self.A = self.B = None
+            self.A_t = self.B_t = None
 
     @classmethod
     def like(cls, layer: BitLinear, packing: str, device: torch.device | str | None = None
@@ -63,7 +63,8 @@ class PackedTernaryLinear(nn.Module):
 
         state = pack_projection(layer, packing)
         if "A" in state:
-            state["A"], state["B"] = state["A"].to(dtype), state["B"].to(dtype)
+            state["A_t"] = state.pop("A").to(dtype).t().contiguous()  # [in, r]
+            state["B_t"] = state.pop("B").to(dtype).t().contiguous()  # [r, out]
         packed = cls.like(layer, packing, device="meta")
         packed.load_state_dict(state, strict=True, assign=True)
         return packed.to(layer.weight.device)
@@ -71,9 +72,11 @@ class PackedTernaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ternary_linear(x, self.weight_packed, self.weight_scale, self.packing,
                            self.out_features, self.in_features, self.act_eps)
-        if self.A is not None:
-            y = y + F.linear(F.linear(x, self.A), self.B).to(y.dtype)
-        return y
+        if self.A_t is None:
+            return y
+        x2 = x.reshape(-1, self.in_features)  # [tokens, in]
+        y2 = torch.addmm(y.reshape(-1, self.out_features), torch.mm(x2, self.A_t), self.B_t)
+        return y2.view(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -97,7 +100,8 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def runtime_state(tensors: dict[str, torch.Tensor], header: PackedHeader,
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """File tensors -> the packed model's state dict: packed bytes and scales as stored,
-    full-precision parts cast once to ``dtype``, int8 embedding rows dequantized."""
+    full-precision parts cast once to ``dtype`` (A, B' also transposed once), int8 embedding
+    rows dequantized."""
     state: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         spec = header.tensors[name]
@@ -105,6 +109,8 @@ def runtime_state(tensors: dict[str, torch.Tensor], header: PackedHeader,
             continue
         if spec.role in ("ternary", "scale"):
             state[name] = t
+        elif spec.role == "correction":  # A [r, in] -> A_t [in, r];  B' [out, r] -> B_t [r, out]
+            state[f"{name}_t"] = t.to(dtype).t().contiguous()
         elif spec.dtype == "I8":
             scale = tensors[name.removesuffix("weight") + "row_scale"]
             state[name] = (t.float() * scale[:, None]).to(dtype)  # [vocab, d]
