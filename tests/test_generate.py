@@ -143,7 +143,7 @@ def test_cli_generate_run_and_packed_file_agree(tmp_path: Path, capsys) -> None:
     outs = []
     for path in (run, tmp_path / "m.hgf"):
         assert main(["generate", str(path), "--prompt", "Tom and", "--temperature", "0",
-                     "--max-new-tokens", "20", "--device", "cpu"]) == 0
+                     "--max-new-tokens", "20", "--device", "cpu", "--threads", "1"]) == 0
         cap = capsys.readouterr()
         outs.append(cap.out)
         assert "tok/s" in cap.err and "stop:" in cap.err

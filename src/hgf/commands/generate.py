@@ -8,6 +8,9 @@ import argparse
 import sys
 import time
 
+import torch
+
+from hgf.errors import HGFError
 from hgf.infer.generate import check_sampling, generate, load_for_generation, resolve_device
 
 
@@ -21,11 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = off)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed (default 1337)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default; 1 suits small models on a busy "
+                        "machine)")
     p.set_defaults(func=run, takes_overrides=False)
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.threads < 0:
+        raise HGFError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_for_generation(args.path, resolve_device(args.device))
 
     def write(text: str) -> None:
