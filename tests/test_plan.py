@@ -20,23 +20,29 @@ def _cfg(arm, *extra):
     return load_config(ROOT / "configs" / f"{arm}.toml", SMALL + list(extra))
 
 
-def saved_bytes(model, out: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps for backward from ``out`` (reachable nodes
-    only), parameters and buffers excluded."""
-    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen, nodes, stack = {}, set(), [out.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in nodes:
-            continue
-        nodes.add(f)
-        for name in dir(f):
-            if name.startswith("_saved_") and isinstance(t := getattr(f, name), torch.Tensor):
-                st = t.untyped_storage()
-                if st.data_ptr() not in skip:
-                    seen[st.data_ptr()] = st.nbytes()
-        stack.extend(nf for nf, _ in f.next_functions)
-    return sum(seen.values())
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes of the distinct storages autograd saves for backward while active (custom autograd
+    Functions included), parameters and buffers excluded."""
+
+    def __init__(self, model) -> None:
+        skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip and st.nbytes():
+                self.seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
+
+    def __enter__(self) -> "SavedBytes":
+        super().__enter__()
+        return self
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
 
 
 def test_static_bytes_equal_hand_computed_values():
@@ -69,12 +75,12 @@ def test_activation_formula_equals_what_autograd_saves(arm, extra, autocast):
     model = build_model(cfg)
     b, t = 3, 20
     idx = torch.randint(0, 256, (b, t + 1))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), SavedBytes(model) as saved:
+        lm_loss(model(idx[:, :-1]), idx[:, 1:])
     kernel = "math" if differential else "fused"
     want = (cfg.model.n_layers * block_activation_bytes(cfg, b, t, autocast, kernel)
             + head_activation_bytes(cfg, b * t, autocast)[0])
-    got = saved_bytes(model, loss)
+    got = saved.total
     assert 0 <= got - want <= 200  # the rest: 0-d tensors (gates, λ, loss scalars)
 
 

@@ -34,8 +34,8 @@ Each projection [in -> out] adds what its matmul saves:
                weight W_t/s_w (c·in·out): the extra tensors of the quantizers/STE (the int8 and
                ternary intermediates are detached and freed)
     HGFLinear  BitLinear's terms + the correction input (as a dense input) + A·x (c·N·r) +
-               B·A·x (c·N·out, saved for the gate's gradient; convex fusion also saves T(x):
-               another c·N·out) + under autocast the bf16 casts of A and B
+               g·B (c·out·r; the fused function's backward needs no N·out tensor, for either
+               fusion) + under autocast the bf16 casts of A and g·B
 Head: int64 token ids and loss targets 16·N, final norm 8·N·d + 4·N, LM-head input (4·N·d, or a 2·N·d cast and
 the 2·V·d bf16 weight under autocast), the loss's fp32 log-softmax 4·N·V; transient at the loss
 (gradients of the log-probabilities and of the logits) 8·N·V.
@@ -93,8 +93,8 @@ def _linears(cfg: Config, roles: list[tuple[str, int, int]], n: int, autocast: b
             readers += 1  # reads the unquantized input (dense matmul or HGF correction)
             if autocast:
                 total += FP16 * (i * o if kind == "dense" else rank * (i + o))
-        if kind == "hgf":
-            total += c * n * rank + c * n * o * (2 if cfg.hgf.fusion == "convex" else 1)
+        if kind == "hgf":  # A x (r×N), and g·B (out×r; under autocast its cast, counted above)
+            total += c * n * rank + (0 if autocast else c * o * rank)
     i = roles[0][1]
     if readers and autocast and input_fp32:
         total += readers * FP16 * n * i  # one bf16 cast per consumer
