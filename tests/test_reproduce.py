@@ -128,3 +128,17 @@ def test_smoke_preset_on_real_data(tmp_path, monkeypatch):
     assert main(["reproduce", "--preset", "smoke", "--out", "out"]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(res["runs"]) == 12 and all(math.isfinite(r["val_loss"]) for r in res["runs"])
+
+
+def test_lr_sweep_picks_the_best_lr_and_accumulates(tmp_path):
+    preset = _preset(tmp_path, arms=("fp16",))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--sweep",
+                 "--lrs", "0.001,0.01", "--sweep-steps", "4"]) == 0
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--sweep",
+                 "--lrs", "0.003", "--sweep-steps", "4"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sorted(lr for _, lr, _, _ in sweep["runs"]) == [0.001, 0.003, 0.01]
+    best = min((v, lr) for _, lr, v, _ in sweep["runs"])
+    assert sweep["best"]["fp16"]["lr"] == best[1]
+    assert "Chosen: fp16" in (out / "sweep.md").read_text()
