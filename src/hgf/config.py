@@ -41,7 +41,7 @@ SIZES: dict[str, dict[str, int]] = {
     "paper": dict(d_model=512, n_layers=6, n_heads=8, d_ff=1536, max_seq_len=512),
     "base100m": dict(d_model=768, n_layers=12, n_heads=12, d_ff=2048, max_seq_len=1024),
     "1b": dict(d_model=2048, n_layers=20, n_heads=16, d_ff=5632, max_seq_len=2048),
-    "3b": dict(d_model=3072, n_layers=26, n_heads=24, d_ff=8192, max_seq_len=2048),
+    "3b": dict(d_model=3072, n_layers=24, n_heads=24, d_ff=8192, max_seq_len=2048),
 }
 
 

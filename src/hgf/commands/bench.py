@@ -1,4 +1,4 @@
-"""``hgf bench {train,...}``: benchmarks, one subcommand each. To add one, write a
+"""``hgf bench {train,infer}``: benchmarks, one subcommand each. To add one, write a
 ``_register_<name>(subparsers)`` function and list it in ``BENCHES``."""
 
 from __future__ import annotations
@@ -43,11 +43,19 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-BENCHES = [_register_train]
+def _register_infer(sub: argparse._SubParsersAction) -> None:
+    from hgf.infer import bench
+
+    p = sub.add_parser("infer", help="packed GEMV and decode vs dense, with memory, as ratios")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.run, takes_overrides=False)
+
+
+BENCHES = [_register_train, _register_infer]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (train, ...)")
+    p = sub.add_parser("bench", help="benchmarks (train, infer)")
     bench_sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for add in BENCHES:
         add(bench_sub)

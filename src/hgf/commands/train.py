@@ -1,5 +1,7 @@
 """``hgf train CONFIG [--section.key=value ...]``: train one run end to end (resumes by default
-from the latest good checkpoint in train.out_dir; ``--train.resume=never`` refuses to)."""
+from the latest good checkpoint in train.out_dir; ``--train.resume=never`` refuses to). The same
+command runs under ``torchrun --nproc_per_node=N -m hgf train ...`` with ``--dist.strategy=ddp``
+or ``fsdp2`` (docs/DISTRIBUTED.md)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     res = train(cfg)
+    if res.rank != 0:  # under torchrun, rank 0 reports
+        return 0
     msg = f"done: {res.step} steps in {res.run_dir}"
     if res.resumed_from is not None:
         msg += f" (resumed from step {res.resumed_from})"

@@ -126,10 +126,10 @@ class RunSpec:
 
 def plan_grid(preset: Preset, out: Path, arms: list[str] | None = None,
               steps: list[int] | None = None, seeds: int | None = None) -> list[RunSpec]:
-    specs = []
-    for arm in arms or preset.arms:
-        for n in steps or preset.steps:
-            for s in range(seeds if seeds is not None else preset.seeds):
+    specs = []  # regime-major: every arm at the first regime finishes before the next regime
+    for n in steps or preset.steps:
+        for s in range(seeds if seeds is not None else preset.seeds):
+            for arm in arms or preset.arms:
                 d = out / "runs" / f"{arm}-{n}steps-seed{s}"
                 specs.append(RunSpec(arm, n, s, d, arm_config(preset, arm, n, s, d)))
     return specs

@@ -24,7 +24,7 @@ def plot_val_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
         for r in runs:
             if r["steps"] != steps or r["seed_index"] != 0 or not r["val_curve"]:
                 continue
-            xs, ys = zip(*r["val_curve"])
+            xs, ys = zip(*r["val_curve"], strict=True)
             style = "--" if r["diverged"] else "-"
             ax.plot(xs, ys, style, label=r["arm"] + (" (diverged)" if r["diverged"] else ""))
         ax.set_xlabel("step")

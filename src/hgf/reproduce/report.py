@@ -4,7 +4,8 @@ Per arm and regime (mean ± std over seeds): final full-validation loss (nats/to
 bits per byte. Gap recovery  (L_ternary − L_hgf) / (L_ternary − L_fp16)  with the BitNet arm and
 with the bitnet_diff ablation as the ternary reference. Memory overhead of the correction from
 :mod:`hgf.memory`. Stability: largest loss spike (a train loss above the running minimum), a
-divergence flag (non-finite stop, or final validation loss 10% above the run's best), final
+divergence flag (non-finite stop, or the last fixed-subset validation loss 10% above the
+run's best), final
 gradient norm. Gate values over training. Steps to reach the fp16 arm's loss at the first regime.
 """
 
@@ -45,8 +46,9 @@ def summarize_run(spec: RunSpec) -> dict[str, Any] | None:
         run_min = min(run_min, loss)
     best = min((r["val_loss"] for r in evals), default=math.inf)
     final_loss = last["val_loss"] if last and _finite(last.get("val_loss")) else math.nan
-    diverged = status["status"] == "diverged" or not _finite(final_loss) or (
-        final_loss > DIVERGENCE_MARGIN * best)
+    # compare like with like: the last fixed-subset evaluation against the best one
+    diverged = status["status"] == "diverged" or not _finite(final_loss) or bool(
+        evals and evals[-1]["val_loss"] > DIVERGENCE_MARGIN * best)
     return {
         "arm": spec.arm, "steps": spec.steps, "seed_index": spec.seed_index, "dir": str(spec.dir),
         "status": status["status"], "message": status.get("message", ""),
@@ -135,7 +137,8 @@ def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
            f"Command: `{command}`  ", f"Preset file: `{preset.path}`", ""]
     for steps, rows in res["table"].items():
         out += [f"## {steps} steps", "",
-                "| arm | val loss (nats/token) | perplexity | bits/byte | LR | diverged | largest spike | final grad norm | paper |",
+                "| arm | val loss (nats/token) | perplexity | bits/byte | LR | diverged "
+                "| largest spike | final grad norm | paper |",
                 "|---|---|---|---|---|---|---|---|---|"]
         for arm, r in rows.items():
             pm = "±" + _fmt(r["val_loss_std"]) if r["n"] > 1 else ""
@@ -236,7 +239,19 @@ def write_report(preset: Preset, specs: list[RunSpec], out: Path, command: str =
 
 
 def write_sweep(specs: list[RunSpec], out: Path) -> str:
-    """Pick each arm's LR by final validation loss (diverged runs lose); write sweep.json/md."""
+    """Pick each arm's LR by final validation loss (diverged runs lose); write sweep.json/md.
+
+    Every finished run under ``out/sweep`` counts, so partial sweeps (extra LRs for one arm)
+    accumulate into one table."""
+    from hgf.runs import load_run_config
+
+    known = {s.dir.resolve() for s in specs}
+    for done in sorted((out / "sweep").glob("*/done.json")):
+        if done.parent.resolve() not in known:
+            st = json.loads(done.read_text())
+            specs = [*specs, RunSpec(st["arm"], st["steps"], 0, done.parent,
+                                     load_run_config(done.parent), st["lr"])]
+    specs = sorted(specs, key=lambda s: (s.arm, s.lr_candidate or 0.0))
     best: dict[str, dict[str, Any]] = {}
     rows = []
     for spec in specs:

@@ -9,7 +9,8 @@ Training: each step draws ``batch_size × world_size`` window starts uniformly f
 
 Validation: non-overlapping windows with stride ``seq_len`` (every token after the first is a
 target exactly once); a tail shorter than a window is dropped. The fixed subset evaluated during
-training is the first ``eval.batches × batch_size`` of them.
+training is the first ``eval.batches × batch_size × world_size`` of them (the same windows for
+any split of one global batch over processes), dealt out to the ranks batch by batch.
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ def window_starts(n_tokens: int, seq_len: int) -> np.ndarray:
     return np.arange(0, n_tokens - seq_len, seq_len)
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 max_windows: int = 0) -> Iterator[Batch]:
-    """Validation batches over the first ``max_windows`` windows (0 = all of them)."""
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_windows: int = 0,
+                 rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Validation batches over the first ``max_windows`` windows (0 = all of them); with
+    ``world_size`` N processes rank r gets batches r, r+N, r+2N, … of that sequence."""
     _check(tokens, seq_len, "valid")
     starts = window_starts(len(tokens), seq_len)
     if max_windows:
         starts = starts[:max_windows]
-    for i in range(0, len(starts), batch_size):
+    for i in range(rank * batch_size, len(starts), batch_size * world_size):
         yield _stack(tokens, starts[i:i + batch_size], seq_len)

@@ -11,6 +11,14 @@ Layout (``RUN_DIR/checkpoints/``)::
                             byte size and sha256 of every file above (checked before loading)
     latest                  the name of the newest complete checkpoint (written atomically)
 
+A sharded (FSDP2) model is saved collectively, in the same folder layout except that model and
+optimizer state live in ``dcp/`` (torch.distributed.checkpoint: one file of shards per rank plus
+``.metadata``, keyed by parameter name) instead of model.safetensors and the ``optim.*`` tensors;
+state.json then says ``"layout": "dcp"``. Runs with more than one process record
+``"world_size"``. Any checkpoint resumes under any number of processes as long as the global
+batch ``train.batch_size × processes`` is the same (the batch sampler then draws the same rows):
+a DCP checkpoint reshards on load, a single-process one is scattered into FSDP2 shards.
+
 A checkpoint is written into a temporary folder and renamed into place, so a crash leaves either
 the previous checkpoints or the complete new one. Only the last ``train.keep_checkpoints`` are
 kept. On resume an unusable checkpoint (truncated, corrupt, hash mismatch) is skipped with a
@@ -35,6 +43,8 @@ from torch.optim import Optimizer
 
 from hgf.config import Config, load_config_json
 from hgf.errors import HGFError
+from hgf.parallel import barrier, broadcast_object, is_sharded, world
+from hgf.parallel.state import load_dcp, load_full, save_dcp
 from hgf.runs import MODEL_FILE, atomic_write_text, load_weights, save_config
 from hgf.train.batches import BatchSampler
 from hgf.train.diagnostics import TernaryDiagnostics
@@ -42,6 +52,7 @@ from hgf.train.diagnostics import TernaryDiagnostics
 FORMAT, VERSION = "hgf-checkpoint", 1
 CKPT_DIR, LATEST = "checkpoints", "latest"
 TRAIN_FILE, STATE_FILE, CONFIG_FILE = "train.safetensors", "state.json", "config.json"
+DCP_DIR, DCP_LAYOUT = "dcp", "dcp"
 
 
 def step_name(step: int) -> str:
@@ -56,9 +67,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _train_tensors(optimizer: Optimizer, diagnostics: TernaryDiagnostics) -> dict[str, torch.Tensor]:
-    out = {f"optim.{i}.{k}": v.detach().contiguous()
-           for i, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
+def _train_tensors(optimizer: Optimizer | None,
+                   diagnostics: TernaryDiagnostics) -> dict[str, torch.Tensor]:
+    out = {} if optimizer is None else {
+        f"optim.{i}.{k}": v.detach().contiguous()
+        for i, st in optimizer.state_dict()["state"].items() for k, v in st.items()}
     out["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["rng.cuda"] = torch.cuda.get_rng_state()
@@ -79,32 +92,58 @@ class Checkpointer:
 
     def save(self, step: int, cfg: Config, model: nn.Module, optimizer: Optimizer,
              sampler: BatchSampler, diagnostics: TernaryDiagnostics) -> Path | None:
-        """Write ``step_NNNNNNN`` atomically, point ``latest`` at it, prune old ones."""
-        if not self.enabled:
+        """Write ``step_NNNNNNN`` atomically, point ``latest`` at it, prune old ones. A sharded
+        model is saved collectively (every rank calls this; rank 0 writes all but the shards)."""
+        sharded = is_sharded(model)
+        if not (self.enabled or sharded):
             return None
         final = self.dir / step_name(step)
-        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            save_model(model, str(tmp / MODEL_FILE))
-            save_file(_train_tensors(optimizer, diagnostics), str(tmp / TRAIN_FILE))
-            save_config(cfg, tmp)
-            files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
-                     for n in (MODEL_FILE, TRAIN_FILE, CONFIG_FILE)}
-            state = {"format": FORMAT, "version": VERSION, "step": step,
-                     "sampler": sampler.state_dict(), "groups": _group_layout(optimizer),
-                     "files": files}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
+        owner = broadcast_object(os.getpid()) if sharded else os.getpid()  # rank 0's on all ranks
+        tmp = self.dir / f".tmp-{final.name}-{owner}"
+        if self.enabled:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        try:
+            if sharded:
+                barrier()  # the folder exists before any rank writes into it
+                save_dcp(model, optimizer, tmp / DCP_DIR)
+            if self.enabled:
+                self._write_rest(tmp, step, cfg, model, optimizer, sampler, diagnostics, sharded)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+        except BaseException:
+            if self.enabled:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if not self.enabled:
+            return None
         atomic_write_text(self.dir / LATEST, final.name + "\n")
         self._prune(keep_name=final.name)
         return final
+
+    @staticmethod
+    def _write_rest(tmp: Path, step: int, cfg: Config, model: nn.Module, optimizer: Optimizer,
+                    sampler: BatchSampler, diagnostics: TernaryDiagnostics, sharded: bool) -> None:
+        """Everything but the DCP shards, then state.json listing every file with its hash."""
+        if sharded:
+            names = sorted(str(f.relative_to(tmp)) for f in (tmp / DCP_DIR).rglob("*")
+                           if f.is_file())
+        else:
+            save_model(model, str(tmp / MODEL_FILE))
+            names = [MODEL_FILE]
+        save_file(_train_tensors(None if sharded else optimizer, diagnostics), str(tmp / TRAIN_FILE))
+        save_config(cfg, tmp)
+        files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)}
+                 for n in (*names, TRAIN_FILE, CONFIG_FILE)}
+        state = {"format": FORMAT, "version": VERSION, "step": step,
+                 "sampler": sampler.state_dict(), "groups": _group_layout(optimizer),
+                 "files": files}
+        if world().world_size > 1:
+            state["world_size"] = world().world_size
+        if sharded:
+            state["layout"] = DCP_LAYOUT
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
 
     def _prune(self, keep_name: str) -> None:
         for old in self.checkpoints()[:-self.keep]:
@@ -157,6 +196,8 @@ def verify(path: str | Path) -> dict[str, Any]:
     if state.get("version") != VERSION:
         raise HGFError(f"{path / STATE_FILE}: checkpoint version {state.get('version')} is not "
                        f"supported (expected {VERSION})")
+    if state.get("layout") not in (None, DCP_LAYOUT):
+        raise HGFError(f"{path / STATE_FILE}: unknown checkpoint layout {state['layout']!r}")
     files = state.get("files")
     if not isinstance(files, dict) or not all(
             isinstance(m, dict) and {"bytes", "sha256"} <= m.keys() for m in files.values()):
@@ -177,17 +218,14 @@ def verify(path: str | Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer,
                     sampler: BatchSampler, diagnostics: TernaryDiagnostics,
                     device: torch.device | str = "cpu") -> int:
-    """Restore everything a checkpoint holds; return its step. Errors are one-line HGFErrors."""
+    """Restore everything a checkpoint holds; return its step. Errors are one-line HGFErrors.
+    With a sharded model every rank calls this."""
     path = Path(path)
     state = verify(path)
     if state["groups"] != _group_layout(optimizer):
         raise HGFError(f"{path}: optimizer groups {state['groups']} do not match this model's "
                        f"{_group_layout(optimizer)}")
-    load_weights(model, path / MODEL_FILE, device)
-    try:
-        tensors = load_file(str(path / TRAIN_FILE))
-    except (SafetensorError, OSError) as e:
-        raise HGFError(f"{path / TRAIN_FILE}: corrupt checkpoint file: {e}") from None
+    tensors = _read(path / TRAIN_FILE)
     optim_state: dict[int, dict[str, torch.Tensor]] = {}
     diag: dict[str, torch.Tensor] = {}
     for key, v in tensors.items():
@@ -197,14 +235,27 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer,
             optim_state.setdefault(int(idx), {})[name] = v
         elif kind == "diag":
             diag[rest] = v
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    if state.get("layout") == DCP_LAYOUT:
+        load_dcp(model, optimizer, path / DCP_DIR)
+    elif is_sharded(model):
+        load_full(model, optimizer, _read(path / MODEL_FILE), optim_state)
+    else:
+        load_weights(model, path / MODEL_FILE, device)
+        groups = optimizer.state_dict()["param_groups"]
+        optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     sampler.load_state_dict(state["sampler"])
     diagnostics.load_state_dict(diag)
     return int(state["step"])
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise HGFError(f"{path}: corrupt checkpoint file: {e}") from None
 
 
 # Keys that may change when a run is resumed: they affect logging and bookkeeping, not the math.
@@ -214,13 +265,25 @@ RESUME_FREE = {"train.progress", "train.resume", "train.out_dir", "train.log_eve
                "data.cache_dir"}
 
 
-def check_resumable_config(cfg: Config, stored_path: Path) -> None:
-    """Raise if ``cfg`` differs from a checkpoint's config in a key that changes training."""
+# How the work is split over processes, not the math (the global batch is checked on its own).
+RESUME_FREE |= {"dist.strategy", "dist.activation_checkpointing"}
+
+
+def check_resumable_config(cfg: Config, stored_path: Path, world_size: int = 1) -> None:
+    """Raise if ``cfg`` differs from a checkpoint's config in a key that changes training; the
+    batch size may differ if the global batch ``train.batch_size × processes`` does not."""
     stored = load_config_json(stored_path).to_dict()
+    state_file = stored_path.parent / STATE_FILE
+    stored_world = json.loads(state_file.read_text(encoding="utf-8")).get("world_size", 1)
     for sec, body in cfg.to_dict().items():
         for key, value in body.items():
             name = f"{sec}.{key}"
             old = stored.get(sec, {}).get(key)
-            if name not in RESUME_FREE and old != value:
+            if name == "train.batch_size":
+                if value * world_size != old * stored_world:
+                    raise HGFError(f"{stored_path.parent}: cannot resume, the global batch "
+                                   f"train.batch_size × processes = {value}×{world_size} differs "
+                                   f"from the checkpoint's {old}×{stored_world}")
+            elif name not in RESUME_FREE and old != value:
                 raise HGFError(f"{stored_path.parent}: cannot resume, {name}={value!r} differs "
                                f"from the checkpoint's {old!r}; use another train.out_dir")

@@ -5,6 +5,7 @@ For every ternary projection (BitLinear, HGFLinear) with ternary weights W_t = t
     flip rate       mean(W_t ≠ W_t at the previous call)   over all ternary weights together
 and every HGF gate value g. The previous ternary snapshot (int8) is state to checkpoint, so the
 flip rate right after a resume compares against the same snapshot as the uninterrupted run.
+Under FSDP2 the whole W is gathered first, so every rank must call this.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from hgf.model import BitLinear, gate_values, ternarize
+from hgf.parallel import full_tensor
 
 
 def ternary_layers(model: nn.Module) -> dict[str, BitLinear]:
@@ -31,7 +33,7 @@ class TernaryDiagnostics:
         zero, current = {}, {}
         flips, total = 0, 0
         for name, m in ternary_layers(model).items():
-            w_t = ternarize(m.weight, m.weight_eps)[0].to(torch.int8)
+            w_t = ternarize(full_tensor(m.weight), m.weight_eps)[0].to(torch.int8)  # whole W
             zero[name] = float((w_t == 0).float().mean())
             prev = self.previous.get(name)
             if prev is not None and prev.shape == w_t.shape:

@@ -5,9 +5,11 @@ One update (``step`` = 0-based index of the update, ``k`` = train.grad_accum mic
     for each micro-batch:  L_i = CE(model(x_i), y_i) [+ gate L2 penalty];  backward(L_i / k)
     stop with an HGFError if the loss or the gradient norm is not finite (no update is applied)
     clip the global gradient norm to train.grad_clip (0 = off), AdamW step
-Autocast: bf16 on CUDA, float32 on CPU (train.dtype = auto). The model is built on one device,
-handed to :func:`hgf.parallel.parallelize`, optionally compiled; logging and file writes happen on
-the main process only.
+Autocast: bf16 on CUDA, float32 on CPU (train.dtype = auto). The model is built on one device and
+handed to :func:`hgf.parallel.parallelize` (checkpointing, compile, DDP/FSDP2). Under torchrun
+every rank runs this loop on its slice of the global batch: gradients are averaged over the ranks
+on the last micro-batch only, the logged loss is the mean over the ranks, logging and file writes
+happen on rank 0 (sharded checkpoints are written by every rank, see checkpoint.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,19 @@ from hgf.config import Config
 from hgf.data import Prepared, prepare
 from hgf.errors import HGFError
 from hgf.model import build_model, gate_values, lm_loss
-from hgf.parallel import is_main_process, parallelize, world
-from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, save_config, save_weights
+from hgf.parallel import (
+    all_mean,
+    barrier,
+    clip_grad_norm_,
+    gradient_sync,
+    is_main_process,
+    parallelize,
+    process_group,
+    sync_replicated_grads,
+    world,
+)
+from hgf.parallel.state import export_weights
+from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, save_config
 from hgf.train.batches import BatchSampler
 from hgf.train.checkpoint import (
     Checkpointer,
@@ -76,8 +89,8 @@ class Trainer:
     """The objects one update needs; built by :func:`train` (or by a benchmark/test directly)."""
 
     cfg: Config
-    model: nn.Module  # the bare model (parameters, gates, checkpoints)
-    forward: Callable[[torch.Tensor], torch.Tensor]  # parallelized / compiled forward
+    model: nn.Module  # the model (parameters, gates, checkpoints; sharded in place by FSDP2)
+    forward: Callable[[torch.Tensor], torch.Tensor]  # what parallelize returned
     optimizer: Optimizer
     sampler: BatchSampler
     device: torch.device
@@ -95,15 +108,18 @@ class Trainer:
         self.gates.apply(self.model, self.optimizer, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
+        for i in range(t.grad_accum):
             x, y = self.sampler.next()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss_sum += forward_backward_step(
-                self.forward, x, y, scale=1.0 / t.grad_accum, autocast=self.autocast,
-                penalty=lambda: self.gates.penalty(self.model))
+            with gradient_sync(self.forward, sync=i == t.grad_accum - 1):
+                loss_sum += forward_backward_step(
+                    self.forward, x, y, scale=1.0 / t.grad_accum, autocast=self.autocast,
+                    penalty=lambda: self.gates.penalty(self.model))
+        sync_replicated_grads(self.forward)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-        loss, grad_norm = torch.stack([loss_sum / t.grad_accum, norm.float()]).tolist()
+        norm = clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        mean_loss = all_mean(loss_sum / t.grad_accum)  # over the ranks: the global batch's loss
+        loss, grad_norm = torch.stack([mean_loss, norm.float()]).tolist()
         if not np.isfinite(loss) or not np.isfinite(grad_norm):
             what = "loss" if not np.isfinite(loss) else "gradient norm"
             raise NonFiniteError(f"non-finite {what} ({loss if what == 'loss' else grad_norm}) "
@@ -120,6 +136,17 @@ class RunResult:
     resumed_from: int | None
     val: EvalResult | None  # fixed validation subset after the last step
     final: EvalResult | None  # full validation set (eval.full_at_end)
+    rank: int = 0  # this process's rank (the run's results are the same on every rank)
+
+
+def _prepare(cfg: Config, progress: bool) -> Prepared:
+    """Rank 0 prepares (and caches) the data first; the other ranks then read its cache."""
+    if not is_main_process():
+        barrier()
+    data = prepare(cfg, progress=progress)
+    if is_main_process():
+        barrier()
+    return data
 
 
 def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device) -> Trainer:
@@ -127,9 +154,7 @@ def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device) -
     t, w = cfg.train, world()
     torch.manual_seed(t.seed)
     model = build_model(cfg, device)
-    forward = parallelize(model, cfg)
-    if t.compile:
-        forward = torch.compile(forward)
+    forward = parallelize(model, cfg)  # also compiles (train.compile)
     sampler = BatchSampler(train_tokens, t.batch_size, t.seq_len, t.seed, w.rank, w.world_size)
     return Trainer(cfg, model, forward, build_optimizer(model, cfg), sampler, device,
                    autocast_for(device, t.dtype))
@@ -143,7 +168,7 @@ def _resume_point(cfg: Config, ckpt: Checkpointer) -> Path | None:
                        "choose another train.out_dir")
     path = ckpt.find_resumable()
     if path is not None:
-        check_resumable_config(cfg, path / CONFIG_FILE)
+        check_resumable_config(cfg, path / CONFIG_FILE, world().world_size)
     return path
 
 
@@ -158,16 +183,21 @@ def _start_run_dir(cfg: Config, run_dir: Path, data: Prepared, device: torch.dev
 
 def train(cfg: Config, data: Prepared | None = None) -> RunResult:
     """Train ``cfg`` end to end into ``cfg.train.out_dir``; with ``train.resume = auto`` continue
-    from the run's latest good checkpoint. ``data`` defaults to ``hgf.data.prepare(cfg)``."""
+    from the run's latest good checkpoint. ``data`` defaults to ``hgf.data.prepare(cfg)``. Under
+    torchrun (``dist.strategy`` ddp/fsdp2) every rank calls this; see :mod:`hgf.parallel`."""
+    with process_group(cfg, resolve_device(cfg.train.device)) as device:
+        return _train(cfg, data, device)
+
+
+def _train(cfg: Config, data: Prepared | None, device: torch.device) -> RunResult:
     t, ev, main = cfg.train, cfg.eval, is_main_process()
     run_dir = Path(t.out_dir)
     ckpt = Checkpointer(run_dir, t.keep_checkpoints, enabled=main)
     resume_path = _resume_point(cfg, ckpt)
-    data = data if data is not None else prepare(cfg, progress=t.progress and main)
+    data = data if data is not None else _prepare(cfg, progress=t.progress and main)
     if data.vocab_size > cfg.model.vocab_size:
         raise HGFError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                        f"vocabulary ({data.vocab_size}); set --model.vocab_size={data.vocab_size}")
-    device = resolve_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
     tr = build_trainer(cfg, data.tokens("train"), device)
@@ -186,7 +216,7 @@ def train(cfg: Config, data: Prepared | None = None) -> RunResult:
 
     def validate(step: int) -> EvalResult:
         res = evaluate_tokens(model, valid, t.seq_len, t.batch_size, device, bpt, tr.autocast,
-                              max_windows=ev.batches * t.batch_size)
+                              max_windows=ev.batches * t.batch_size * world().world_size)
         logger.log({"kind": "eval", "step": step, **res.to_dict(), **diagnostics(model)})
         return res
 
@@ -227,11 +257,11 @@ def train(cfg: Config, data: Prepared | None = None) -> RunResult:
             final = evaluate_tokens(model, valid, t.seq_len, t.batch_size, device, bpt,
                                     tr.autocast)
             logger.log({"kind": "final", "step": t.steps, **final.to_dict()})
-            progress.write(f"full validation: loss {final.loss:.4f} nats/token, "
-                           f"ppl {final.ppl:.2f}, {final.bpb:.4f} bits/byte")
-        if main:
-            save_weights(model, run_dir / MODEL_FILE, metadata={"step": str(t.steps)})
+            if main:
+                progress.write(f"full validation: loss {final.loss:.4f} nats/token, "
+                               f"ppl {final.ppl:.2f}, {final.bpb:.4f} bits/byte")
+        export_weights(model, run_dir / MODEL_FILE, metadata={"step": str(t.steps)})
     finally:
         progress.close()
         logger.close()
-    return RunResult(run_dir, t.steps, losses, resumed_from, val, final)
+    return RunResult(run_dir, t.steps, losses, resumed_from, val, final, world().rank)

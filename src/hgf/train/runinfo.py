@@ -1,6 +1,6 @@
 """``RUN_DIR/run_info.json``: what is needed to reproduce a run besides its config (STYLE.md §12):
-git commit (and whether the tree was dirty), versions, hardware, seed, command line; a resumed
-run appends one entry per restart under ``restarts``."""
+git commit (and whether the tree was dirty), versions, hardware, seed, number of processes,
+command line; a resumed run appends one entry per restart under ``restarts``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 import hgf
 from hgf.config import Config
+from hgf.parallel import world
 from hgf.runs import atomic_write_text
 
 RUN_INFO_FILE = "run_info.json"
@@ -64,6 +65,7 @@ def collect(cfg: Config, device: torch.device) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
         "seed": cfg.train.seed,
+        "world_size": world().world_size,  # processes (dist.strategy is in the config)
         "git": git_state(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "hgf": hgf.__version__, "numpy": np.__version__,

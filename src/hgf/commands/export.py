@@ -1,0 +1,32 @@
+"""``hgf export RUN_DIR -o FILE``: pack a trained run into one self-contained file and print what
+it holds, by component, with the correction overhead measured from the file's own tensors."""
+
+from __future__ import annotations
+
+import argparse
+
+from hgf.infer.export import export_run, format_breakdown
+from hgf.infer.format import EMBEDDINGS, read_header
+from hgf.kernels import PACKINGS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="pack a trained run into a ternary inference file")
+    p.add_argument("run_dir", help="run directory (config.json, model.safetensors, tokenizer.json)")
+    p.add_argument("-o", "--output", required=True, help="packed file to write (e.g. model.hgf)")
+    p.add_argument("--packing", choices=PACKINGS, default="i2",
+                   help="ternary packing: i2 = 2 bits/weight, tq1 = 1.6 bits/weight (default i2)")
+    p.add_argument("--embeddings", choices=EMBEDDINGS, default="fp16",
+                   help="embeddings/LM head storage: fp16, or int8 with one scale per row")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer JSON to store in the file (default RUN_DIR/tokenizer.json)")
+    p.set_defaults(func=run, takes_overrides=False)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    export_run(args.run_dir, args.output, args.packing, args.embeddings, args.tokenizer)
+    header = read_header(args.output)
+    print(format_breakdown(header))
+    if header.tokenizer_json is None:
+        print("note: no tokenizer stored (the run has none; pass --tokenizer to add one)")
+    return 0

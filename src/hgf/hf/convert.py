@@ -1,0 +1,151 @@
+"""Conversions between a run directory, a Hugging Face directory and a BitNet checkpoint.
+
+    run     config.json (hgf Config), model.safetensors (hgf state dict), tokenizer.json
+    hf      config.json (HGFConfig, model_type "hgf"), model.safetensors (the same tensors under
+            the prefix ``model.``), generation_config.json, and when there is a tokenizer:
+            tokenizer.json + tokenizer_config.json (a PreTrainedTokenizerFast; eos =
+            ``<|endoftext|>`` when the vocabulary has it)
+    bitnet  a transformers ``bitnet`` checkpoint (read only; see hgf.hf.bitnet_import)
+
+A conversion loads the source as an hgf Transformer + Config (+ tokenizer file) and writes it in
+the target format. The output folder is written next to its final place and renamed at the end,
+so a failed conversion leaves nothing half-written; an existing non-empty output is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hgf.config import Config
+from hgf.data.sources import EOT
+from hgf.errors import HGFError
+from hgf.model.transformer import Transformer
+from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
+
+SOURCES = ("run", "hf", "bitnet")
+TARGETS = ("run", "hf")
+
+
+def detect_format(path: str | Path) -> str:
+    """run | hf | bitnet, from the folder's config.json."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        d = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HGFError(f"{cfg_file}: not found (expected a run, Hugging Face or BitNet folder)") from None
+    except json.JSONDecodeError as e:
+        raise HGFError(f"{cfg_file}: malformed JSON: {e}") from None
+    if isinstance(d.get("model"), dict):
+        return "run"
+    if d.get("model_type") == "hgf":
+        return "hf"
+    quant = d.get("quantization_config") or {}
+    if d.get("model_type") == "bitnet" or quant.get("quant_method") == "bitnet":
+        return "bitnet"
+    raise HGFError(f"{cfg_file}: cannot tell the format (not an hgf run, an hgf Hugging Face folder "
+                   "or a bitnet checkpoint); pass --from")
+
+
+@contextmanager
+def output_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` when the block succeeds."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HGFError(f"{out}: output already exists and is not an empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
+                overrides: list[str] | None = None) -> tuple[Transformer, Config, dict[str, Any]]:
+    """(model, cfg, info) of a source folder; ``info["tokenizer"]`` is its tokenizer file or None."""
+    path = Path(path)
+    if overrides and fmt != "bitnet":
+        raise HGFError(f"config overrides apply only to --from bitnet, got {overrides[0]!r}")
+    info: dict[str, Any] = {}
+    if fmt == "run":
+        model, cfg = load_trained(path)
+    elif fmt == "hf":
+        from hgf.hf.modeling import HGFForCausalLM
+
+        try:
+            hf = HGFForCausalLM.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise HGFError(f"{path}: cannot load as an hgf model: {str(e).splitlines()[0]}") from None
+        model, cfg = hf.model, hf.config.to_hgf()
+    elif fmt == "bitnet":
+        from hgf.hf.bitnet_import import import_bitnet
+
+        model, cfg, info = import_bitnet(path, scale_convention, overrides)
+    else:
+        raise HGFError(f"unknown source format {fmt!r} (known: {', '.join(SOURCES)})")
+    tok = path / TOKENIZER_FILE
+    info["tokenizer"] = tok if tok.is_file() else None
+    return model, cfg, info
+
+
+def write_run(model: Transformer, cfg: Config, out: str | Path, tokenizer: Path | None) -> Path:
+    with output_dir(out) as tmp:
+        save_config(cfg, tmp)
+        save_weights(model, tmp / MODEL_FILE)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    return Path(out)
+
+
+def write_hf(model: Transformer, out: str | Path, tokenizer: Path | None) -> Path:
+    """Save as a Hugging Face folder loadable with ``AutoModelForCausalLM.from_pretrained``
+    (after ``import hgf.hf.modeling``, which registers the model type ``hgf``)."""
+    from hgf.hf.modeling import HGFForCausalLM
+
+    tok, eos = _hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
+    hf = HGFForCausalLM.from_transformer(model, eos_token_id=eos)
+    hf.generation_config.eos_token_id = eos
+    with output_dir(out) as tmp:
+        hf.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)  # tokenizer_config.json (eos); keep the original tokenizer.json
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    return Path(out)
+
+
+def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
+            scale_convention: str = "auto", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Convert ``src`` (format ``fmt``, auto-detected by default) into ``out`` in format ``to``."""
+    if to not in TARGETS:
+        raise HGFError(f"unknown target format {to!r} (known: {', '.join(TARGETS)})")
+    fmt = detect_format(src) if fmt == "auto" else fmt
+    model, cfg, info = load_source(src, fmt, scale_convention, overrides)
+    if to == "run":
+        write_run(model, cfg, out, info["tokenizer"])
+    else:
+        write_hf(model, out, info["tokenizer"])
+    return {"from": fmt, "to": to, **info}
+
+
+def _hf_tokenizer(path: Path):
+    """A PreTrainedTokenizerFast of a ``tokenizers`` file and the id of its end-of-text token."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception as e:  # tokenizers raises bare Exceptions for malformed files
+        raise HGFError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+    eos = tok.get_vocab().get(EOT)
+    if eos is not None:
+        tok.eos_token = EOT
+    return tok, eos

@@ -1,0 +1,182 @@
+"""Export a trained model to the packed file (layout in hgf.infer.format).
+
+Per ternary projection (BitLinear or HGFLinear with weight W):
+    W_t, s_w = ternarize(W)        W_t ∈ {-1,0,1} packed (i2 | tq1), s_w float32
+HGF correction, gate g = φ(α) folded into B (so inference needs no gate):
+    additive  y = T(x) + g·B(Ax)           ->  B' = g·B
+    convex    y = (1-g)·T(x) + g·B(Ax)     ->  B' = g·B,  s_w' = s_w / (1-g)   (refused at g = 1)
+since T(x) = x_int @ W_tᵀ / (s_x · s_w) is linear in 1/s_w. A, B' in FP16; embeddings / LM head
+in FP16 or int8 per row; dense projections FP16; norms and λ vectors float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from hgf.config import Config
+from hgf.errors import HGFError
+from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
+from hgf.infer.generate import parse_tokenizer
+from hgf.kernels import pack_ternary
+from hgf.memory import SCALE_BYTES, memory_report
+from hgf.model.hgf_linear import HGFLinear
+from hgf.model.quant import BitLinear, ternarize
+from hgf.runs import TOKENIZER_FILE, atomic_write, load_trained
+
+SAFETENSORS_DTYPE = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16,
+                     "F32": torch.float32}
+
+
+def _fp16(name: str, t: torch.Tensor) -> torch.Tensor:
+    h = t.detach().to(torch.float16)
+    if not torch.isfinite(h).all():
+        raise HGFError(f"{name}: values overflow FP16 (max |x| = {t.abs().max().item():.3g})")
+    return h
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8: ``W[v] ≈ q[v] · scale[v]``, scale = max|W[v]| / 127."""
+    scale = w.detach().float().abs().amax(dim=1).clamp(min=1e-12) / 127  # [rows]
+    q = (w.detach().float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def pack_projection(mod: BitLinear, packing: str, name: str = "projection"
+                    ) -> dict[str, torch.Tensor]:
+    """The packed buffers of one training projection: ``weight_packed``, ``weight_scale`` and,
+    for HGFLinear, ``A`` and the gate-folded ``B`` (``name`` only labels errors)."""
+    if mod.act_bits != 8:
+        raise HGFError(f"{name}: the packed runtime needs quant.act_bits=8, the model uses "
+                       f"{mod.act_bits}")
+    w_t, s_w = ternarize(mod.weight, mod.weight_eps)
+    out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
+    if isinstance(mod, HGFLinear):
+        g = mod.gate_value().detach().float().cpu()
+        if mod.fusion == "convex":
+            if abs(1 - float(g)) < 1e-6:
+                raise HGFError(f"{name}: convex fusion with gate g={float(g):.6g} = 1 zeroes the "
+                               "ternary stream; it cannot be folded into the ternary scale")
+            s_w = s_w.cpu() / (1 - g)
+        out["A"] = _fp16(f"{name}.A", mod.A.cpu())
+        out["B"] = _fp16(f"{name}.B", g * mod.B.detach().float().cpu())
+    out["weight_scale"] = s_w.detach().float().cpu().reshape(())
+    return out
+
+
+@torch.no_grad()
+def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
+               embeddings: str = "fp16") -> dict[str, torch.Tensor]:
+    """The tensors of a packed file, checked against ``expected_tensors``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, BitLinear):
+            tensors.update({f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()})
+        elif name in ("tok_emb", "lm_head"):
+            if name == "lm_head" and cfg.model.tie_embeddings:
+                continue
+            if embeddings == "int8":
+                tensors[f"{name}.weight"], tensors[f"{name}.row_scale"] = _int8_rows(mod.weight)
+            else:
+                tensors[f"{name}.weight"] = _fp16(f"{name}.weight", mod.weight.cpu())
+        elif isinstance(mod, nn.Linear):
+            tensors[f"{name}.weight"] = _fp16(f"{name}.weight", mod.weight.cpu())
+        else:
+            for p_name, p in mod.named_parameters(recurse=False):
+                tensors[f"{name}.{p_name}" if name else p_name] = p.detach().float().cpu()
+    expected = expected_tensors(model, cfg, packing, embeddings)
+    for name, spec in expected.items():
+        t = tensors.get(name)
+        if (t is None or t.dtype != SAFETENSORS_DTYPE[spec.dtype]
+                or tuple(t.shape) != spec.shape):  # a bug here, never a user error
+            got = None if t is None else (t.dtype, tuple(t.shape))
+            raise AssertionError(f"export produced a bad {name}: {got}, expected {spec}")
+    assert set(tensors) == set(expected), sorted(set(tensors) ^ set(expected))
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def export_model(model: nn.Module, cfg: Config, out: str | Path, packing: str = "i2",
+                 embeddings: str = "fp16", tokenizer_json: str | None = None) -> None:
+    """Write ``model`` (a training-layout Transformer) as a packed file, atomically."""
+    tensors = pack_model(model, cfg, packing, embeddings)
+    meta = make_metadata(cfg, model, packing, embeddings, tokenizer_json)
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def export_run(run_dir: str | Path, out: str | Path, packing: str = "i2",
+               embeddings: str = "fp16", tokenizer: str | Path | None = None) -> None:
+    """Export a run's trained model; the tokenizer (RUN_DIR/tokenizer.json unless given) goes
+    into the file's metadata. A run without one is exported without a tokenizer."""
+    model, cfg = load_trained(run_dir)
+    tok_path = Path(tokenizer) if tokenizer else Path(run_dir) / TOKENIZER_FILE
+    if tokenizer and not tok_path.is_file():
+        raise HGFError(f"{tok_path}: tokenizer file not found")
+    tok = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
+    if tok is not None:
+        n = parse_tokenizer(tok, str(tok_path)).get_vocab_size()
+        if n > cfg.model.vocab_size:
+            raise HGFError(f"{tok_path}: the tokenizer has {n} tokens, more than the model's "
+                           f"model.vocab_size={cfg.model.vocab_size}")
+    export_model(model, cfg, out, packing, embeddings, tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the file holds, by component
+
+
+def byte_breakdown(header: PackedHeader) -> dict[str, float]:
+    """Bytes per component of a packed file, measured from its tensors, and the correction
+    overhead measured vs predicted by hgf.memory for the same config and packing."""
+    from hgf.model.transformer import build_model
+
+    by_role = header.bytes_by_role()
+    backbone = by_role["ternary"] + by_role["scale"]
+    predicted = memory_report(build_model(header.config, device="meta"))
+    n_scales = sum(1 for s in header.tensors.values() if s.role == "scale")
+    return {
+        **by_role,
+        "backbone": backbone,
+        "tensor_total": sum(by_role.values()),
+        "file_size": header.file_size,
+        "header_bytes": header.file_size - header.data_bytes,
+        "overhead_measured": by_role["correction"] / backbone if backbone else float("nan"),
+        "overhead_predicted": predicted.overhead(header.packing) or float("nan"),
+        "ternary_predicted": predicted.backbone_bytes(header.packing) - SCALE_BYTES * n_scales,
+        "scale_predicted": SCALE_BYTES * n_scales,
+        "correction_predicted": predicted.correction_bytes,
+    }
+
+
+def format_breakdown(header: PackedHeader) -> str:
+    b = byte_breakdown(header)
+    kib = 1024
+    rows = [
+        ("ternary packed", b["ternary"], b["ternary_predicted"]),
+        ("ternary scales (f32)", b["scale"], b["scale_predicted"]),
+        ("correction A, B' (f16)", b["correction"], b["correction_predicted"]),
+        (f"embeddings/head ({header.embeddings})", b["embedding"], None),
+        ("dense projections (f16)", b["dense"], None),
+        ("norms, λ (f32)", b["rest"], None),
+        ("tensors, total", b["tensor_total"], None),
+        ("header (config, tokenizer)", b["header_bytes"], None),
+        ("file size on disk", b["file_size"], None),
+    ]
+    lines = [f"{header.path}: packing {header.packing}, {len(header.tensors)} tensors",
+             f"{'component':<30}{'file KiB':>12}{'hgf.memory KiB':>16}"]
+    for label, got, pred in rows:
+        p = "" if pred is None else f"{pred / kib:.2f}"
+        lines.append(f"{label:<30}{got / kib:>12.2f}{p:>16}")
+    if not b["backbone"]:
+        lines.append("no ternary projections (a dense model): no correction overhead to report")
+        return "\n".join(lines)
+    if not b["correction"]:
+        lines.append("no correction path (pure ternary): correction overhead 0%")
+        return "\n".join(lines)
+    lines.append(
+        f"correction overhead = correction / packed backbone: measured {b['overhead_measured']:.3%}"
+        f" from the file, predicted {b['overhead_predicted']:.3%} by hgf.memory (which also "
+        "counts the FP16 gates; the file folds them into B')")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""hgf reproduce on a micro grid written by the test: runs, skips finished runs, reports."""
+
+import json
+import math
+
+import pytest
+
+from hgf.cli import main
+from hgf.reproduce.grid import load_preset, plan_grid
+from hgf.reproduce.report import gap_recovery, steps_to_reach
+
+STORY = "Once upon a time there was a little {} who liked to {}. One day it {} and was happy."
+
+
+def _dataset(tmp_path):
+    d = tmp_path / "stories"
+    d.mkdir()
+    words = [("cat", "run", "jumped"), ("dog", "swim", "sang"), ("bird", "fly", "laughed"),
+             ("fox", "read", "slept")]
+    for split, n in (("train", 120), ("valid", 24)):
+        stories = [STORY.format(*words[i % 4]) for i in range(n)]
+        (d / f"{split}.txt").write_text("".join(s + "\n<|endoftext|>\n" for s in stories))
+    return d
+
+
+def _preset(tmp_path, arms=("fp16", "bitnet", "hgf")):
+    p = tmp_path / "micro.toml"
+    p.write_text(f"""
+[grid]
+arms = {list(arms)!r}
+steps = [4, 6]
+seeds = 1
+[base.model]
+vocab_size = 300
+[base.data]
+path = "{_dataset(tmp_path).as_posix()}"
+cache_dir = "{(tmp_path / 'cache').as_posix()}"
+[base.train]
+batch_size = 2
+seq_len = 16
+warmup_steps = 1
+log_every = 1
+ckpt_every = 2
+progress = false
+[base.eval]
+every = 2
+batches = 1
+""")
+    return p
+
+
+def test_gap_recovery_formula():
+    assert gap_recovery(1.0294, 0.9306, 0.8490) == pytest.approx(0.548, abs=1e-3)
+    assert math.isnan(gap_recovery(1.0, 0.9, 1.0))
+    assert steps_to_reach([(10, 3.0), (20, 2.0), (30, 1.5)], 2.0) == 20
+    assert steps_to_reach([(10, 3.0)], 2.0) is None
+
+
+def test_micro_grid_runs_reports_and_skips_finished(tmp_path, capsys):
+    preset = _preset(tmp_path)
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out)]) == 0
+    for name in ("report.md", "results.json", "results.csv", "val_loss_4.png", "val_loss_6.png",
+                 "gates.png"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["table"]) == {"4", "6"}
+    rows = res["table"]["6"]
+    assert set(rows) == {"fp16", "bitnet", "hgf"}
+    expected = (rows["bitnet"]["val_loss"] - rows["hgf"]["val_loss"]) / (
+        rows["bitnet"]["val_loss"] - rows["fp16"]["val_loss"])
+    assert res["gap_recovery"]["6"]["bitnet"] == pytest.approx(expected)
+    assert res["memory"]["i2"]["overhead"] > 0
+    report = (out / "report.md").read_text()
+    assert "Gap recovery" in report and "What reproduced" in report and "0.9306" in report
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + 6
+
+    # A second invocation skips every finished run.
+    done = out / "runs" / "hgf-6steps-seed0" / "done.json"
+    mtime = done.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out)]) == 0
+    assert "done already" in capsys.readouterr().out
+    assert done.stat().st_mtime_ns == mtime
+
+
+def test_interrupted_run_resumes_from_checkpoint(tmp_path):
+    preset_path = _preset(tmp_path, arms=("hgf",))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(preset_path), "--out", str(out), "--steps", "6"]) == 0
+    run = out / "runs" / "hgf-6steps-seed0"
+    first = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    (run / "done.json").unlink()  # as if killed after its last checkpoint
+    assert main(["reproduce", "--preset", str(preset_path), "--out", str(out), "--steps", "6"]) == 0
+    assert (run / "done.json").is_file()
+    again = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]
+
+
+def test_bad_preset_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[grid]\narms = ["fp16", "nonsense"]\n')
+    assert main(["reproduce", "--preset", str(bad)]) == 2
+    assert "unknown arm 'nonsense'" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", "no-such-preset"]) == 2
+    assert "unknown reproduce preset" in capsys.readouterr().err
+
+
+def test_plan_grid_applies_preset_layers(tmp_path):
+    preset = load_preset(str(_preset(tmp_path)))
+    specs = plan_grid(preset, tmp_path / "o")
+    hgf = next(s for s in specs if s.arm == "hgf" and s.steps == 6)
+    assert hgf.cfg.model.linear == "hgf" and hgf.cfg.model.attention == "differential"
+    assert hgf.cfg.train.steps == 6 and hgf.cfg.model.vocab_size == 300
+    assert hgf.dir == tmp_path / "o" / "runs" / "hgf-6steps-seed0"
+
+
+@pytest.mark.slow
+def test_smoke_preset_on_real_data(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
+    if not (shared / "train.txt").is_file():
+        pytest.skip("../shared/data/tinystories is not present")
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--preset", "smoke", "--out", "out"]) == 0
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(res["runs"]) == 12 and all(math.isfinite(r["val_loss"]) for r in res["runs"])
+
+
+def test_lr_sweep_picks_the_best_lr_and_accumulates(tmp_path):
+    preset = _preset(tmp_path, arms=("fp16",))
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--sweep",
+                 "--lrs", "0.001,0.01", "--sweep-steps", "4"]) == 0
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--sweep",
+                 "--lrs", "0.003", "--sweep-steps", "4"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sorted(lr for _, lr, _, _ in sweep["runs"]) == [0.001, 0.003, 0.01]
+    best = min((v, lr) for _, lr, v, _ in sweep["runs"])
+    assert sweep["best"]["fp16"]["lr"] == best[1]
+    assert "Chosen: fp16" in (out / "sweep.md").read_text()
