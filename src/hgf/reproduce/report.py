@@ -123,7 +123,9 @@ def aggregate(preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
                       "reduction_vs_fp16": 1 - rep.total_bytes(p) / rep.fp16_bytes}
                   for p in ("i2", "tq1")}
         memory["params"] = rep.as_dict()["params"]
-    return {"preset": preset.name, "runs": runs, "table": table, "gap_recovery": gaps,
+    missing = [f"{s.arm} {s.steps} steps seed {s.seed_index}" for s in specs if not s.done]
+    return {"preset": preset.name, "runs": runs, "missing": missing, "table": table,
+            "gap_recovery": gaps,
             "steps_to_fp16_first_regime_loss": reach, "memory": memory,
             "paper": {"val_loss": PAPER, "gap_recovery": PAPER_GAP_RECOVERY}}
 
@@ -135,6 +137,9 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
     out = [f"# hgf reproduce: preset `{res['preset']}`", "",
            f"Command: `{command}`  ", f"Preset file: `{preset.path}`", ""]
+    if res["missing"]:
+        out += [f"**Incomplete grid: {len(res['missing'])} run(s) not finished** "
+                f"({', '.join(res['missing'])}); rerun the command to resume them.", ""]
     for steps, rows in res["table"].items():
         out += [f"## {steps} steps", "",
                 "| arm | val loss (nats/token) | perplexity | bits/byte | LR | diverged "
