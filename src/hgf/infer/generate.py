@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from hgf.errors import HGFError
 from hgf.model.transformer import Transformer
+from hgf.train.device import resolve_device as _resolve_device
 
 EOT = "<|endoftext|>"
 
@@ -157,15 +158,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise HGFError(f"--device {device!r} is not a device (use auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HGFError(f"--device {device}: CUDA is not available on this machine")
-    return dev
+    return _resolve_device(device, "--device")
 
 
 def parse_tokenizer(text: str, source: str) -> Tokenizer:

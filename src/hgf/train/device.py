@@ -13,15 +13,16 @@ from hgf.errors import HGFError
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``option`` names the setting in error messages."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise HGFError(f"train.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+        raise HGFError(f"{option}={name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HGFError(f"train.device={name!r} but no CUDA GPU is available")
+        raise HGFError(f"{option}={name!r} but no CUDA GPU is available")
     return dev
 
 
