@@ -10,8 +10,7 @@ measured step: forward, backward, optimizer step, zero_grad(set_to_none=True)):
   * the peak RSS growth of the process during the step (VmHWM after resetting it).
 The plan is the single-process column (no DDP buckets) with autocast off; differential attention
 uses ``attention_kernel="math"`` since CPU runs it on the math kernel. Activation checkpointing is
-applied per block with torch.utils.checkpoint (non-reentrant), as the trainer's parallelize step
-is expected to.
+hgf.parallel.parallelize's (per block, non-reentrant torch.utils.checkpoint).
 """
 
 from __future__ import annotations
@@ -37,40 +36,41 @@ def _status(key: str) -> int:
 
 def measure(arm: str, size: str, batch: int, seq: int, ac: bool, profile: bool) -> dict:
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     from hgf.config import load_config
     from hgf.model import build_model, lm_loss
+    from hgf.parallel import parallelize
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_plan import saved_bytes
+    from test_plan import SavedBytes
 
     torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / f"{arm}.toml", [f"--model.size={size}", f"--train.seq_len={seq}"])
+    cfg = load_config(ROOT / "configs" / f"{arm}.toml", [f"--model.size={size}", f"--train.seq_len={seq}",
+                                                        f"--dist.activation_checkpointing={ac}"])
     idx = torch.randint(0, cfg.model.vocab_size, (batch, seq + 1))
     base = _status("VmRSS")
     model = build_model(cfg)
+    net = parallelize(model, cfg)  # strategy none: per-block checkpointing when ac
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
 
     def forward():
-        if not ac:
-            return lm_loss(model(idx[:, :-1]), idx[:, 1:])
-        cos, sin = model.rope_cos[:seq], model.rope_sin[:seq]
-        x = model.tok_emb(idx[:, :-1])
-        for layer in model.layers:
-            x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-        return lm_loss(model.lm_head(model.norm(x)), idx[:, 1:])
+        return lm_loss(net(idx[:, :-1]), idx[:, 1:])
 
     def step():
         forward().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def saved() -> int:
+        with SavedBytes(model) as s:
+            forward()
+        return s.total
+
     step()  # creates the AdamW states
     out = {"params": sum(p.numel() * p.element_size() for p in model.parameters()),
            "optimizer": sum(t.numel() * t.element_size() for s in opt.state.values()
                             for k, t in s.items() if k != "step"),
-           "saved": saved_bytes(model, forward()) if profile and not ac else None}
+           "saved": saved() if profile and not ac else None}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import _memory_profiler as mp
