@@ -111,8 +111,12 @@ def aggregate(preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
                            for ref in ("bitnet", "bitnet_diff") if ref in loss}
     reach: dict[str, dict[str, int | None]] = {}
     if table:
-        first = str(min(int(s) for s in table))
-        target = table[first].get("fp16", {}).get("val_loss")
+        first = min(int(s) for s in table)
+        # the curves are fixed-subset evaluations: the target is fp16's last one, not its
+        # full-validation loss
+        fp = next((r for r in runs if r["arm"] == "fp16" and r["steps"] == first
+                   and r["seed_index"] == 0 and r["val_curve"]), None)
+        target = fp["val_curve"][-1][1] if fp else math.nan
         if _finite(target):
             for r in runs:
                 if r["seed_index"] == 0:
