@@ -142,3 +142,50 @@ def test_lr_sweep_picks_the_best_lr_and_accumulates(tmp_path):
     best = min((v, lr) for _, lr, v, _ in sweep["runs"])
     assert sweep["best"]["fp16"]["lr"] == best[1]
     assert "Chosen: fp16" in (out / "sweep.md").read_text()
+
+
+def test_variants_compare_with_the_grid_and_extra_seeds_join_the_report(tmp_path):
+    preset = _preset(tmp_path)
+    with preset.open("a") as f:
+        f.write('[variant.fast_ab]\narm = "hgf"\nabout = "A/B LR x10"\nhgf = { lr_mult = 10.0 }\n'
+                '[variant.wide]\narm = "hgf"\nabout = "rank 4"\nhgf = { rank = 4 }\n')
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4"]) == 0
+    # an extra seed of one arm, run alone, joins the whole grid's report (mean ± std)
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
+                 "--arms", "bitnet", "--seeds", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["table"]["4"]["bitnet"]["n"] == 2 and res["table"]["4"]["fp16"]["n"] == 1
+    assert "6 steps" in " ".join(res["missing"])  # the un-run regime is still reported missing
+
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
+                 "--variants", "fast_ab"]) == 0
+    run = out / "variants" / "fast_ab-4steps-seed0"
+    assert json.loads((run / "done.json").read_text())["variant"] == "fast_ab"
+    assert json.loads((run / "config.json").read_text())["hgf"]["lr_mult"] == 10.0
+    # a second variant run alone keeps the first in the report
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
+                 "--variants", "wide"]) == 0
+    v = json.loads((out / "variants.json").read_text())["regimes"]["4"]
+    assert set(v["variants"]) == {"fast_ab", "wide"}
+    ref = v["reference"]
+    assert ref["bitnet"]["n"] == 2 and set(ref) == {"fp16", "bitnet", "hgf"}
+    row = v["variants"]["fast_ab"]
+    assert row["delta_vs_arm"] == pytest.approx(row["val_loss"] - ref["hgf"]["val_loss"])
+    assert row["gap_recovery_vs_bitnet"] == pytest.approx(
+        gap_recovery(ref["bitnet"]["val_loss"], row["val_loss"], ref["fp16"]["val_loss"]))
+    assert v["variants"]["wide"]["overhead_i2"] > 0
+    md = (out / "variants.md").read_text()
+    assert "| fast_ab | hgf | A/B LR x10 | 1 |" in md and (out / "variants_4.png").is_file()
+
+
+def test_bad_variant_errors(tmp_path, capsys):
+    preset = _preset(tmp_path)
+    with preset.open("a") as f:
+        f.write('[variant.x]\nabout = "no arm"\n')
+    assert main(["reproduce", "--preset", str(preset)]) == 2
+    assert "[variant.x]: needs arm" in capsys.readouterr().err
+    preset = _preset(tmp_path / "b" if (tmp_path / "b").mkdir() is None else tmp_path)
+    assert main(["reproduce", "--preset", str(preset), "--variants", "nope", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "unknown variant 'nope'" in capsys.readouterr().err

@@ -78,6 +78,25 @@ def test_param_groups_no_decay_on_norms_gates_embeddings():
         "decay": 0.0, "no_decay": 0.0, "gate": 0.0}
 
 
+def test_correction_group_lr_mult_and_no_decay():
+    base = ["--train.weight_decay=0.1", "--train.lr=1e-3", "--train.warmup_steps=0",
+            "--train.schedule=constant"]
+    cfg = load_config(ROOT / "configs" / "hgf.toml", base)
+    names = [g["name"] for g in build_optimizer(build_model(cfg), cfg).param_groups]
+    assert "correction" not in names  # defaults: A/B share the decay group (same layout as before)
+    cfg = load_config(ROOT / "configs" / "hgf.toml",
+                      [*base, "--hgf.lr_mult=4", "--hgf.decay=false"])
+    model = build_model(cfg)
+    opt = build_optimizer(model, cfg)
+    Schedule(cfg.train).apply(opt, 0)
+    groups = {g["name"]: g for g in opt.param_groups}
+    ab = {id(p) for n, p in model.named_parameters() if n.endswith((".A", ".B"))}
+    assert ab and {id(p) for p in groups["correction"]["params"]} == ab
+    assert groups["correction"]["lr"] == pytest.approx(4e-3)
+    assert groups["correction"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+    assert not ab & {id(p) for p in groups["decay"]["params"]}
+
+
 def test_adamw_with_zero_lr_leaves_parameters_bitwise_unchanged():
     p = torch.nn.Parameter(torch.randn(5))
     opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1)

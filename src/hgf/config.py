@@ -88,6 +88,8 @@ class HGFConfig:
     fusion: str = "additive"  # additive: T + g·C | convex: (1-g)·T + g·C
     init: str = "kaiming"  # kaiming (A Kaiming-uniform, B zeros) | svd (residual SVD, LoftQ-like)
     gate_lr_mult: float = 1.0  # gate learning rate = train.lr × this (own group, no weight decay)
+    lr_mult: float = 1.0  # A/B learning rate = train.lr × this
+    decay: bool = True  # apply train.weight_decay to A and B (as to the backbone weights)
     gate_l2: float = 0.0  # weight of the L2 pull  gate_l2 · Σ (g - gate_target)²  added to the loss
     gate_target: float = 0.1
     gate_warmup_frac: float = 0.0  # upper clamp on g ramps from gate_init to 1 over this fraction
@@ -359,7 +361,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
                 "train.two_stage_lr_frac"):
         if not 0 <= _get(cfg, key) <= 1:
             fail(key, "must lie in [0, 1]")
-    for key in ("train.lr", "hgf.gate_lr_mult", "hgf.gate_l2", "train.weight_decay",
+    for key in ("train.lr", "hgf.gate_lr_mult", "hgf.lr_mult", "hgf.gate_l2", "train.weight_decay",
                 "train.grad_clip", "train.warmup_steps", "eval.every", "eval.batches",
                 "train.ckpt_every", "train.log_every", "train.threads"):
         if _get(cfg, key) < 0:

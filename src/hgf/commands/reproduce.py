@@ -3,6 +3,9 @@
 Runs every arm at every step regime and seed (finished runs are skipped, an interrupted one resumes
 from its checkpoint), then writes ``report.md``, ``results.json``, ``results.csv`` and plots.
 ``--sweep`` runs the preset's LR sweep instead and writes ``sweep.json`` with each arm's best LR.
+``--variants`` runs the preset's ``[variant.*]`` changes of one arm and writes ``variants.md``,
+comparing each with the grid's arms at the same regime. Reports count every finished grid run in
+OUT, including extra seeds run with ``--seeds``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", action="store_true", help="run the LR sweep instead of the grid")
     p.add_argument("--lrs", type=_floats, help="LR candidates for --sweep (default: the preset's)")
     p.add_argument("--sweep-steps", type=int, help="steps of each sweep run (default: the preset's)")
+    p.add_argument("--variants", type=lambda s: s.split(","),
+                   help="run the preset's [variant.*] studies instead of the grid: 'all' or names")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     p.add_argument("--background", action="store_true",
                    help="run detached; progress goes to OUT/reproduce.log")
@@ -38,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hgf.reproduce.grid import load_preset, plan_grid, plan_sweep
+    from hgf.reproduce.grid import finished_extras, load_preset, plan_grid, plan_sweep, plan_variants
     from hgf.reproduce.report import write_report, write_sweep
     from hgf.reproduce.runner import run_specs
 
@@ -53,10 +58,23 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         run_specs(specs)
         print(write_sweep(specs, out))
         return 0
+    if args.variants:
+        from hgf.reproduce.variants import write_variants
+
+        names = None if args.variants == ["all"] else args.variants
+        specs = plan_variants(preset, out, names, args.steps, args.seeds)
+        if not args.report_only:
+            run_specs(specs)
+        grid = plan_grid(preset, out)
+        specs = specs + finished_extras(preset, out, specs, variants=True)
+        path = write_variants(preset, specs, grid + finished_extras(preset, out, grid), out)
+        print(f"variant report: {path}")
+        return 0
     specs = plan_grid(preset, out, args.arms, args.steps, args.seeds)
     if not args.report_only:
         run_specs(specs)
-    path = write_report(preset, specs, out)
+    full = plan_grid(preset, out)  # a partial command (--arms/--steps/--seeds) reports the grid
+    path = write_report(preset, full + finished_extras(preset, out, full), out)
     print(f"report: {path}")
     return 0
 

@@ -12,11 +12,11 @@ from hgf.model.quant import BitLinear
 
 
 def param_kind(model: nn.Module) -> dict[str, str]:
-    """Map every parameter name to ``gate`` | ``decay`` | ``no_decay``.
+    """Map every parameter name to ``gate`` | ``correction`` | ``decay`` | ``no_decay``.
 
     Gates form their own group (LR multiplier, no weight decay); norms, λ vectors and embeddings
-    get no weight decay; projection weights (latent ternary or dense), the correction A/B and an
-    untied LM head are decayed.
+    get no weight decay; projection weights (latent ternary or dense) and an untied LM head are
+    decayed; the correction A/B follow ``hgf.lr_mult`` and ``hgf.decay``.
     """
     kinds: dict[str, str] = {}
     for mod_name, mod in model.named_modules():
@@ -24,7 +24,9 @@ def param_kind(model: nn.Module) -> dict[str, str]:
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             if isinstance(mod, HGFLinear) and p_name == "gate":
                 kinds[full] = "gate"
-            elif isinstance(mod, (nn.Linear, BitLinear)) and p_name in ("weight", "A", "B"):
+            elif isinstance(mod, HGFLinear) and p_name in ("A", "B"):
+                kinds[full] = "correction"
+            elif isinstance(mod, (nn.Linear, BitLinear)) and p_name == "weight":
                 kinds[full] = "decay"
             else:
                 kinds[full] = "no_decay"
@@ -32,14 +34,22 @@ def param_kind(model: nn.Module) -> dict[str, str]:
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
-    """AdamW groups: ``decay``, ``no_decay`` and ``gate`` (each tagged with ``name`` and its
-    ``lr_mult`` so an LR schedule can scale it). Tied weights appear once."""
+    """AdamW groups: ``decay``, ``no_decay``, ``gate`` and ``correction`` (each tagged with
+    ``name``, its ``lr_mult`` so an LR schedule can scale it, and ``decays`` when the schedule's
+    weight decay applies). Tied weights appear once. With the default ``hgf.lr_mult = 1`` and
+    ``hgf.decay = true`` the correction A/B join the ``decay`` group, so the group layout (and
+    checkpoints) are those of a model without the options."""
     kinds = param_kind(model)
     params = dict(model.named_parameters())  # deduplicates tied parameters
+    h, wd = cfg.hgf, cfg.train.weight_decay
+    if h.lr_mult == 1.0 and h.decay:
+        kinds = {n: "decay" if k == "correction" else k for n, k in kinds.items()}
     groups: dict[str, dict[str, Any]] = {
-        "decay": {"weight_decay": cfg.train.weight_decay, "lr_mult": 1.0},
-        "no_decay": {"weight_decay": 0.0, "lr_mult": 1.0},
-        "gate": {"weight_decay": 0.0, "lr_mult": cfg.hgf.gate_lr_mult},
+        "decay": {"weight_decay": wd, "lr_mult": 1.0, "decays": True},
+        "no_decay": {"weight_decay": 0.0, "lr_mult": 1.0, "decays": False},
+        "gate": {"weight_decay": 0.0, "lr_mult": h.gate_lr_mult, "decays": False},
+        "correction": {"weight_decay": wd if h.decay else 0.0, "lr_mult": h.lr_mult,
+                       "decays": h.decay},
     }
     out = []
     for name, g in groups.items():

@@ -7,9 +7,12 @@ A reproduce preset (``configs/reproduce/<name>.toml``) is data:
     [lr]        the chosen learning rate per arm (from the sweep)
     [base.*]    config sections applied to every arm (model size, data, train, eval, hgf)
     [arm.NAME.*] config sections for one arm only
+    [variant.NAME] a named change to one arm, run by ``hgf reproduce --variants``: ``arm`` (the
+                arm it changes), ``about`` (one line: the question it asks) and config sections
 
 An arm's config is, lowest to highest: defaults < ``configs/<arm>.toml`` < ``[base]`` <
-``[arm.NAME]`` < ``[lr]`` < the run's steps/seed/out_dir.
+``[arm.NAME]`` < ``[lr]`` < the run's steps/seed/out_dir. A variant's sections come after
+``[lr]`` (so a variant may change the LR) and before the run's steps/seed/out_dir.
 """
 
 from __future__ import annotations
@@ -57,14 +60,24 @@ class Preset:
     lr: dict[str, float]
     lr_sweep: list[float] = field(default_factory=list)
     sweep_steps: int = 0
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+
+@dataclass
+class Variant:
+    name: str
+    arm: str
+    about: str
+    sections: dict[str, Any]
 
 
 def load_preset(name_or_path: str) -> Preset:
     path = resolve_preset(name_or_path)
     d = read_toml(path)
-    unknown = set(d) - {"grid", "lr", "base", "arm"}
+    unknown = set(d) - {"grid", "lr", "base", "arm", "variant"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: grid, lr, base, arm)")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} "
+                          "(known: grid, lr, base, arm, variant)")
     grid = d.get("grid", {})
     bad = set(grid) - {"arms", "steps", "seeds", "lr_sweep", "sweep_steps"}
     if bad:
@@ -82,16 +95,31 @@ def load_preset(name_or_path: str) -> Preset:
         lr={k: float(v) for k, v in d.get("lr", {}).items()},
         lr_sweep=[float(x) for x in grid.get("lr_sweep", [])],
         sweep_steps=int(grid.get("sweep_steps", 0)),
+        variants={name: _variant(path, name, v) for name, v in d.get("variant", {}).items()},
     )
     for a in list(preset.lr) + list(preset.arm_overrides):
         if a not in ARMS:
             raise ConfigError(f"{path}: unknown arm {a!r} in [lr]/[arm] (known: {', '.join(ARMS)})")
     arm_config(preset, preset.arms[0], preset.steps[0], 0, Path("validate"))  # fail early
+    for v in preset.variants.values():
+        arm_config(preset, v.arm, preset.steps[0], 0, Path("validate"), variant=v)
     return preset
 
 
+def _variant(path: Path, name: str, d: Any) -> Variant:
+    where = f"{path}: [variant.{name}]"
+    if not isinstance(d, dict) or not isinstance(d.get("arm"), str):
+        raise ConfigError(f"{where}: needs arm = one of {', '.join(ARMS)}")
+    if d["arm"] not in ARMS:
+        raise ConfigError(f"{where}: unknown arm {d['arm']!r} (known: {', '.join(ARMS)})")
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{where}: a variant name may hold letters, digits, '_' and '-' only")
+    sections = {k: v for k, v in d.items() if k not in ("arm", "about")}
+    return Variant(name, d["arm"], str(d.get("about", "")), sections)
+
+
 def arm_config(preset: Preset, arm: str, steps: int, seed_index: int, run_dir: Path,
-               lr: float | None = None) -> Config:
+               lr: float | None = None, variant: Variant | None = None) -> Config:
     arm_file = configs_dir() / f"{arm}.toml"
     layers = [(read_toml(arm_file), str(arm_file)), (preset.base, f"{preset.path} [base]")]
     if arm in preset.arm_overrides:
@@ -99,6 +127,8 @@ def arm_config(preset: Preset, arm: str, steps: int, seed_index: int, run_dir: P
     lr = lr if lr is not None else preset.lr.get(arm)
     if lr is not None:
         layers.append(({"train": {"lr": lr}}, f"{preset.path} [lr]"))
+    if variant is not None:
+        layers.append((variant.sections, f"{preset.path} [variant.{variant.name}]"))
     base_seed = preset.base.get("train", {}).get("seed", Config().train.seed)
     run = {"train": {"steps": steps, "seed": int(base_seed) + seed_index, "out_dir": str(run_dir)}}
     layers.append((run, "reproduce grid"))
@@ -113,6 +143,7 @@ class RunSpec:
     dir: Path
     cfg: Config
     lr_candidate: float | None = None
+    variant: str | None = None
 
     @property
     def done(self) -> bool:
@@ -143,3 +174,44 @@ def plan_sweep(preset: Preset, out: Path, lrs: list[float], steps: int,
             d = out / "sweep" / f"{arm}-lr{lr:g}"
             specs.append(RunSpec(arm, steps, 0, d, arm_config(preset, arm, steps, 0, d, lr), lr))
     return specs
+
+
+def plan_variants(preset: Preset, out: Path, names: list[str] | None = None,
+                  steps: list[int] | None = None, seeds: int | None = None) -> list[RunSpec]:
+    """Runs of ``[variant.*]`` under ``out/variants/NAME-<steps>steps-seed<s>`` (all variants
+    when ``names`` is None)."""
+    names = names or list(preset.variants)
+    for n in names:
+        if n not in preset.variants:
+            known = ", ".join(preset.variants) or "none"
+            raise ConfigError(f"{preset.path}: unknown variant {n!r} (known: {known})")
+    specs = []
+    for n in steps or preset.steps:
+        for s in range(seeds if seeds is not None else preset.seeds):
+            for name in names:
+                v = preset.variants[name]
+                d = out / "variants" / f"{name}-{n}steps-seed{s}"
+                specs.append(RunSpec(v.arm, n, s, d, arm_config(preset, v.arm, n, s, d, variant=v),
+                                     variant=name))
+    return specs
+
+
+def finished_extras(preset: Preset, out: Path, specs: list[RunSpec],
+                    variants: bool = False) -> list[RunSpec]:
+    """Finished runs under ``out/runs`` (or ``out/variants``) that ``specs`` does not list: extra
+    seeds or regimes run with ``--seeds``/``--steps``, other variants, so that a report counts
+    every finished run."""
+    from hgf.runs import load_run_config
+
+    known = {s.dir.resolve() for s in specs}
+    extra = []
+    for done in sorted((out / ("variants" if variants else "runs")).glob(f"*/{DONE_FILE}")):
+        if done.parent.resolve() in known:
+            continue
+        st = json.loads(done.read_text())
+        ok = st.get("variant") in preset.variants if variants else st.get("arm") in preset.arms
+        if ok:
+            extra.append(RunSpec(st["arm"], int(st["steps"]), int(st.get("seed_index", 0)),
+                                 done.parent, load_run_config(done.parent),
+                                 variant=st.get("variant")))
+    return extra

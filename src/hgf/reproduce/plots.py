@@ -15,8 +15,10 @@ def _plt():
     return plt
 
 
-def plot_val_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
-    """One figure per regime: validation loss vs step for every arm (seed 0)."""
+def plot_val_curves(runs: list[dict[str, Any]], out: Path, prefix: str = "val_loss",
+                    title: str = "Validation loss") -> list[Path]:
+    """One figure per regime, ``out/<prefix>_<steps>.png``: validation loss vs step for every
+    run of seed 0, labelled by its variant or arm."""
     plt = _plt()
     paths = []
     for steps in sorted({r["steps"] for r in runs}):
@@ -26,13 +28,14 @@ def plot_val_curves(runs: list[dict[str, Any]], out: Path) -> list[Path]:
                 continue
             xs, ys = zip(*r["val_curve"], strict=True)
             style = "--" if r["diverged"] else "-"
-            ax.plot(xs, ys, style, label=r["arm"] + (" (diverged)" if r["diverged"] else ""))
+            label = r.get("variant") or r["arm"]
+            ax.plot(xs, ys, style, label=label + (" (diverged)" if r["diverged"] else ""))
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(f"Validation loss, {steps}-step regime")
+        ax.set_title(f"{title}, {steps}-step regime")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = out / f"val_loss_{steps}.png"
+        path = out / f"{prefix}_{steps}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -53,7 +53,8 @@ def summarize_run(spec: RunSpec) -> dict[str, Any] | None:
     diverged = status["status"] == "diverged" or not _finite(final_loss) or bool(
         evals and evals[-1]["val_loss"] > DIVERGENCE_MARGIN * best)
     return {
-        "arm": spec.arm, "steps": spec.steps, "seed_index": spec.seed_index, "dir": str(spec.dir),
+        "arm": spec.arm, "variant": spec.variant, "steps": spec.steps,
+        "seed_index": spec.seed_index, "dir": str(spec.dir),
         "status": status["status"], "message": status.get("message", ""),
         "lr": spec.cfg.train.lr, "wall_s": status.get("wall_s"),
         "val_loss": final_loss,

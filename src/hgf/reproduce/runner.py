@@ -21,7 +21,8 @@ def run_specs(specs: list[RunSpec]) -> None:
 
     n = len(specs)
     for i, spec in enumerate(specs, 1):
-        label = f"[{i}/{n}] {spec.arm} {spec.steps} steps seed {spec.seed_index}"
+        name = f"{spec.variant} ({spec.arm})" if spec.variant else spec.arm
+        label = f"[{i}/{n}] {name} {spec.steps} steps seed {spec.seed_index}"
         if spec.lr_candidate is not None:
             label += f" lr {spec.lr_candidate:g}"
         if spec.done:
@@ -40,5 +41,7 @@ def run_specs(specs: list[RunSpec]) -> None:
             status = {"status": "diverged", "message": str(e)}
         status.update(arm=spec.arm, steps=spec.steps, seed_index=spec.seed_index,
                       lr=spec.cfg.train.lr, wall_s=round(time.time() - t0, 1))
+        if spec.variant:
+            status["variant"] = spec.variant
         atomic_write_text(spec.dir / DONE_FILE, json.dumps(status, indent=2) + "\n")
         print(f"{label}: {status['status']} in {status['wall_s']:.0f} s", flush=True)

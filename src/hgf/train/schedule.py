@@ -10,7 +10,8 @@
                              weight decay is train.weight_decay, then 0 from S/2 on
                              (METHOD.md §6: 1.5e-3 -> 1e-3 and WD 0.1 -> 0 halfway through)
 
-Each optimizer group gets ``lr_t × group["lr_mult"]``; only the ``decay`` group gets weight decay.
+Each optimizer group gets ``lr_t × group["lr_mult"]``; only groups tagged ``decays`` get the
+weight decay (``decay``, and ``correction`` unless hgf.decay is false).
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ class Schedule:
         return self.t.weight_decay
 
     def apply(self, optimizer: Optimizer, step: int) -> float:
-        """Set every group's LR (× its ``lr_mult``) and the decay group's WD; return the base LR."""
+        """Set every group's LR (× its ``lr_mult``) and the decayed groups' WD; return the base LR."""
         lr, wd = self.lr_at(step), self.wd_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-            if group.get("name") == "decay":
+            if group.get("decays", group.get("name") == "decay"):
                 group["weight_decay"] = wd
         return lr
