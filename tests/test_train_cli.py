@@ -35,6 +35,7 @@ def test_train_eval_plot_through_the_cli(tmp_path, dataset, capsys):
     info = json.loads((run / "run_info.json").read_text())
     assert info["seed"] == 1337 and info["versions"]["torch"] and info["hardware"]["cpu_count"]
     assert "commit" in info["git"] and info["command"]
+    assert "/" not in info["command"][0]  # a bare program name, no machine path
 
     recs = read_metrics(run)
     train = [r for r in recs if r["kind"] == "train"]

@@ -63,7 +63,7 @@ def hardware(device: torch.device) -> dict[str, Any]:
 def collect(cfg: Config, device: torch.device) -> dict[str, Any]:
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
+        "command": _command(),
         "seed": cfg.train.seed,
         "world_size": world().world_size,  # processes (dist.strategy is in the config)
         "git": git_state(),
@@ -83,3 +83,9 @@ def write_run_info(run_dir: str | Path, cfg: Config, device: torch.device,
         first.setdefault("restarts", []).append({"step": resumed_from, **info})
         info = first
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+
+
+def _command() -> list[str]:
+    """``sys.argv`` with the program as a bare name (``hgf``), never a machine's absolute path."""
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    return ["hgf" if prog in ("__main__.py", "hgf") else prog, *sys.argv[1:]]
