@@ -189,3 +189,15 @@ def test_bad_variant_errors(tmp_path, capsys):
     assert main(["reproduce", "--preset", str(preset), "--variants", "nope", "--out",
                  str(tmp_path / "o")]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err
+
+
+def test_seed_noise_statement():
+    from hgf.reproduce.report import seed_noise
+
+    one = {"n": 1, "val_loss": 3.0, "val_loss_std": 0.0}
+    assert "not measured" in seed_noise(one, one)[0]
+    a = {"n": 3, "val_loss": 3.60, "val_loss_std": 0.01}
+    b = {"n": 3, "val_loss": 3.56, "val_loss_std": 0.01}
+    assert "+0.0400" in seed_noise(a, b)[0] and "larger than" in seed_noise(a, b)[0]
+    b["val_loss"] = 3.59
+    assert "within" in seed_noise(a, b)[0]  # 0.01 < 2 * sqrt(2 * 0.01² / 3) = 0.0163

@@ -185,6 +185,9 @@ def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
         out.append("")
     out += ["## Gate values", "", "![gates](gates.png)", "", *gate_table(res), "",
             "## What reproduced", "", *verdict(res), ""]
+    if res.get("variants_report"):
+        out += ["Why: the variant study (rank, placement, correction and gate learning rates, "
+                f"init) is in [{res['variants_report']}]({res['variants_report']}).", ""]
     return "\n".join(out)
 
 
@@ -215,6 +218,7 @@ def verdict(res: dict[str, Any]) -> list[str]:
             g = res["gap_recovery"].get(steps, {}).get("bitnet")
             if _finite(g):
                 lines.append(f"  Gap recovery {g:.3f} vs the paper's {PAPER_GAP_RECOVERY}.")
+            lines += seed_noise(rows["hgf"], rows["bitnet"])
         if "diff_only" in rows:
             d = rows["diff_only"]
             lines.append(f"- {steps} steps: Diff_Only diverged in {d['diverged']}/{d['n']} runs "
@@ -224,6 +228,20 @@ def verdict(res: dict[str, Any]) -> list[str]:
             h = rows["hgf"]
             lines.append(f"- {steps} steps: HGF diverged in {h['diverged']}/{h['n']} runs.")
     return lines
+
+
+def seed_noise(hgf: dict[str, Any], bitnet: dict[str, Any]) -> list[str]:
+    """Is L_hgf − L_bitnet larger than the seed noise? Only said where both arms have >1 seed:
+    the difference against twice its standard error (Welch)."""
+    if hgf["n"] < 2 or bitnet["n"] < 2:
+        return ["  One seed per arm: the seed noise is not measured here (`--seeds 3` measures "
+                "it)."]
+    diff = hgf["val_loss"] - bitnet["val_loss"]
+    se = math.sqrt(hgf["val_loss_std"] ** 2 / hgf["n"] + bitnet["val_loss_std"] ** 2 / bitnet["n"])
+    verdict = "larger than" if abs(diff) > 2 * se else "within"
+    return [f"  L_hgf − L_bitnet = {diff:+.4f} over {hgf['n']} and {bitnet['n']} seeds "
+            f"(std {hgf['val_loss_std']:.4f} and {bitnet['val_loss_std']:.4f}): {verdict} "
+            f"twice its standard error ({2 * se:.4f})."]
 
 
 def write_csv(res: dict[str, Any]) -> str:
@@ -241,6 +259,8 @@ def write_report(preset: Preset, specs: list[RunSpec], out: Path, command: str =
     from hgf.reproduce.plots import plot_gates, plot_val_curves
 
     res = aggregate(preset, specs)
+    if (out / "variants.md").is_file():
+        res["variants_report"] = "variants.md"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=str) + "\n")
     atomic_write_text(out / "results.csv", write_csv(res))
