@@ -2,9 +2,11 @@
 
     hgf.hf.modeling        HGFConfig / HGFForCausalLM: the hgf Transformer as a transformers model
                            (needs transformers >= 5; imported only when used)
-    hgf.hf.convert         run directory <-> Hugging Face directory
+    hgf.hf.convert         run directory <-> Hugging Face directory <-> bitnet checkpoint
     hgf.hf.bitnet_import   checkpoints in the transformers ``bitnet`` packed format -> hgf model
                            (torch + safetensors only)
+    hgf.hf.bitnet_export   hgf model -> ``bitnet`` checkpoint (what can be exported; the packed
+                           tensors, config.json; the drift of dropping an HGF correction)
 """
 
 from __future__ import annotations

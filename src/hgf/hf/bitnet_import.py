@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from hgf.config import Config, TrainConfig, build_config, parse_overrides
+from hgf.config import Config, ModelConfig, TrainConfig, build_config, parse_overrides, subln_enabled
 from hgf.errors import HGFError
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.transformer import Transformer, build_model
@@ -195,11 +195,13 @@ def detect_scale_convention(hf: dict[str, Any], scales: list[float]) -> tuple[st
 # Import
 
 
-def _proj_name(role: str) -> str:
+def proj_name(role: str) -> str:
+    """Checkpoint name of a block projection, without ``model.layers.N.``."""
     return f"self_attn.{role}" if role in ATTENTION_PROJ else f"mlp.{role}"
 
 
-def _hgf_proj_name(layer: int, role: str) -> str:
+def hgf_proj_name(layer: int, role: str) -> str:
+    """hgf state-dict name of a block projection's weight."""
     return f"layers.{layer}.{'attn' if role in ATTENTION_PROJ else 'mlp'}.{role}.weight"
 
 
@@ -233,6 +235,19 @@ def _projection(state: dict[str, torch.Tensor], key: str, shape: tuple[int, int]
     return latent_weight(w_t, s if convention == "mean" else 1.0 / s)
 
 
+def plain_names(m: ModelConfig) -> dict[str, str]:
+    """hgf name -> checkpoint name of every full-precision tensor (embeddings, norms, an untied
+    head); the sub-norms only when ``m.subln`` is on."""
+    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not m.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(m.n_layers):
+        for ours, theirs in NORMS.items():
+            if subln_enabled(m) or "subln" not in ours:
+                names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
 def _repeat_heads(w: torch.Tensor, n_kv: int, n_rep: int) -> torch.Tensor:
     """K/V rows of ``n_kv`` heads ``[n_kv·hd, in]`` -> ``[n_kv·n_rep·hd, in]``, head i repeated
     ``n_rep`` times in a row (query head j reads K/V head j // n_rep)."""
@@ -261,7 +276,7 @@ def import_bitnet(path: str | Path, scale_convention: str = "auto",
               "gate_proj": (m.d_ff, m.d_model), "up_proj": (m.d_ff, m.d_model),
               "down_proj": (m.d_model, m.d_ff)}
 
-    proj_keys = [(i, r, f"model.layers.{i}.{_proj_name(r)}")
+    proj_keys = [(i, r, f"model.layers.{i}.{proj_name(r)}")
                  for i in range(m.n_layers) for r in ATTENTION_PROJ + MLP_PROJ]
     missing = [f"{k}.weight" for _, _, k in proj_keys if f"{k}.weight" not in state]
     if missing:
@@ -281,21 +296,14 @@ def import_bitnet(path: str | Path, scale_convention: str = "auto",
         zeros, total = zeros + int((w == 0).sum()), total + w.numel()
         if role in ("k_proj", "v_proj") and n_kv != m.n_heads:
             w = _repeat_heads(w, n_kv, m.n_heads // n_kv)
-        ours[_hgf_proj_name(i, role)] = w
+        ours[hgf_proj_name(i, role)] = w
         used.update({f"{key}.weight", f"{key}.weight_scale"})
-    plain = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not m.tie_embeddings:
-        plain["lm_head.weight"] = "lm_head.weight"
-    elif "lm_head.weight" in state:  # a tied head stored twice must be the embedding
+    if m.tie_embeddings and "lm_head.weight" in state:  # a tied head stored twice must be the embedding
         if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
             raise HGFError(f"{source}: tie_word_embeddings=true but lm_head.weight differs from "
                            "model.embed_tokens.weight")
         used.add("lm_head.weight")
-    for i in range(m.n_layers):
-        for ours_name, theirs in NORMS.items():
-            if m.subln == "on" or "subln" not in ours_name:
-                plain[f"layers.{i}.{ours_name}.weight"] = f"model.layers.{i}.{theirs}.weight"
-    for ours_name, theirs in plain.items():
+    for ours_name, theirs in plain_names(m).items():
         if theirs not in state:
             raise HGFError(f"{path}: checkpoint lacks {theirs}")
         ours[ours_name] = state[theirs].float()
@@ -311,7 +319,8 @@ def import_bitnet(path: str | Path, scale_convention: str = "auto",
     except RuntimeError as e:
         raise HGFError(f"{path}: tensor shapes do not match the config: "
                        f"{str(e).splitlines()[-1].strip()}") from None
-    left = [k for k in missing_keys if not k.endswith((".A", ".B", ".gate"))]
+    tied = {"lm_head.weight"} if m.tie_embeddings else set()  # shares tok_emb.weight
+    left = [k for k in missing_keys if not k.endswith((".A", ".B", ".gate")) and k not in tied]
     if left:
         raise HGFError(f"{path}: no checkpoint tensor for {left[0]}")
     info = {"scale_convention": scale_convention, "reason": reason,

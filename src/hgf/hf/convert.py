@@ -5,7 +5,9 @@
             the prefix ``model.``), generation_config.json, and when there is a tokenizer:
             tokenizer.json + tokenizer_config.json (a PreTrainedTokenizerFast; eos =
             ``<|endoftext|>`` when the vocabulary has it)
-    bitnet  a transformers ``bitnet`` checkpoint (read only; see hgf.hf.bitnet_import)
+    bitnet  a transformers ``bitnet`` checkpoint: config.json (BitNetConfig + quantization_config),
+            model.safetensors (packed ternary weights), the tokenizer files as for hf
+            (hgf.hf.bitnet_import reads it, hgf.hf.bitnet_export says what can be written)
 
 A conversion loads the source as an hgf Transformer + Config (+ tokenizer file) and writes it in
 the target format. The output folder is written next to its final place and renamed at the end,
@@ -23,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import save_file
+
 from hgf.config import Config
 from hgf.data.sources import EOT
 from hgf.errors import HGFError
@@ -30,7 +34,7 @@ from hgf.model.transformer import Transformer
 from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
 
 SOURCES = ("run", "hf", "bitnet")
-TARGETS = ("run", "hf")
+TARGETS = ("run", "hf", "bitnet")
 
 
 def detect_format(path: str | Path) -> str:
@@ -123,17 +127,43 @@ def write_hf(model: Transformer, out: str | Path, tokenizer: Path | None) -> Pat
     return Path(out)
 
 
+def write_bitnet(model: Transformer, cfg: Config, out: str | Path, tokenizer: Path | None,
+                 drop_correction: bool = False) -> dict[str, Any]:
+    """Save as a transformers ``bitnet`` checkpoint (see hgf.hf.bitnet_export); for an HGF model
+    with ``drop_correction`` returns the logit drift of pruning the correction."""
+    from hgf.hf.bitnet_export import bitnet_config, bitnet_state_dict, check_exportable, correction_drift
+
+    check_exportable(cfg, drop_correction)
+    tok, eos = _hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
+    state = bitnet_state_dict(model)
+    info = {"drift": correction_drift(model)} if cfg.model.linear == "hgf" else {}
+    with output_dir(out) as tmp:
+        (tmp / "config.json").write_text(json.dumps(bitnet_config(cfg, eos), indent=2) + "\n",
+                                         encoding="utf-8")
+        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        if tok is not None:
+            tok.save_pretrained(tmp)
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+    return info
+
+
 def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
-            scale_convention: str = "auto", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Convert ``src`` (format ``fmt``, auto-detected by default) into ``out`` in format ``to``."""
+            scale_convention: str = "auto", overrides: list[str] | None = None,
+            drop_correction: bool = False) -> dict[str, Any]:
+    """Convert ``src`` (format ``fmt``, auto-detected by default) into ``out`` in format ``to``;
+    ``drop_correction`` lets ``to="bitnet"`` prune an HGF model's correction."""
     if to not in TARGETS:
         raise HGFError(f"unknown target format {to!r} (known: {', '.join(TARGETS)})")
+    if drop_correction and to != "bitnet":
+        raise HGFError("--drop-correction applies only to --to bitnet")
     fmt = detect_format(src) if fmt == "auto" else fmt
     model, cfg, info = load_source(src, fmt, scale_convention, overrides)
     if to == "run":
         write_run(model, cfg, out, info["tokenizer"])
-    else:
+    elif to == "hf":
         write_hf(model, out, info["tokenizer"])
+    else:
+        info |= write_bitnet(model, cfg, out, info["tokenizer"], drop_correction)
     return {"from": fmt, "to": to, **info}
 
 
