@@ -79,6 +79,10 @@ def aggregate_variants(preset: Preset, variant_specs: list[RunSpec],
     return {"preset": preset.name, "regimes": regimes, "missing": missing, "runs": runs}
 
 
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if x else "—"
+
+
 def render_variants(res: dict[str, Any], command: str) -> str:
     out = [f"# hgf reproduce: variant study, preset `{res['preset']}`", "",
            f"Command: `{command}`", "",
@@ -94,7 +98,7 @@ def render_variants(res: dict[str, Any], command: str) -> str:
         for arm, r in reg["reference"].items():
             pm = f" ± {r['val_loss_std']:.4f}" if r["n"] > 1 else ""
             out.append(f"| {arm} | {r['n']} | {_fmt(r['val_loss'])}{pm} | "
-                       f"{r['overhead_i2']:.1%} | {_fmt(r['gate_mean'], '.3f')} |")
+                       f"{_pct(r['overhead_i2'])} | {_fmt(r['gate_mean'], '.3f')} |")
         out += ["", "| variant | arm | question | seeds | val loss | Δ vs arm | gap rec. vs bitnet "
                 "| gap rec. vs same attention | overhead (i2) | final gate mean | diverged |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -104,7 +108,7 @@ def render_variants(res: dict[str, Any], command: str) -> str:
                 f"| {name} | {r['arm']} | {r['about']} | {r['n']} | {_fmt(r['val_loss'])}{pm} | "
                 f"{_fmt(r['delta_vs_arm'], '+.4f')} | {_fmt(r['gap_recovery_vs_bitnet'], '.3f')} | "
                 f"{_fmt(r['gap_recovery_vs_same_attention'], '.3f')} "
-                f"({r['same_attention_reference']}) | {r['overhead_i2']:.1%} | "
+                f"({r['same_attention_reference']}) | {_pct(r['overhead_i2'])} | "
                 f"{_fmt(r['gate_mean'], '.3f')} | {r['diverged']}/{r['n']} |")
         out += ["", f"![validation loss of the variants, {steps} steps](variants_{steps}.png)", ""]
     return "\n".join(out) + "\n"
