@@ -9,9 +9,13 @@ exceed twice the last-level cache (CPU L3 / GPU L2), so each call streams its we
 as in a real decode step (all layers together never fit in cache); ``rotate=False`` reuses one
 weight (cache-hot, the best case for small packed weights). ``read_bandwidth`` (one read of a
 large buffer, like a GEMV's weights) is the practical peak the "% read" column compares with;
-``copy_bandwidth`` (a large copy, read + write bytes) is reported beside it.
+``copy_bandwidth`` (a large copy, read + write bytes) is reported beside it. ``isas`` (CPU)
+times the packed methods once per forced C++ kernel ISA (``hgf.kernels.cpu.isa``, capped at
+what the CPU has; the "impl" column names it), e.g. the AVX2 and portable paths on an AVX-512
+machine.
 
     python -m hgf.kernels.bench --device cpu --sizes 2048 4096
+    python -m hgf.kernels.bench --threads 1 --isa avx512-vnni avx2 portable
     python -m hgf.kernels.bench --device cuda --sizes 4096 8192 --json gemv.json
 """
 
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hgf.kernels import cpu
 from hgf.kernels.ops import kernel_for, ternary_linear
 from hgf.kernels.packing import pack_ternary
 
@@ -140,35 +145,45 @@ def gemv_table(
     iters: int = 100,
     rotate: bool = True,
     seed: int = 0,
+    isas: tuple[str, ...] = (),
 ) -> list[dict]:
-    """One row per (size, method): median and min time (us), weight bytes read, GB/s and
-    speed-up vs float32 (both from the median)."""
+    """One row per (size, method[, forced ISA]): median and min time (us), weight bytes read,
+    GB/s and speed-up vs float32 (both from the median)."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     budget = 2 * cache_bytes(device) if rotate else 0
-    rows = []
-    for n in sizes:
-        base = None
-        for name, nbytes, fn, impl in _cases(n, device, dtypes, packings, budget, gen):
-            times = wall_times(fn, device, iters=iters)
-            t = statistics.median(times)
-            base = t if name == "float32" else base
-            rows.append({"n": n, "method": name, "impl": impl, "time_us": t,
-                         "min_us": min(times),
-                         "weight_bytes": nbytes, "gb_s": nbytes / t / 1e3,
-                         "speedup_vs_f32": base / t if base else None})
+    rows, best = [], cpu.isa() if isas else None
+    try:
+        for n in sizes:
+            base = None
+            cases = _cases(n, device, dtypes, packings, budget, gen)
+            timed = [(c, None) for c in cases if c[3] != "cpu" or not isas]
+            timed += [(c, isa) for isa in isas for c in cases if c[3] == "cpu"]
+            for (name, nbytes, fn, impl), isa in timed:
+                impl = cpu.isa(isa) if isa else impl
+                times = wall_times(fn, device, iters=iters)
+                t = statistics.median(times)
+                base = t if name == "float32" else base
+                rows.append({"n": n, "method": name, "impl": impl, "time_us": t,
+                             "min_us": min(times),
+                             "weight_bytes": nbytes, "gb_s": nbytes / t / 1e3,
+                             "speedup_vs_f32": base / t if base else None})
+    finally:
+        if best:
+            cpu.isa(best)
     return rows
 
 
 def format_table(rows: list[dict], peak_gb_s: float | None = None) -> str:
     """Rows as a text table; "% read" = GB/s over ``peak_gb_s`` (e.g. read_bandwidth())."""
-    head = f"{'n':>6} {'method':<12} {'impl':<6} {'median us':>10} {'min us':>9} {'MiB read':>9}"
+    iw = max([6] + [len(r["impl"]) for r in rows])
+    head = f"{'n':>6} {'method':<12} {'impl':<{iw}} {'median us':>10} {'min us':>9} {'MiB read':>9}"
     head += f" {'GB/s':>6} {'% read':>7} {'vs f32':>7}"
     lines = [head]
     for r in rows:
         pct = f"{100 * r['gb_s'] / peak_gb_s:6.0f}%" if peak_gb_s else f"{'-':>7}"
         sp = f"{r['speedup_vs_f32']:6.2f}x" if r["speedup_vs_f32"] else f"{'-':>7}"
-        lines.append(f"{r['n']:>6} {r['method']:<12} {r['impl']:<6} {r['time_us']:>10.1f} "
+        lines.append(f"{r['n']:>6} {r['method']:<12} {r['impl']:<{iw}} {r['time_us']:>10.1f} "
                      f"{r['min_us']:>9.1f} {r['weight_bytes'] / 2**20:>9.2f} {r['gb_s']:>6.1f} "
                      f"{pct} {sp}")
     return "\n".join(lines)
@@ -180,8 +195,6 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     if device.type == "cpu" and kernel_for(torch.zeros(1, 8), 8) == "cpu":
-        from hgf.kernels import cpu
-
         env["cpu_isa"] = cpu.isa()
     return env
 
@@ -195,14 +208,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--hot", action="store_true", help="reuse one weight (cache-hot)")
+    ap.add_argument("--isa", nargs="+", default=[], choices=cpu.ISAS,
+                    help="time the packed methods under each of these C++ kernel ISAs (CPU)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.isa and kernel_for(torch.zeros(1, 8, device=device), 8) != "cpu":
+        ap.error("--isa needs the C++ CPU kernel (--device cpu, kernel built)")
     read, copy = read_bandwidth(device), copy_bandwidth(device)
     rows = gemv_table(tuple(args.sizes), device, tuple(args.dtypes), iters=args.iters,
-                      rotate=not args.hot)
+                      rotate=not args.hot, isas=tuple(args.isa))
     env = {**environment(device), "read_gb_s": read, "copy_gb_s": copy, "rotate": not args.hot}
     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in env.items()))
     print(format_table(rows, read))

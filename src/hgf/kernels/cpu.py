@@ -9,9 +9,10 @@ the PyTorch reference. ``HGF_NO_CPU_KERNEL=1`` disables the kernel.
 Threads: ``torch.get_num_threads()``, on the kernel's own work-claiming pool (csrc/pool.h),
 which does not stall when a worker is descheduled on a busy machine.
 
-The ISA is chosen at run time: AVX-512 (VNNI + VBMI) micro-kernels where the CPU has them, else
-an AVX2 kernel (i2) / auto-vectorised portable loops (tq1, and non-x86 CPUs). :func:`isa`
-reports or forces it (tests use that to check the slower paths on an AVX-512 machine).
+The ISA is chosen at run time, the same for both packings (i2, tq1): AVX-512 (VNNI + VBMI)
+micro-kernels where the CPU has them, else AVX2 micro-kernels (vpmaddubsw), else
+auto-vectorised portable loops (non-x86 CPUs). :func:`isa` reports or forces it (tests and
+``python -m hgf.kernels.bench --isa`` use that to run the slower paths on an AVX-512 machine).
 """
 
 from __future__ import annotations

@@ -9,12 +9,23 @@
 // the 2-bit field (c_k << 2k, its scale 4^k removed after the sum), tq1 by splitting off the top
 // trit with two compares and looking up the other four with vpermt2b (AVX512_VBMI). vpdpbusd
 // then multiplies the u8 codes by the s8 activations into int32 lanes. Without these ISA
-// extensions: an AVX2 kernel for i2 (vpmaddubsw), else a portable loop (auto-vectorised, with an
-// AVX2 clone via target_clones). The
-// weights stream from memory once per token: each step prefetches the same bytes two row
-// blocks ahead into L2 (prefetches past the end are harmless); on the Zen 4 dev machine this
-// lifts one core's DRAM stream from ~9 to ~20 GB/s (four interleaved row streams defeat the
-// hardware prefetcher).
+// extensions, AVX2 kernels on 32-byte halves of a group: i2 by shift+mask, tq1 by peeling the
+// trits with compares, min and byte shuffles; both multiply with vpmaddubsw (u8 x s8 pairs into
+// int16) and vpmaddwd. Without AVX2: a portable loop (auto-vectorised, with an AVX2 clone via
+// target_clones).
+//
+//   ISA                      i2                    tq1
+//   AVX-512 VNNI + VBMI      i2_rows_avx512        tq1_rows_avx512
+//   AVX2                     i2_rows_avx2          tq1_rows_avx2
+//   otherwise                group_dot_i2          group_dot_tq1
+//
+// A row's last group of G < 64 bytes: masked loads (AVX-512), a copy zero-padded to 64 bytes
+// (tq1 AVX2), the portable loop (i2 AVX2).
+//
+// The weights stream from memory once per token: each step prefetches the same bytes two row
+// blocks ahead into L2 (prefetches past the end are harmless; AVX-512 kernels and tq1 AVX2); on
+// the Zen 4 dev machine this lifts one core's DRAM stream from ~9 to ~20 GB/s (four
+// interleaved row streams defeat the hardware prefetcher).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -104,6 +115,12 @@ int32_t dot_portable(const uint8_t* w, int64_t nbytes, const int8_t* x, int per)
 
 // ---------------------------------------------------------------- AVX2 micro-kernel (i2)
 #if HGF_X86
+HGF_AVX2 inline int32_t hsum(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+}
+
 // Full 64-byte groups as two 32-byte halves: codes by shift+mask, vpmaddubsw (u8 x s8 pairs
 // to int16; at most 4·2·2·128 = 2048 after summing the four digits, no saturation), then
 // vpmaddwd with ones into int32. The tail group goes through the portable loop.
@@ -135,12 +152,97 @@ HGF_AVX2 void i2_rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const i
     }
   }
   for (int r = 0; r < R; ++r) {
-    const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[r]),
-                                    _mm256_extracti128_si256(acc[r], 1));
-    const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-    out[r] = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+    out[r] = hsum(acc[r]);
     if (full < nbytes) out[r] += group_dot_i2(w + r * ld + full, x + 4 * full, nbytes - full);
   }
+}
+
+// ---------------------------------------------------------------- AVX2 micro-kernel (tq1)
+// Byte q = c0 + 3c1 + 9c2 + 27c3 + 81c4 (< 243), its trits peeled from the top on 32 bytes:
+//   c4: q mod 81 = min(q, q - 81, q - 162) as wrapping u8 (a wrapped negative is at least
+//       256 - 162 = 94 > q mod 81), and q - q mod 81 in {0, 81, 162} = {0, 01010001b,
+//       10100010b} holds c4 in bits 6-7;
+//   c3, c2 of q < 3t < 128 (t = 27, 9): c = [q > t - 1] + [q > 2t - 1] by signed compares
+//       (masks 0 / -1, so c = |sum|), then q -= t·c with t·c a byte shuffle of {0, t, 2t};
+//   c1, c0 of q < 9: a byte shuffle each (q div 3, q mod 3).
+// Then vpmaddubsw as for i2: at most 2·5·2·2·128 = 5120 after summing both halves of a group,
+// and vpmaddwd with ones into int32.
+struct Tq1Avx2 {
+  __m256i t27, t9, div3, mod3, c81, c162, c26, c53, c8, c17, m3, ones;
+  HGF_AVX2 Tq1Avx2() {
+    // byte shuffle tables (vpshufb looks up 16 bytes per 128-bit lane): 27c, 9c, q div 3, q mod 3
+    alignas(16) static constexpr uint8_t tab[4][16] = {
+        {0, 27, 54}, {0, 9, 18}, {0, 0, 0, 1, 1, 1, 2, 2, 2}, {0, 1, 2, 0, 1, 2, 0, 1, 2}};
+    const auto* tv = reinterpret_cast<const __m128i*>(tab);
+    t27 = _mm256_broadcastsi128_si256(tv[0]);
+    t9 = _mm256_broadcastsi128_si256(tv[1]);
+    div3 = _mm256_broadcastsi128_si256(tv[2]);
+    mod3 = _mm256_broadcastsi128_si256(tv[3]);
+    c81 = _mm256_set1_epi8(81), c162 = _mm256_set1_epi8(char(162));
+    c26 = _mm256_set1_epi8(26), c53 = _mm256_set1_epi8(53);
+    c8 = _mm256_set1_epi8(8), c17 = _mm256_set1_epi8(17);
+    m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  }
+};
+
+HGF_AVX2 inline __attribute__((always_inline)) __m256i tq1_peel(__m256i& q, __m256i t1,
+                                                                __m256i t2, __m256i tc) {
+  const __m256i c = _mm256_abs_epi8(_mm256_add_epi8(_mm256_cmpgt_epi8(q, t1),
+                                                    _mm256_cmpgt_epi8(q, t2)));
+  q = _mm256_sub_epi8(q, _mm256_shuffle_epi8(tc, c));
+  return c;
+}
+
+// one 64-byte group of R rows (row stride ld); the activations of digit k start at x + k·g
+template <int R>
+HGF_AVX2 inline __attribute__((always_inline)) void tq1_group_avx2(__m256i (&acc)[R],
+                                                                   const Tq1Avx2& t,
+                                                                   const uint8_t* w, int64_t ld,
+                                                                   const int8_t* x, int64_t g) {
+  __m256i s16[R];
+  for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+  for (int64_t h = 0; h < GROUP; h += 32) {
+    __m256i xv[5];
+    for (int k = 0; k < 5; ++k)
+      xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
+    for (int r = 0; r < R; ++r) {
+      __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
+      const __m256i q81 = _mm256_min_epu8(
+          q, _mm256_min_epu8(_mm256_sub_epi8(q, t.c81), _mm256_sub_epi8(q, t.c162)));
+      const __m256i c4 = _mm256_and_si256(_mm256_srli_epi16(_mm256_sub_epi8(q, q81), 6), t.m3);
+      q = q81;
+      const __m256i c3 = tq1_peel(q, t.c26, t.c53, t.t27), c2 = tq1_peel(q, t.c8, t.c17, t.t9);
+      __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(t.mod3, q), xv[0]),
+                                   _mm256_maddubs_epi16(_mm256_shuffle_epi8(t.div3, q), xv[1]));
+      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, xv[2]));
+      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, xv[3]));
+      s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(s, _mm256_maddubs_epi16(c4, xv[4])));
+    }
+  }
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], t.ones));
+}
+
+// Full groups in place; the tail group of G < 64 bytes from a copy zero-padded to 64 bytes (byte
+// 0 has all codes 0, so lanes j >= G add nothing; their activation reads, up to x + 5·full + 4G +
+// 64 <= x + 5·nbytes + GROUP, stay inside the padded x_int row).
+template <int R>
+HGF_AVX2 void tq1_rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
+                            int32_t* out) {
+  const Tq1Avx2 t;
+  __m256i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  const int64_t full = nbytes - nbytes % GROUP;
+  for (int64_t b = 0; b < full; b += GROUP) {
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + b), _MM_HINT_T1);
+    tq1_group_avx2<R>(acc, t, w + b, ld, x + 5 * b, GROUP);
+  }
+  if (full < nbytes) {
+    alignas(32) uint8_t tail[R][GROUP] = {};
+    for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ld + full, nbytes - full);
+    tq1_group_avx2<R>(acc, t, tail[0], GROUP, x + 5 * full, nbytes - full);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
 #endif
 
@@ -288,7 +390,10 @@ void rows_dot(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x, int
     if (per == 4) return i2_rows_avx512<R>(w, ld, nbytes, x, out);
     return tq1_rows_avx512<R>(w, ld, nbytes, x, out);
   }
-  if (isa() == AVX2 && per == 4) return i2_rows_avx2<R>(w, ld, nbytes, x, out);
+  if (isa() == AVX2) {
+    if (per == 4) return i2_rows_avx2<R>(w, ld, nbytes, x, out);
+    return tq1_rows_avx2<R>(w, ld, nbytes, x, out);
+  }
 #endif
   for (int r = 0; r < R; ++r) out[r] = dot_portable(w + r * ld, nbytes, x, per);
 }
