@@ -178,6 +178,7 @@ def test_variants_compare_with_the_grid_and_extra_seeds_join_the_report(tmp_path
     assert v["variants"]["wide"]["overhead_i2"] > 0
     md = (out / "variants.md").read_text()
     assert "| fast_ab | hgf | A/B LR x10 | 1 |" in md and (out / "variants_4.png").is_file()
+    assert (out / "variants_final_4.png").is_file()
 
 
 def test_bad_variant_errors(tmp_path, capsys):

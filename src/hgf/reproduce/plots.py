@@ -23,18 +23,19 @@ def plot_val_curves(runs: list[dict[str, Any]], out: Path, prefix: str = "val_lo
     paths = []
     for steps in sorted({r["steps"] for r in runs}):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in runs:
-            if r["steps"] != steps or r["seed_index"] != 0 or not r["val_curve"]:
-                continue
+        colors = plt.get_cmap("tab20").colors
+        shown = [r for r in runs if r["steps"] == steps and r["seed_index"] == 0 and r["val_curve"]]
+        for i, r in enumerate(shown):
             xs, ys = zip(*r["val_curve"], strict=True)
-            style = "--" if r["diverged"] else "-"
+            style = "--" if r["diverged"] or i >= len(colors) else "-"
             label = r.get("variant") or r["arm"]
-            ax.plot(xs, ys, style, label=label + (" (diverged)" if r["diverged"] else ""))
+            ax.plot(xs, ys, style, color=colors[i % len(colors)],
+                    label=label + (" (diverged)" if r["diverged"] else ""))
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(f"{title}, {steps}-step regime")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7 if len(shown) > 8 else None)
         path = out / f"{prefix}_{steps}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -62,6 +63,33 @@ def plot_gates(runs: list[dict[str, Any]], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     if len(names) <= 16:
         ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_final_losses(rows: list[tuple[str, list[float]]], band: tuple[float, float] | None,
+                      path: Path, title: str) -> Path:
+    """One row per arm or variant: every seed's final loss (dots) and their mean ± std (bar);
+    ``band`` (mean, std) shades the reference arm's seed spread."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.5))
+    for i, (_, losses) in enumerate(rows):
+        ax.plot(losses, [i] * len(losses), "o", ms=4, alpha=0.6, color="tab:blue")
+        if len(losses) > 1:
+            mean = sum(losses) / len(losses)
+            std = (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) ** 0.5
+            ax.errorbar([mean], [i], xerr=[std], fmt="D", color="black", ms=5, capsize=3)
+    if band is not None:
+        mean, std = band
+        ax.axvline(mean, color="tab:red", lw=1)
+        ax.axvspan(mean - std, mean + std, color="tab:red", alpha=0.12)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("final validation loss (nats/token); diamonds: mean ± std over seeds")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -110,13 +110,14 @@ def render_variants(res: dict[str, Any], command: str) -> str:
                 f"{_fmt(r['gap_recovery_vs_same_attention'], '.3f')} "
                 f"({r['same_attention_reference']}) | {_pct(r['overhead_i2'])} | "
                 f"{_fmt(r['gate_mean'], '.3f')} | {r['diverged']}/{r['n']} |")
-        out += ["", f"![validation loss of the variants, {steps} steps](variants_{steps}.png)", ""]
+        out += ["", f"![final losses, {steps} steps](variants_final_{steps}.png)", "",
+                f"![validation loss of the variants, {steps} steps](variants_{steps}.png)", ""]
     return "\n".join(out) + "\n"
 
 
 def write_variants(preset: Preset, variant_specs: list[RunSpec], grid_specs: list[RunSpec],
                    out: Path, command: str = "") -> Path:
-    from hgf.reproduce.plots import plot_val_curves
+    from hgf.reproduce.plots import plot_final_losses, plot_val_curves
 
     res = aggregate_variants(preset, variant_specs, grid_specs)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,18 @@ def write_variants(preset: Preset, variant_specs: list[RunSpec], grid_specs: lis
     refs = [r for r in (summarize_run(s) for s in grid_specs) if r is not None
             and r["arm"] in ("fp16", "bitnet", "hgf", "hgf_std") and r["steps"] in regimes]
     plot_val_curves(res["runs"] + refs, out, prefix="variants", title="Variants vs grid arms")
+    grid = [r for r in (summarize_run(s) for s in grid_specs) if r is not None]
+    for steps in sorted(regimes):
+        rows = []
+        for label in [*REFERENCE_ARMS, *res["regimes"][str(steps)]["variants"]]:
+            rs = [r for r in (grid if label in REFERENCE_ARMS else res["runs"])
+                  if r["steps"] == steps and (r["variant"] or r["arm"]) == label]
+            if rs:
+                rows.append((label, [r["val_loss"] for r in rs]))
+        bitnet = res["regimes"][str(steps)]["reference"].get("bitnet")
+        band = (bitnet["val_loss"], bitnet["val_loss_std"]) if bitnet else None
+        plot_final_losses(rows, band, out / f"variants_final_{steps}.png",
+                          f"Final loss per arm and variant, {steps} steps (band: bitnet ± std)")
     command = command or f"hgf reproduce --preset {preset.name} --variants all"
     atomic_write_text(out / "variants.md", render_variants(res, command))
     return out / "variants.md"
