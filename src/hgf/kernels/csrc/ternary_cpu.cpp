@@ -223,8 +223,8 @@ struct Tq1Avx2 {
   }
 };
 
-// codes . x_int for R rows with decoder D (I2Avx2 or Tq1Avx2). Full groups in place, each step
-// prefetching the same bytes two row blocks ahead; the tail group of G < 64 bytes from a copy
+// codes . x_int for R rows with decoder D (I2Avx2 or Tq1Avx2), prefetching the bytes each step
+// reads two row blocks ahead. Full groups in place; the tail group of G < 64 bytes from a copy
 // zero-padded to 64 bytes: byte 0 has all codes 0 in both packings, so lanes j >= G add 0 times
 // whatever int8 they read; those activation reads end at x + P·full + (P-1)·G + 64 <=
 // x + P·nbytes + GROUP, inside the x_int row (kp = P·nbytes + GROUP, zeros past P·nbytes).
@@ -241,6 +241,10 @@ HGF_AVX2 void rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8
     d.template group<R>(acc, w + b, ld, x + D::PER * b, GROUP);
   }
   if (full < nbytes) {
+    for (int r = 0; r < R; ++r) {  // the tail's first and last bytes (one or two lines)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + full), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + nbytes - 1), _MM_HINT_T1);
+    }
     alignas(32) uint8_t tail[R][GROUP] = {};
     for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ld + full, nbytes - full);
     d.template group<R>(acc, tail[0], GROUP, x + D::PER * full, nbytes - full);
