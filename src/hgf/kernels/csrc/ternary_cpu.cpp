@@ -19,8 +19,9 @@
 //   AVX2                     rows_avx2<I2Avx2>     rows_avx2<Tq1Avx2>
 //   otherwise                group_dot_i2          group_dot_tq1
 //
-// A row's last group of G < 64 bytes: masked loads (AVX-512), a copy zero-padded to 64 bytes
-// (AVX2).
+// A row's last group of G < 64 bytes: masked loads (AVX-512); AVX2: the row's last 64 bytes
+// with the first 64 - G activation lanes zeroed (a copy zero-padded to 64 bytes if the row has
+// no full group).
 //
 // The weights stream from memory once per token: each step prefetches the same bytes two row
 // blocks ahead into L2 (prefetches past the end are harmless; AVX-512 and AVX2 kernels); on
@@ -121,9 +122,10 @@ HGF_AVX2 inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
 }
 
-// A packing's AVX2 decoder: PER codes per byte and group<R>(acc, w, ld, x, g), which adds the
-// codes . x_int of one 64-byte group of R rows (row stride ld; the activations of digit k start
-// at x + k·g) into R int32 accumulators, as two 32-byte halves: u8 codes times s8 activations
+// A packing's AVX2 decoder: PER codes per byte and group<R>(acc, w, ld, x, g, keep), which adds
+// the codes . x_int of one 64-byte group of R rows (row stride ld; the activations of digit k
+// start at x + k·g, and if keep is given, activation lane L of half h is zeroed where byte L of
+// keep[h] is 0) into R int32 accumulators, as two 32-byte halves: u8 codes times s8 activations
 // by vpmaddubsw (pairs into int16), summed over the digits and both halves, then vpmaddwd with
 // ones into int32.
 
@@ -138,13 +140,16 @@ struct I2Avx2 {
   template <int R>
   HGF_AVX2 inline __attribute__((always_inline)) void group(__m256i (&acc)[R], const uint8_t* w,
                                                             int64_t ld, const int8_t* x,
-                                                            int64_t g) const {
+                                                            int64_t g,
+                                                            const __m256i* keep = nullptr) const {
     __m256i s16[R];
     for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
     for (int64_t h = 0; h < GROUP; h += 32) {
       __m256i xv[4];
-      for (int k = 0; k < 4; ++k)
+      for (int k = 0; k < 4; ++k) {
         xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
+        if (keep) xv[k] = _mm256_and_si256(xv[k], keep[h / 32]);
+      }
       for (int r = 0; r < R; ++r) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
         __m256i s = _mm256_add_epi16(
@@ -198,13 +203,16 @@ struct Tq1Avx2 {
   template <int R>
   HGF_AVX2 inline __attribute__((always_inline)) void group(__m256i (&acc)[R], const uint8_t* w,
                                                             int64_t ld, const int8_t* x,
-                                                            int64_t g) const {
+                                                            int64_t g,
+                                                            const __m256i* keep = nullptr) const {
     __m256i s16[R];
     for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
     for (int64_t h = 0; h < GROUP; h += 32) {
       __m256i xv[5];
-      for (int k = 0; k < 5; ++k)
+      for (int k = 0; k < 5; ++k) {
         xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
+        if (keep) xv[k] = _mm256_and_si256(xv[k], keep[h / 32]);
+      }
       for (int r = 0; r < R; ++r) {
         __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
         const __m256i q81 =
@@ -224,30 +232,45 @@ struct Tq1Avx2 {
 };
 
 // codes . x_int for R rows with decoder D (I2Avx2 or Tq1Avx2), prefetching the bytes each step
-// reads two row blocks ahead. Full groups in place; the tail group of G < 64 bytes from a copy
-// zero-padded to 64 bytes: byte 0 has all codes 0 in both packings, so lanes j >= G add 0 times
-// whatever int8 they read; those activation reads end at x + P·full + (P-1)·G + 64 <=
-// x + P·nbytes + GROUP, inside the x_int row (kp = P·nbytes + GROUP, zeros past P·nbytes).
+// reads two row blocks ahead. Full groups in place. The tail group of G < 64 bytes (byte j holds
+// digit k of activation P·full + k·G + j):
+//   full > 0: the 64 bytes ending at the row's end, lane L = j + 64 - G, so its activations start
+//     at x + P·full - (64 - G) (reads in [x + P·full - 64, x + P·nbytes), inside the row); lanes
+//     L < 64 - G (bytes of the previous group) get their activations zeroed;
+//   full = 0: a copy zero-padded to 64 bytes; byte 0 has all codes 0 in both packings, so lanes
+//     j >= G add 0 times whatever int8 they read; those reads end at x + (P-1)·G + 64 <=
+//     x + P·nbytes + GROUP, inside the x_int row (kp = P·nbytes + GROUP, zeros past P·nbytes).
 template <int R, class D>
 HGF_AVX2 void rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
                         int32_t* out) {
   const D d;
   __m256i acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  const int64_t full = nbytes - nbytes % GROUP;
+  const int64_t full = nbytes - nbytes % GROUP, g = nbytes - full;
   for (int64_t b = 0; b < full; b += GROUP) {
     for (int r = 0; r < R; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + b), _MM_HINT_T1);
     d.template group<R>(acc, w + b, ld, x + D::PER * b, GROUP);
   }
-  if (full < nbytes) {
+  if (g > 0) {
     for (int r = 0; r < R; ++r) {  // the tail's first and last bytes (one or two lines)
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + full), _MM_HINT_T1);
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + nbytes - 1), _MM_HINT_T1);
     }
-    alignas(32) uint8_t tail[R][GROUP] = {};
-    for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ld + full, nbytes - full);
-    d.template group<R>(acc, tail[0], GROUP, x + D::PER * full, nbytes - full);
+    if (full > 0) {
+      const __m256i lane = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                            16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
+                                            29, 30, 31);
+      const __m256i cut = _mm256_set1_epi8(char(GROUP - 1 - g));  // keep L > 63 - G
+      const __m256i keep[2] = {
+          _mm256_cmpgt_epi8(lane, cut),
+          _mm256_cmpgt_epi8(_mm256_add_epi8(lane, _mm256_set1_epi8(32)), cut)};
+      d.template group<R>(acc, w + nbytes - GROUP, ld, x + D::PER * full - (GROUP - g), g, keep);
+    } else {
+      alignas(32) uint8_t tail[R][GROUP] = {};
+      for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ld, g);
+      d.template group<R>(acc, tail[0], GROUP, x, g);
+    }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
