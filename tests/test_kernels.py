@@ -180,28 +180,31 @@ def test_cpu_kernel_matches_reference_exactly(cpu_kernel, isa, packing):
             assert got.dtype == dtype and torch.equal(got, want), (isa, m, in_f, out_f, dtype)
 
 
-def test_cpu_kernel_avx2_tq1_every_code_and_tail(cpu_kernel):
-    # tq1_rows_avx2: every byte code 0..242 both in full 64-byte groups and in the zero-padded
-    # tail group, row blocks of 4 and single rows, activations at +-127
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_cpu_kernel_avx2_every_code_and_tail(cpu_kernel, packing):
+    # rows_avx2: every byte code (i2: all 256, the unused field value 3 decoding as code 3 in
+    # kernel and reference alike; tq1: 0..242) both in full 64-byte groups and in the
+    # zero-padded tail group, row blocks of 4 and single rows, activations at +-127
     if cpu_kernel.isa("avx2") != "avx2":
         pytest.skip("this CPU has no AVX2")
+    codes, per = {"i2": (256, 4), "tq1": (243, 5)}[packing]
     try:
         gen = torch.Generator().manual_seed(3)
         for nbytes in (1, 31, 32, 33, 63, 64, 65, 95, 128, 129, 300):
             out_f, full = 9, nbytes - nbytes % 64
             packed = torch.empty(out_f, nbytes, dtype=torch.uint8)
-            packed[:, :full] = (torch.arange(out_f * full) % 243).view(out_f, full)
-            packed[:, full:] = (torch.arange(out_f * (nbytes - full)) % 243).view(out_f, -1)
+            packed[:, :full] = (torch.arange(out_f * full) % codes).view(out_f, full)
+            packed[:, full:] = (torch.arange(out_f * (nbytes - full)) % codes).view(out_f, -1)
             if nbytes == 95:  # 1 full group + 31 bytes: 9 x 64 and 9 x 31 bytes hold every code
-                assert len(packed[:, :64].unique()) == len(packed[:, 64:].unique()) == 243
-            for in_f in (5 * nbytes, 5 * nbytes - 4):
+                assert len(packed[:, :64].unique()) == len(packed[:, 64:].unique()) == codes
+            for in_f in (per * nbytes, per * nbytes - per + 1):
                 x = torch.randn(4, in_f, generator=gen) * 3
                 x[1] = 1.0  # x_int = 127 everywhere
                 x[2, 1::2] = -x[2, ::2].abs().max()  # x_int = -127 at odd indices
                 x[3, 5:] *= 1e-3  # a few large values, the rest rounds to small or 0
                 s_w = torch.tensor(0.7)
-                got = torch.ops.hgf.ternary_linear_cpu(x, packed, s_w, "tq1", out_f, in_f, 1e-5)
-                want = ternary_linear_reference(x, packed, s_w, "tq1", out_f, in_f)
+                got = torch.ops.hgf.ternary_linear_cpu(x, packed, s_w, packing, out_f, in_f, 1e-5)
+                want = ternary_linear_reference(x, packed, s_w, packing, out_f, in_f)
                 assert torch.equal(got, want), (nbytes, in_f)
     finally:
         cpu_kernel.isa("avx512-vnni")

@@ -16,14 +16,15 @@
 //
 //   ISA                      i2                    tq1
 //   AVX-512 VNNI + VBMI      i2_rows_avx512        tq1_rows_avx512
-//   AVX2                     i2_rows_avx2          tq1_rows_avx2
+//   AVX2                     rows_avx2<I2Avx2>     rows_avx2<Tq1Avx2>
 //   otherwise                group_dot_i2          group_dot_tq1
 //
-// A row's last group of G < 64 bytes: masked loads (AVX-512), a copy zero-padded to 64 bytes
-// (tq1 AVX2), the portable loop (i2 AVX2).
+// A row's last group of G < 64 bytes: masked loads (AVX-512); AVX2: the row's last 64 bytes
+// with the first 64 - G activation lanes zeroed (a copy zero-padded to 64 bytes if the row has
+// no full group).
 //
 // The weights stream from memory once per token: each step prefetches the same bytes two row
-// blocks ahead into L2 (prefetches past the end are harmless; AVX-512 kernels and tq1 AVX2); on
+// blocks ahead into L2 (prefetches past the end are harmless; AVX-512 and AVX2 kernels); on
 // the Zen 4 dev machine this lifts one core's DRAM stream from ~9 to ~20 GB/s (four
 // interleaved row streams defeat the hardware prefetcher).
 #include <ATen/Parallel.h>
@@ -113,7 +114,7 @@ int32_t dot_portable(const uint8_t* w, int64_t nbytes, const int8_t* x, int per)
   return acc;
 }
 
-// ---------------------------------------------------------------- AVX2 micro-kernel (i2)
+// ---------------------------------------------------------------- AVX2 micro-kernels
 #if HGF_X86
 HGF_AVX2 inline int32_t hsum(__m256i v) {
   const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -121,53 +122,68 @@ HGF_AVX2 inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
 }
 
-// Full 64-byte groups as two 32-byte halves: codes by shift+mask, vpmaddubsw (u8 x s8 pairs
-// to int16; at most 4·2·2·128 = 2048 after summing the four digits, no saturation), then
-// vpmaddwd with ones into int32. The tail group goes through the portable loop.
-template <int R>
-HGF_AVX2 void i2_rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
-                           int32_t* out) {
-  __m256i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  const __m256i m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-  const int64_t full = nbytes - nbytes % GROUP;
-  for (int64_t b = 0; b < full; b += GROUP) {
+// A packing's AVX2 decoder: PER codes per byte and group<R>(acc, w, ld, x, g, keep), which adds
+// the codes . x_int of one 64-byte group of R rows (row stride ld; the activations of digit k
+// start at x + k·g, and if keep is given, activation lane L of half h is zeroed where byte L of
+// keep[h] is 0) into R int32 accumulators, as two 32-byte halves: u8 codes times s8 activations
+// by vpmaddubsw (pairs into int16), summed over the digits and both halves, then vpmaddwd with
+// ones into int32.
+
+// i2: byte q = c0 + 4c1 + 16c2 + 64c3, c_k = (q >> 2k) & 3 (vpsrlw shifts 16-bit lanes; the
+// mask drops the bits shifted in from the neighbouring byte). int16 lanes reach at most
+// 2·4·2·2·128 = 4096 (halves · digits · pair · code · |x_int|): no saturation.
+struct I2Avx2 {
+  static constexpr int PER = 4;
+  __m256i m3, ones;
+  HGF_AVX2 I2Avx2() : m3(_mm256_set1_epi8(3)), ones(_mm256_set1_epi16(1)) {}
+
+  template <int R>
+  HGF_AVX2 inline __attribute__((always_inline)) void group(__m256i (&acc)[R], const uint8_t* w,
+                                                            int64_t ld, const int8_t* x,
+                                                            int64_t g,
+                                                            const __m256i* keep = nullptr) const {
+    __m256i s16[R];
+    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
     for (int64_t h = 0; h < GROUP; h += 32) {
-      const int8_t* xg = x + 4 * b + h;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg)),
-                    x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + GROUP)),
-                    x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 2 * GROUP)),
-                    x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xg + 3 * GROUP));
+      __m256i xv[4];
+      for (int k = 0; k < 4; ++k) {
+        xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
+        if (keep) xv[k] = _mm256_and_si256(xv[k], keep[h / 32]);
+      }
       for (int r = 0; r < R; ++r) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + b + h));
-        __m256i s16 = _mm256_maddubs_epi16(_mm256_and_si256(wv, m3), x0);
-        s16 = _mm256_add_epi16(
-            s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 2), m3), x1));
-        s16 = _mm256_add_epi16(
-            s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 4), m3), x2));
-        s16 = _mm256_add_epi16(
-            s16, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 6), m3), x3));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16, ones));
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
+        __m256i s = _mm256_add_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(q, m3), xv[0]),
+            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 2), m3), xv[1]));
+        s = _mm256_add_epi16(
+            s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m3), xv[2]));
+        s = _mm256_add_epi16(
+            s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 6), m3), xv[3]));
+        s16[r] = _mm256_add_epi16(s16[r], s);
       }
     }
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
   }
-  for (int r = 0; r < R; ++r) {
-    out[r] = hsum(acc[r]);
-    if (full < nbytes) out[r] += group_dot_i2(w + r * ld + full, x + 4 * full, nbytes - full);
-  }
-}
+};
 
-// ---------------------------------------------------------------- AVX2 micro-kernel (tq1)
-// Byte q = c0 + 3c1 + 9c2 + 27c3 + 81c4 (< 243), its trits peeled from the top on 32 bytes:
+// tq1: byte q = c0 + 3c1 + 9c2 + 27c3 + 81c4 (< 243), its trits peeled from the top on 32 bytes:
 //   c4: q mod 81 = min(q, q - 81, q - 162) as wrapping u8 (a wrapped negative is at least
 //       256 - 162 = 94 > q mod 81), and q - q mod 81 in {0, 81, 162} = {0, 01010001b,
 //       10100010b} holds c4 in bits 6-7;
 //   c3, c2 of q < 3t < 128 (t = 27, 9): c = [q > t - 1] + [q > 2t - 1] by signed compares
 //       (masks 0 / -1, so c = |sum|), then q -= t·c with t·c a byte shuffle of {0, t, 2t};
 //   c1, c0 of q < 9: a byte shuffle each (q div 3, q mod 3).
-// Then vpmaddubsw as for i2: at most 2·5·2·2·128 = 5120 after summing both halves of a group,
-// and vpmaddwd with ones into int32.
+// int16 lanes reach at most 2·5·2·2·128 = 5120: no saturation.
+HGF_AVX2 inline __attribute__((always_inline)) __m256i tq1_peel(__m256i& q, __m256i t1,
+                                                                __m256i t2, __m256i tc) {
+  const __m256i c = _mm256_abs_epi8(_mm256_add_epi8(_mm256_cmpgt_epi8(q, t1),
+                                                    _mm256_cmpgt_epi8(q, t2)));
+  q = _mm256_sub_epi8(q, _mm256_shuffle_epi8(tc, c));
+  return c;
+}
+
 struct Tq1Avx2 {
+  static constexpr int PER = 5;
   __m256i t27, t9, div3, mod3, c81, c162, c26, c53, c8, c17, m3, ones;
   HGF_AVX2 Tq1Avx2() {
     // byte shuffle tables (vpshufb looks up 16 bytes per 128-bit lane): 27c, 9c, q div 3, q mod 3
@@ -183,64 +199,78 @@ struct Tq1Avx2 {
     c8 = _mm256_set1_epi8(8), c17 = _mm256_set1_epi8(17);
     m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
   }
+
+  template <int R>
+  HGF_AVX2 inline __attribute__((always_inline)) void group(__m256i (&acc)[R], const uint8_t* w,
+                                                            int64_t ld, const int8_t* x,
+                                                            int64_t g,
+                                                            const __m256i* keep = nullptr) const {
+    __m256i s16[R];
+    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+    for (int64_t h = 0; h < GROUP; h += 32) {
+      __m256i xv[5];
+      for (int k = 0; k < 5; ++k) {
+        xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
+        if (keep) xv[k] = _mm256_and_si256(xv[k], keep[h / 32]);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
+        const __m256i q81 =
+            _mm256_min_epu8(q, _mm256_min_epu8(_mm256_sub_epi8(q, c81), _mm256_sub_epi8(q, c162)));
+        const __m256i c4 = _mm256_and_si256(_mm256_srli_epi16(_mm256_sub_epi8(q, q81), 6), m3);
+        q = q81;
+        const __m256i c3 = tq1_peel(q, c26, c53, t27), c2 = tq1_peel(q, c8, c17, t9);
+        __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(mod3, q), xv[0]),
+                                     _mm256_maddubs_epi16(_mm256_shuffle_epi8(div3, q), xv[1]));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, xv[2]));
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, xv[3]));
+        s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(s, _mm256_maddubs_epi16(c4, xv[4])));
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+  }
 };
 
-HGF_AVX2 inline __attribute__((always_inline)) __m256i tq1_peel(__m256i& q, __m256i t1,
-                                                                __m256i t2, __m256i tc) {
-  const __m256i c = _mm256_abs_epi8(_mm256_add_epi8(_mm256_cmpgt_epi8(q, t1),
-                                                    _mm256_cmpgt_epi8(q, t2)));
-  q = _mm256_sub_epi8(q, _mm256_shuffle_epi8(tc, c));
-  return c;
-}
-
-// one 64-byte group of R rows (row stride ld); the activations of digit k start at x + k·g
-template <int R>
-HGF_AVX2 inline __attribute__((always_inline)) void tq1_group_avx2(__m256i (&acc)[R],
-                                                                   const Tq1Avx2& t,
-                                                                   const uint8_t* w, int64_t ld,
-                                                                   const int8_t* x, int64_t g) {
-  __m256i s16[R];
-  for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
-  for (int64_t h = 0; h < GROUP; h += 32) {
-    __m256i xv[5];
-    for (int k = 0; k < 5; ++k)
-      xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
-    for (int r = 0; r < R; ++r) {
-      __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
-      const __m256i q81 = _mm256_min_epu8(
-          q, _mm256_min_epu8(_mm256_sub_epi8(q, t.c81), _mm256_sub_epi8(q, t.c162)));
-      const __m256i c4 = _mm256_and_si256(_mm256_srli_epi16(_mm256_sub_epi8(q, q81), 6), t.m3);
-      q = q81;
-      const __m256i c3 = tq1_peel(q, t.c26, t.c53, t.t27), c2 = tq1_peel(q, t.c8, t.c17, t.t9);
-      __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(t.mod3, q), xv[0]),
-                                   _mm256_maddubs_epi16(_mm256_shuffle_epi8(t.div3, q), xv[1]));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, xv[2]));
-      s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, xv[3]));
-      s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(s, _mm256_maddubs_epi16(c4, xv[4])));
-    }
-  }
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], t.ones));
-}
-
-// Full groups in place; the tail group of G < 64 bytes from a copy zero-padded to 64 bytes (byte
-// 0 has all codes 0, so lanes j >= G add nothing; their activation reads, up to x + 5·full + 4G +
-// 64 <= x + 5·nbytes + GROUP, stay inside the padded x_int row).
-template <int R>
-HGF_AVX2 void tq1_rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
-                            int32_t* out) {
-  const Tq1Avx2 t;
+// codes . x_int for R rows with decoder D (I2Avx2 or Tq1Avx2), prefetching the bytes each step
+// reads two row blocks ahead. Full groups in place. The tail group of G < 64 bytes (byte j holds
+// digit k of activation P·full + k·G + j):
+//   full > 0: the 64 bytes ending at the row's end, lane L = j + 64 - G, so its activations start
+//     at x + P·full - (64 - G) (reads in [x + P·full - 64, x + P·nbytes), inside the row); lanes
+//     L < 64 - G (bytes of the previous group) get their activations zeroed;
+//   full = 0: a copy zero-padded to 64 bytes; byte 0 has all codes 0 in both packings, so lanes
+//     j >= G add 0 times whatever int8 they read; those reads end at x + (P-1)·G + 64 <=
+//     x + P·nbytes + GROUP, inside the x_int row (kp = P·nbytes + GROUP, zeros past P·nbytes).
+template <int R, class D>
+HGF_AVX2 void rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x,
+                        int32_t* out) {
+  const D d;
   __m256i acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  const int64_t full = nbytes - nbytes % GROUP;
+  const int64_t full = nbytes - nbytes % GROUP, g = nbytes - full;
   for (int64_t b = 0; b < full; b += GROUP) {
     for (int r = 0; r < R; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + b), _MM_HINT_T1);
-    tq1_group_avx2<R>(acc, t, w + b, ld, x + 5 * b, GROUP);
+    d.template group<R>(acc, w + b, ld, x + D::PER * b, GROUP);
   }
-  if (full < nbytes) {
-    alignas(32) uint8_t tail[R][GROUP] = {};
-    for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ld + full, nbytes - full);
-    tq1_group_avx2<R>(acc, t, tail[0], GROUP, x + 5 * full, nbytes - full);
+  if (g > 0) {
+    for (int r = 0; r < R; ++r) {  // the tail's first and last bytes (one or two lines)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + full), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + nbytes - 1), _MM_HINT_T1);
+    }
+    if (full > 0) {
+      const __m256i lane = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
+                                            16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
+                                            29, 30, 31);
+      const __m256i cut = _mm256_set1_epi8(char(GROUP - 1 - g));  // keep L > 63 - G
+      const __m256i keep[2] = {
+          _mm256_cmpgt_epi8(lane, cut),
+          _mm256_cmpgt_epi8(_mm256_add_epi8(lane, _mm256_set1_epi8(32)), cut)};
+      d.template group<R>(acc, w + nbytes - GROUP, ld, x + D::PER * full - (GROUP - g), g, keep);
+    } else {
+      alignas(32) uint8_t tail[R][GROUP] = {};
+      for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ld, g);
+      d.template group<R>(acc, tail[0], GROUP, x, g);
+    }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
@@ -391,8 +421,8 @@ void rows_dot(const uint8_t* w, int64_t ld, int64_t nbytes, const int8_t* x, int
     return tq1_rows_avx512<R>(w, ld, nbytes, x, out);
   }
   if (isa() == AVX2) {
-    if (per == 4) return i2_rows_avx2<R>(w, ld, nbytes, x, out);
-    return tq1_rows_avx2<R>(w, ld, nbytes, x, out);
+    if (per == 4) return rows_avx2<R, I2Avx2>(w, ld, nbytes, x, out);
+    return rows_avx2<R, Tq1Avx2>(w, ld, nbytes, x, out);
   }
 #endif
   for (int r = 0; r < R; ++r) out[r] = dot_portable(w + r * ld, nbytes, x, per);
