@@ -63,6 +63,18 @@ def test_train_eval_plot_through_the_cli(tmp_path, dataset, capsys):
     model, cfg = load_trained(run)
     assert cfg.model.linear == "hgf"
 
+    # a run whose data section no longer yields its tokenizer (as after an import) is evaluated
+    # with its own tokenizer file
+    cfg_file = run / "config.json"
+    d = json.loads(cfg_file.read_text())
+    d["data"]["max_train_stories"] = 3  # another BPE would be trained from this
+    cfg_file.write_text(json.dumps(d))
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert "using " + str(run / "tokenizer.json") in capsys.readouterr().out
+    again = json.loads((run / "eval.json").read_text())
+    assert again["val_loss"] == pytest.approx(out["val_loss"], rel=0.05)
+
     png = tmp_path / "p.png"
     assert main(["plot", str(run), str(run), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -32,7 +32,7 @@ def _sha256(path: Path) -> str:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
-    from hgf.config import build_config, parse_overrides
+    from hgf.config import build_config, parse_overrides, replace
     from hgf.data import prepare
     from hgf.runs import TOKENIZER_FILE, atomic_write_text, load_run_config, load_trained
     from hgf.train import autocast_for, evaluate_tokens, resolve_device
@@ -51,7 +51,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     prep = prepare(cfg, progress=cfg.train.progress)
     run_tok = run_dir / TOKENIZER_FILE
     if run_tok.is_file() and _sha256(run_tok) != prep.manifest["tokenizer_sha256"]:
-        raise HGFError(f"{prep.dir}: prepared with a different tokenizer than {run_tok}")
+        # e.g. an imported or converted run whose data section no longer names how its
+        # tokenizer was made: tokenize the validation text with the run's own tokenizer file
+        print(f"{run_dir}: the data config gives another tokenizer; using {run_tok}")
+        cfg = replace(cfg, data={"tokenizer": str(run_tok)})
+        prep = prepare(cfg, progress=cfg.train.progress)
+        if _sha256(run_tok) != prep.manifest["tokenizer_sha256"]:
+            raise HGFError(f"{prep.dir}: prepared with a different tokenizer than {run_tok}")
     bs = args.batch_size or cfg.train.batch_size
     res = evaluate_tokens(model, prep.tokens("valid"), cfg.train.seq_len, bs, device,
                           prep.bytes_per_token("valid"), autocast_for(device, cfg.train.dtype))
