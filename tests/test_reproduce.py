@@ -72,6 +72,7 @@ def test_micro_grid_runs_reports_and_skips_finished(tmp_path, capsys):
     assert res["gap_recovery"]["6"]["bitnet"] == pytest.approx(expected)
     assert res["memory"]["i2"]["overhead"] > 0
     assert 0 < res["steps_to_bitnet_final_loss"]["6"]["bitnet"] <= 6  # reaches its own last eval
+    assert sum(res["commits"].values()) == 6  # each run's code version, from its run_info.json
     report = (out / "report.md").read_text()
     assert "Gap recovery" in report and "What reproduced" in report and "0.9306" in report
     assert len((out / "results.csv").read_text().strip().splitlines()) == 1 + 6

@@ -141,7 +141,17 @@ def aggregate(preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
                   for p in ("i2", "tq1")}
         memory["params"] = rep.as_dict()["params"]
     missing = [f"{s.arm} {s.steps} steps seed {s.seed_index}" for s in specs if not s.done]
-    return {"preset": preset.name, "runs": runs, "missing": missing, "table": table,
+    commits: dict[str, int] = {}  # the code each finished run ran on (a restart counts too)
+    for s in specs:
+        info_file = s.dir / "run_info.json"
+        if s.done and info_file.is_file():
+            info = json.loads(info_file.read_text())
+            for part in [info, *info.get("restarts", [])]:
+                c = part.get("git", {}).get("commit") or "unknown"
+                c = c[:10] + ("+dirty" if part.get("git", {}).get("dirty") else "")
+                commits[c] = commits.get(c, 0) + 1
+    return {"preset": preset.name, "runs": runs, "missing": missing, "commits": commits,
+            "table": table,
             "gap_recovery": gaps,
             "steps_to_fp16_first_regime_loss": reach, "steps_to_bitnet_final_loss": to_bitnet,
             "memory": memory,
@@ -154,7 +164,11 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 
 def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
     out = [f"# hgf reproduce: preset `{res['preset']}`", "",
-           f"Command: `{command}`  ", f"Preset file: `{preset.path}`", ""]
+           f"Command: `{command}`  ", f"Preset file: `{preset.path}`  "]
+    if res.get("commits"):
+        out.append("Code the runs ran on (git commit: runs and restarts): " + ", ".join(
+            f"`{c}` {n}" for c, n in sorted(res["commits"].items(), key=lambda kv: -kv[1])))
+    out.append("")
     if res["missing"]:
         out += [f"**Incomplete grid: {len(res['missing'])} run(s) not finished** "
                 f"({', '.join(res['missing'])}); rerun the command to resume them.", ""]
