@@ -122,47 +122,30 @@ HGF_AVX2 inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
 }
 
-// A packing's AVX2 decoder: PER codes per byte and group<R>(acc, w, ld, x, g, keep), which adds
-// the codes . x_int of one 64-byte group of R rows (row stride ld; the activations of digit k
-// start at x + k·g, and if keep is given, activation lane L of half h is zeroed where byte L of
-// keep[h] is 0) into R int32 accumulators, as two 32-byte halves: u8 codes times s8 activations
-// by vpmaddubsw (pairs into int16), summed over the digits and both halves, then vpmaddwd with
-// ones into int32.
+// A packing's AVX2 decoder: PER codes per byte and dot32(q, xv), the int16 sums of codes times
+// activations of 32 packed bytes q (digit k's activations in xv[k]): u8 codes times s8
+// activations by vpmaddubsw (pairs into int16), summed over the digits. group_avx2 adds one
+// 64-byte group of R rows (row stride ld; the activations of digit k start at x + k·g, and if
+// keep is given, activation lane L of half h is zeroed where byte L of keep[h] is 0) into R int32
+// accumulators: dot32 of both 32-byte halves summed in int16, then vpmaddwd with ones into int32.
 
 // i2: byte q = c0 + 4c1 + 16c2 + 64c3, c_k = (q >> 2k) & 3 (vpsrlw shifts 16-bit lanes; the
 // mask drops the bits shifted in from the neighbouring byte). int16 lanes reach at most
 // 2·4·2·2·128 = 4096 (halves · digits · pair · code · |x_int|): no saturation.
 struct I2Avx2 {
   static constexpr int PER = 4;
-  __m256i m3, ones;
-  HGF_AVX2 I2Avx2() : m3(_mm256_set1_epi8(3)), ones(_mm256_set1_epi16(1)) {}
+  __m256i m3;
+  HGF_AVX2 I2Avx2() : m3(_mm256_set1_epi8(3)) {}
 
-  template <int R>
-  HGF_AVX2 inline __attribute__((always_inline)) void group(__m256i (&acc)[R], const uint8_t* w,
-                                                            int64_t ld, const int8_t* x,
-                                                            int64_t g,
-                                                            const __m256i* keep = nullptr) const {
-    __m256i s16[R];
-    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
-    for (int64_t h = 0; h < GROUP; h += 32) {
-      __m256i xv[4];
-      for (int k = 0; k < 4; ++k) {
-        xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
-        if (keep) xv[k] = _mm256_and_si256(xv[k], keep[h / 32]);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
-        __m256i s = _mm256_add_epi16(
-            _mm256_maddubs_epi16(_mm256_and_si256(q, m3), xv[0]),
-            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 2), m3), xv[1]));
-        s = _mm256_add_epi16(
-            s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m3), xv[2]));
-        s = _mm256_add_epi16(
-            s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 6), m3), xv[3]));
-        s16[r] = _mm256_add_epi16(s16[r], s);
-      }
-    }
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+  HGF_AVX2 inline __attribute__((always_inline)) __m256i dot32(__m256i q,
+                                                               const __m256i (&xv)[PER]) const {
+    __m256i s = _mm256_add_epi16(
+        _mm256_maddubs_epi16(_mm256_and_si256(q, m3), xv[0]),
+        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 2), m3), xv[1]));
+    s = _mm256_add_epi16(
+        s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 4), m3), xv[2]));
+    return _mm256_add_epi16(
+        s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(q, 6), m3), xv[3]));
   }
 };
 
@@ -184,7 +167,7 @@ HGF_AVX2 inline __attribute__((always_inline)) __m256i tq1_peel(__m256i& q, __m2
 
 struct Tq1Avx2 {
   static constexpr int PER = 5;
-  __m256i t27, t9, div3, mod3, c81, c162, c26, c53, c8, c17, m3, ones;
+  __m256i t27, t9, div3, mod3, c81, c162, c26, c53, c8, c17, m3;
   HGF_AVX2 Tq1Avx2() {
     // byte shuffle tables (vpshufb looks up 16 bytes per 128-bit lane): 27c, 9c, q div 3, q mod 3
     alignas(16) static constexpr uint8_t tab[4][16] = {
@@ -197,39 +180,45 @@ struct Tq1Avx2 {
     c81 = _mm256_set1_epi8(81), c162 = _mm256_set1_epi8(char(162));
     c26 = _mm256_set1_epi8(26), c53 = _mm256_set1_epi8(53);
     c8 = _mm256_set1_epi8(8), c17 = _mm256_set1_epi8(17);
-    m3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    m3 = _mm256_set1_epi8(3);
   }
 
-  template <int R>
-  HGF_AVX2 inline __attribute__((always_inline)) void group(__m256i (&acc)[R], const uint8_t* w,
-                                                            int64_t ld, const int8_t* x,
-                                                            int64_t g,
-                                                            const __m256i* keep = nullptr) const {
-    __m256i s16[R];
-    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
-    for (int64_t h = 0; h < GROUP; h += 32) {
-      __m256i xv[5];
-      for (int k = 0; k < 5; ++k) {
-        xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
-        if (keep) xv[k] = _mm256_and_si256(xv[k], keep[h / 32]);
-      }
-      for (int r = 0; r < R; ++r) {
-        __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
-        const __m256i q81 =
-            _mm256_min_epu8(q, _mm256_min_epu8(_mm256_sub_epi8(q, c81), _mm256_sub_epi8(q, c162)));
-        const __m256i c4 = _mm256_and_si256(_mm256_srli_epi16(_mm256_sub_epi8(q, q81), 6), m3);
-        q = q81;
-        const __m256i c3 = tq1_peel(q, c26, c53, t27), c2 = tq1_peel(q, c8, c17, t9);
-        __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(mod3, q), xv[0]),
-                                     _mm256_maddubs_epi16(_mm256_shuffle_epi8(div3, q), xv[1]));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, xv[2]));
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, xv[3]));
-        s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(s, _mm256_maddubs_epi16(c4, xv[4])));
-      }
-    }
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+  HGF_AVX2 inline __attribute__((always_inline)) __m256i dot32(__m256i q,
+                                                               const __m256i (&xv)[PER]) const {
+    const __m256i q81 =
+        _mm256_min_epu8(q, _mm256_min_epu8(_mm256_sub_epi8(q, c81), _mm256_sub_epi8(q, c162)));
+    const __m256i c4 = _mm256_and_si256(_mm256_srli_epi16(_mm256_sub_epi8(q, q81), 6), m3);
+    q = q81;
+    const __m256i c3 = tq1_peel(q, c26, c53, t27), c2 = tq1_peel(q, c8, c17, t9);
+    __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_shuffle_epi8(mod3, q), xv[0]),
+                                 _mm256_maddubs_epi16(_mm256_shuffle_epi8(div3, q), xv[1]));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, xv[2]));
+    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, xv[3]));
+    return _mm256_add_epi16(s, _mm256_maddubs_epi16(c4, xv[4]));
   }
 };
+
+template <int R, class D>
+HGF_AVX2 inline __attribute__((always_inline)) void group_avx2(const D& d, __m256i (&acc)[R],
+                                                               const uint8_t* w, int64_t ld,
+                                                               const int8_t* x, int64_t g,
+                                                               const __m256i* keep = nullptr) {
+  __m256i s16[R];
+  for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+  for (int64_t h = 0; h < GROUP; h += 32) {
+    __m256i xv[D::PER];
+    for (int k = 0; k < D::PER; ++k) {
+      xv[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k * g + h));
+      if (keep) xv[k] = _mm256_and_si256(xv[k], keep[h / 32]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + h));
+      s16[r] = _mm256_add_epi16(s16[r], d.dot32(q, xv));
+    }
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], ones));
+}
 
 // codes . x_int for R rows with decoder D (I2Avx2 or Tq1Avx2), prefetching the bytes each step
 // reads two row blocks ahead. Full groups in place. The tail group of G < 64 bytes (byte j holds
@@ -250,7 +239,7 @@ HGF_AVX2 void rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8
   for (int64_t b = 0; b < full; b += GROUP) {
     for (int r = 0; r < R; ++r)
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + b), _MM_HINT_T1);
-    d.template group<R>(acc, w + b, ld, x + D::PER * b, GROUP);
+    group_avx2<R>(d, acc, w + b, ld, x + D::PER * b, GROUP);
   }
   if (g > 0) {
     for (int r = 0; r < R; ++r) {  // the tail's first and last bytes (one or two lines)
@@ -265,11 +254,11 @@ HGF_AVX2 void rows_avx2(const uint8_t* w, int64_t ld, int64_t nbytes, const int8
       const __m256i keep[2] = {
           _mm256_cmpgt_epi8(lane, cut),
           _mm256_cmpgt_epi8(_mm256_add_epi8(lane, _mm256_set1_epi8(32)), cut)};
-      d.template group<R>(acc, w + nbytes - GROUP, ld, x + D::PER * full - (GROUP - g), g, keep);
+      group_avx2<R>(d, acc, w + nbytes - GROUP, ld, x + D::PER * full - (GROUP - g), g, keep);
     } else {
       alignas(32) uint8_t tail[R][GROUP] = {};
       for (int r = 0; r < R; ++r) std::memcpy(tail[r], w + r * ld, g);
-      d.template group<R>(acc, tail[0], GROUP, x, g);
+      group_avx2<R>(d, acc, tail[0], GROUP, x, g);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
