@@ -273,6 +273,18 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: malformed TOML: {e}") from None
 
 
+def read_json(path: str | Path, missing: str = "config file not found") -> Any:
+    """A JSON file's contents; ConfigError ``"<path>: <missing>"`` when it does not exist and
+    ``"<path>: malformed JSON: ..."`` when it does not parse."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: malformed JSON: {e}") from None
+
+
 def build_config(*layers: tuple[dict[str, Any], str]) -> Config:
     """Build a validated Config from (nested dict, source name) layers, later layers win."""
     flat: dict[str, tuple[Any, str]] = {}
@@ -308,14 +320,7 @@ def config_from_dict(d: dict[str, Any], source: str = "stored config") -> Config
 
 
 def load_config_json(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: malformed JSON: {e}") from None
-    return config_from_dict(d, str(p))
+    return config_from_dict(read_json(path), str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,5 +420,5 @@ __all__ = [
     "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "EvalConfig",
     "HGFConfig", "ModelConfig", "QuantConfig", "TrainConfig", "build_config", "config_from_dict",
     "dump_toml", "load_config", "load_config_json", "parse_overrides", "read_toml",
-    "replace", "subln_enabled", "validate",
+    "read_json", "replace", "subln_enabled", "validate",
 ]

@@ -42,7 +42,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from hgf.config import Config, ModelConfig, TrainConfig, build_config, parse_overrides, subln_enabled
+from hgf.config import (
+    Config,
+    ModelConfig,
+    TrainConfig,
+    build_config,
+    parse_overrides,
+    read_json,
+    subln_enabled,
+)
 from hgf.errors import HGFError
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.transformer import Transformer, build_model
@@ -98,13 +106,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     """``config.json`` and the tensors of ``model.safetensors`` (or a sharded index) in ``path``."""
     path = Path(path)
     cfg_file = path / "config.json"
-    try:
-        hf_cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HGFError(f"{cfg_file}: not found (a BitNet checkpoint folder holds config.json and "
-                       "model.safetensors)") from None
-    except json.JSONDecodeError as e:
-        raise HGFError(f"{cfg_file}: malformed JSON: {e}") from None
+    hf_cfg = read_json(cfg_file, "not found (a BitNet checkpoint folder holds config.json and "
+                                 "model.safetensors)")
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))

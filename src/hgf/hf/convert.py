@@ -27,7 +27,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from hgf.config import Config
+from hgf.config import Config, read_json
 from hgf.data.sources import EOT
 from hgf.errors import HGFError
 from hgf.model.transformer import Transformer
@@ -40,12 +40,7 @@ TARGETS = ("run", "hf", "bitnet")
 def detect_format(path: str | Path) -> str:
     """run | hf | bitnet, from the folder's config.json."""
     cfg_file = Path(path) / "config.json"
-    try:
-        d = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HGFError(f"{cfg_file}: not found (expected a run, Hugging Face or BitNet folder)") from None
-    except json.JSONDecodeError as e:
-        raise HGFError(f"{cfg_file}: malformed JSON: {e}") from None
+    d = read_json(cfg_file, "not found (expected a run, Hugging Face or BitNet folder)")
     if isinstance(d.get("model"), dict):
         return "run"
     if d.get("model_type") == "hgf":
