@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         if not args.report_only:
             run_specs(specs)
         grid = plan_grid(preset, out)
-        specs = specs + finished_extras(preset, out, specs, variants=True)
+        specs = specs + finished_extras(preset, out, specs, kind="variants")
         path = write_variants(preset, specs, grid + finished_extras(preset, out, grid), out)
         print(f"variant report: {path}")
         return 0

@@ -196,22 +196,26 @@ def plan_variants(preset: Preset, out: Path, names: list[str] | None = None,
     return specs
 
 
-def finished_extras(preset: Preset, out: Path, specs: list[RunSpec],
-                    variants: bool = False) -> list[RunSpec]:
-    """Finished runs under ``out/runs`` (or ``out/variants``) that ``specs`` does not list: extra
-    seeds or regimes run with ``--seeds``/``--steps``, other variants, so that a report counts
-    every finished run."""
+def finished_extras(preset: Preset | None, out: Path, specs: list[RunSpec],
+                    kind: str = "runs") -> list[RunSpec]:
+    """Finished runs under ``out/<kind>`` (``runs``, ``variants`` or ``sweep``) that ``specs``
+    does not list: extra seeds or regimes run with ``--seeds``/``--steps``, other variants, other
+    sweep LRs, so that a report counts every finished run. Grid runs and variants must belong to
+    ``preset``; a sweep run's LR becomes its ``lr_candidate``."""
     from hgf.runs import load_run_config
 
     known = {s.dir.resolve() for s in specs}
     extra = []
-    for done in sorted((out / ("variants" if variants else "runs")).glob(f"*/{DONE_FILE}")):
+    for done in sorted((out / kind).glob(f"*/{DONE_FILE}")):
         if done.parent.resolve() in known:
             continue
         st = json.loads(done.read_text())
-        ok = st.get("variant") in preset.variants if variants else st.get("arm") in preset.arms
-        if ok:
-            extra.append(RunSpec(st["arm"], int(st["steps"]), int(st.get("seed_index", 0)),
-                                 done.parent, load_run_config(done.parent),
-                                 variant=st.get("variant")))
+        if kind == "variants" and st.get("variant") not in preset.variants:
+            continue
+        if kind == "runs" and st.get("arm") not in preset.arms:
+            continue
+        extra.append(RunSpec(st["arm"], int(st["steps"]), int(st.get("seed_index", 0)),
+                             done.parent, load_run_config(done.parent),
+                             lr_candidate=st["lr"] if kind == "sweep" else None,
+                             variant=st.get("variant")))
     return extra

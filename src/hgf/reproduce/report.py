@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hgf.memory import report_for_config
-from hgf.reproduce.grid import Preset, RunSpec
+from hgf.reproduce.grid import Preset, RunSpec, finished_extras
 from hgf.runs import atomic_write_text
 from hgf.train.metrics import read_metrics
 
@@ -309,15 +309,8 @@ def write_sweep(specs: list[RunSpec], out: Path) -> str:
 
     Every finished run under ``out/sweep`` counts, so partial sweeps (extra LRs for one arm)
     accumulate into one table."""
-    from hgf.runs import load_run_config
-
-    known = {s.dir.resolve() for s in specs}
-    for done in sorted((out / "sweep").glob("*/done.json")):
-        if done.parent.resolve() not in known:
-            st = json.loads(done.read_text())
-            specs = [*specs, RunSpec(st["arm"], st["steps"], 0, done.parent,
-                                     load_run_config(done.parent), st["lr"])]
-    specs = sorted(specs, key=lambda s: (s.arm, s.lr_candidate or 0.0))
+    specs = sorted([*specs, *finished_extras(None, out, specs, kind="sweep")],
+                   key=lambda s: (s.arm, s.lr_candidate or 0.0))
     best: dict[str, dict[str, Any]] = {}
     rows = []
     for spec in specs:

@@ -29,6 +29,10 @@ from hgf.runs import atomic_write_text
 REFERENCE_ARMS = ("fp16", "bitnet", "bitnet_diff", "hgf", "hgf_std")
 
 
+def _summaries(specs: list[RunSpec]) -> list[dict[str, Any]]:
+    return [r for r in (summarize_run(s) for s in specs) if r is not None]
+
+
 def _rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Mean ± std of the final validation loss per label (variant or arm)."""
     out: dict[str, dict[str, Any]] = {}
@@ -45,8 +49,8 @@ def _rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def aggregate_variants(preset: Preset, variant_specs: list[RunSpec],
                        grid_specs: list[RunSpec]) -> dict[str, Any]:
     by_name = {s.variant: s for s in variant_specs}
-    runs = [r for r in (summarize_run(s) for s in variant_specs) if r is not None]
-    grid = [r for r in (summarize_run(s) for s in grid_specs) if r is not None]
+    runs = _summaries(variant_specs)
+    grid = _summaries(grid_specs)
     overhead = {}
     for name, spec in by_name.items():
         if spec.cfg.model.linear == "hgf":
@@ -76,7 +80,8 @@ def aggregate_variants(preset: Preset, variant_specs: list[RunSpec],
         regimes[str(steps)] = {"reference": refs, "variants": vars_}
     missing = [f"{s.variant} {s.steps} steps seed {s.seed_index}"
                for s in variant_specs if not s.done]
-    return {"preset": preset.name, "regimes": regimes, "missing": missing, "runs": runs}
+    return {"preset": preset.name, "regimes": regimes, "missing": missing, "runs": runs,
+            "grid_runs": grid}
 
 
 def _pct(x: float) -> str:
@@ -120,13 +125,13 @@ def write_variants(preset: Preset, variant_specs: list[RunSpec], grid_specs: lis
     from hgf.reproduce.plots import plot_final_losses, plot_val_curves
 
     res = aggregate_variants(preset, variant_specs, grid_specs)
+    grid = res.pop("grid_runs")  # summarised once, for the table and both plots
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "variants.json", json.dumps(res, indent=1, default=str) + "\n")
     regimes = {r["steps"] for r in res["runs"]}
-    refs = [r for r in (summarize_run(s) for s in grid_specs) if r is not None
-            and r["arm"] in ("fp16", "bitnet", "hgf", "hgf_std") and r["steps"] in regimes]
+    refs = [r for r in grid
+            if r["arm"] in ("fp16", "bitnet", "hgf", "hgf_std") and r["steps"] in regimes]
     plot_val_curves(res["runs"] + refs, out, prefix="variants", title="Variants vs grid arms")
-    grid = [r for r in (summarize_run(s) for s in grid_specs) if r is not None]
     for steps in sorted(regimes):
         rows = []
         for label in [*REFERENCE_ARMS, *res["regimes"][str(steps)]["variants"]]:
