@@ -39,10 +39,11 @@ def correction_use(run_dir: str | Path) -> dict[str, float]:
             w = mod.weight.float()
             w_t, s = ternarize(w, mod.weight_eps)
             w_q = w_t / s  # [out, in]
-            c = mod.gate_value() * (mod.B.float() @ mod.A.float())  # [out, in]
+            resid = w - w_q
+            g = mod.gate_value()
+            c = g * (mod.B.float() @ mod.A.float())  # [out, in]
             if mod.fusion == "convex":
-                w_q = (1 - mod.gate_value()) * w_q
-            resid = w - w_t / s
+                w_q = (1 - g) * w_q
             rows.append((float(c.norm() / w_q.norm()), float(resid.norm() / w_q.norm()),
                          float((c * resid).sum() / (c.norm() * resid.norm()).clamp_min(1e-12))))
     if not rows:
