@@ -116,6 +116,24 @@ HGF_V void dot4_v(const T* w, int64_t ld, const float* x, int64_t n, float* out)
     for (int r = 0; r < 4; ++r) out[r] += to_f(w[r * ld + i]) * x[i];
 }
 
+// y[o] += sum_j h[j] · Bt[j, o] for o < n (Bt rows of stride ld): one pass over y
+template <class T>
+HGF_V void corr_v(const T* Bt, int64_t ld, const float* h, int64_t r, float* y, int64_t n) {
+  int64_t o = 0;
+  for (; o + 16 <= n; o += 16) {
+    __m256 a0 = _mm256_loadu_ps(y + o), a1 = _mm256_loadu_ps(y + o + 8);
+    for (int64_t j = 0; j < r; ++j) {
+      const __m256 hj = _mm256_set1_ps(h[j]);
+      a0 = _mm256_fmadd_ps(hj, ld8(Bt + j * ld + o), a0);
+      a1 = _mm256_fmadd_ps(hj, ld8(Bt + j * ld + o + 8), a1);
+    }
+    _mm256_storeu_ps(y + o, a0);
+    _mm256_storeu_ps(y + o + 8, a1);
+  }
+  for (; o < n; ++o)
+    for (int64_t j = 0; j < r; ++j) y[o] += h[j] * to_f(Bt[j * ld + o]);
+}
+
 template <class T>
 HGF_V void axpy_v(float a, const T* w, float* y, int64_t n) {
   const __m256 va = _mm256_set1_ps(a);
@@ -249,6 +267,15 @@ void axpy(float a, const T* w, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * to_f(w[i]);
 }
 
+template <class T>
+void corr(const T* Bt, int64_t ld, const float* h, int64_t r, float* y, int64_t n) {
+#if HGF_X86
+  if (simd()) return corr_v(Bt, ld, h, r, y, n);
+#endif
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t o = 0; o < n; ++o) y[o] += h[j] * to_f(Bt[j * ld + o]);
+}
+
 float exp_shift(float* s, int64_t n) {
 #if HGF_X86
   if (simd()) return exp_shift_v(s, n);
@@ -328,9 +355,10 @@ struct Mat {  // [rows, cols] row-major float32 / fp16 / int8 (times a per-row s
     if (scale)
       for (int64_t r = r0; r < r1; ++r) y[r - r0] *= scale[r];
   }
-  void axpy_row(int64_t r, int64_t c0, int64_t n, float a, float* y) const {  // y += a·row[c0:]
+  // y[0:n] += sum_j h[j] · this[j, c0:c0+n]  (the correction B'h over columns c0.., this = B'ᵀ)
+  void corr_cols(int64_t c0, int64_t n, const float* h, float* y) const {
     visit([&](auto* w) {
-      axpy(a, w + r * cols + c0, y, n);
+      corr(w + c0, cols, h, rows, y, n);
       return 0;
     });
   }
@@ -585,16 +613,13 @@ struct Decoder : torch::CustomClassHolder {
       if (P.rank && fused_corr) {  // epilogue: y[rows] += B'[rows] h, rows still in cache
         const int64_t o0 = ch.b0 * ROWS, o1 = std::min(P.out, ch.b1 * ROWS);
         for (int64_t t = 0; t < m; ++t)
-          for (int64_t j = 0; j < P.rank; ++j)
-            P.Bt.axpy_row(j, o0, o1 - o0, h[size_t(t * R + P.h_off + j)], out + t * ldo + o0);
+          P.Bt.corr_cols(o0, o1 - o0, h.data() + t * R + P.h_off, out + t * ldo + o0);
       }
     });
     if (!fused_corr)
       for (size_t i = 0; i < G.p.size(); ++i)
         for (int64_t t = 0; t < m && G.p[i].rank; ++t)
-          for (int64_t j = 0; j < G.p[i].rank; ++j)
-            G.p[i].Bt.axpy_row(j, 0, G.p[i].out, h[size_t(t * R + G.p[i].h_off + j)],
-                               outs[i] + t * ld[i]);
+          G.p[i].Bt.corr_cols(0, G.p[i].out, h.data() + t * R + G.p[i].h_off, outs[i] + t * ld[i]);
   }
 
   void rope(float* v, int64_t heads, int64_t pos) const {  // [heads, hd] in place, half-split
