@@ -38,6 +38,7 @@ namespace decode {
 constexpr int64_t OPT_SPLIT_PROJ = 1;     // q, k, v (gate, up) each quantize and run on their own
 constexpr int64_t OPT_SPLIT_CORR = 2;     // the correction B'h as a second pass over the outputs
 constexpr int64_t OPT_TWO_PASS_DIFF = 4;  // differential attention: o1 and o2 in two passes over V
+constexpr int64_t UNPACK_MIN = 4;  // tokens from which a call (a prompt) unpacks weights (AVX2)
 
 enum Dt : int { F32 = 0, F16 = 1, I8 = 2 };
 
@@ -116,22 +117,30 @@ HGF_V void dot4_v(const T* w, int64_t ld, const float* x, int64_t n, float* out)
     for (int r = 0; r < 4; ++r) out[r] += to_f(w[r * ld + i]) * x[i];
 }
 
-// y[o] += sum_j h[j] · Bt[j, o] for o < n (Bt rows of stride ld): one pass over y
+// y[t, o] += sum_j h[t, j] · Bt[j, o] for t < m, o < n (the correction B'h of m tokens; Bt rows
+// of stride ldb, h rows of stride ldh, y rows of stride ldy): ranks in blocks of 8 held in
+// registers (converted once) across the m tokens, one pass over y per block
 template <class T>
-HGF_V void corr_v(const T* Bt, int64_t ld, const float* h, int64_t r, float* y, int64_t n) {
-  int64_t o = 0;
-  for (; o + 16 <= n; o += 16) {
-    __m256 a0 = _mm256_loadu_ps(y + o), a1 = _mm256_loadu_ps(y + o + 8);
-    for (int64_t j = 0; j < r; ++j) {
-      const __m256 hj = _mm256_set1_ps(h[j]);
-      a0 = _mm256_fmadd_ps(hj, ld8(Bt + j * ld + o), a0);
-      a1 = _mm256_fmadd_ps(hj, ld8(Bt + j * ld + o + 8), a1);
+HGF_V void corr_v(const T* Bt, int64_t ldb, int64_t r, const float* h, int64_t ldh, float* y,
+                  int64_t ldy, int64_t m, int64_t n) {
+  for (int64_t j0 = 0; j0 < r; j0 += 8) {
+    const int64_t nj = std::min<int64_t>(8, r - j0);
+    int64_t o = 0;
+    for (; o + 8 <= n; o += 8) {
+      __m256 b[8];
+      for (int64_t j = 0; j < nj; ++j) b[j] = ld8(Bt + (j0 + j) * ldb + o);
+      for (int64_t t = 0; t < m; ++t) {
+        const float* ht = h + t * ldh + j0;
+        __m256 acc = _mm256_loadu_ps(y + t * ldy + o);
+        for (int64_t j = 0; j < nj; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(ht[j]), b[j], acc);
+        _mm256_storeu_ps(y + t * ldy + o, acc);
+      }
     }
-    _mm256_storeu_ps(y + o, a0);
-    _mm256_storeu_ps(y + o + 8, a1);
+    for (; o < n; ++o)
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = 0; j < nj; ++j)
+          y[t * ldy + o] += h[t * ldh + j0 + j] * to_f(Bt[(j0 + j) * ldb + o]);
   }
-  for (; o < n; ++o)
-    for (int64_t j = 0; j < r; ++j) y[o] += h[j] * to_f(Bt[j * ld + o]);
 }
 
 template <class T>
@@ -238,6 +247,70 @@ HGF_V void quantize_row_avx2(const float* x, int64_t in, int64_t kp, float eps, 
   *sx = s;
   *sumx = sum;
 }
+
+// ---- prefill on AVX2 CPUs: a row block's packed weights unpacked once into u8 codes (natural
+// order, c = W_t + 1), then every token's dot product is two vpmaddubsw per 64 weights; the
+// packed decode (cheap for i2, ~20 ops per 32 bytes for tq1) is paid once per row, not per token
+
+// codes of one packed row (nbytes bytes, P codes per byte) -> c[0 .. P·nbytes)
+template <class D>
+HGF_V void unpack_row_avx2(const D& d, const uint8_t* w, int64_t nbytes, uint8_t* c);
+
+HGF_V inline void i2_codes(const I2Avx2& d, __m256i q, __m256i (&c)[4]) {
+  c[0] = _mm256_and_si256(q, d.m3);
+  c[1] = _mm256_and_si256(_mm256_srli_epi16(q, 2), d.m3);
+  c[2] = _mm256_and_si256(_mm256_srli_epi16(q, 4), d.m3);
+  c[3] = _mm256_and_si256(_mm256_srli_epi16(q, 6), d.m3);
+}
+
+HGF_V inline void tq1_codes(const Tq1Avx2& d, __m256i q, __m256i (&c)[5]) {  // as Tq1Avx2::dot32
+  const __m256i q81 = _mm256_min_epu8(
+      q, _mm256_min_epu8(_mm256_sub_epi8(q, d.c81), _mm256_sub_epi8(q, d.c162)));
+  c[4] = _mm256_and_si256(_mm256_srli_epi16(_mm256_sub_epi8(q, q81), 6), d.m3);
+  q = q81;
+  c[3] = tq1_peel(q, d.c26, d.c53, d.t27);
+  c[2] = tq1_peel(q, d.c8, d.c17, d.t9);
+  c[1] = _mm256_shuffle_epi8(d.div3, q);
+  c[0] = _mm256_shuffle_epi8(d.mod3, q);
+}
+
+template <class D>
+HGF_V void unpack_row_avx2(const D& d, const uint8_t* w, int64_t nbytes, uint8_t* c) {
+  constexpr int P = D::PER;
+  const int64_t full = nbytes - nbytes % GROUP;
+  for (int64_t b = 0; b < full; b += GROUP)
+    for (int64_t h = 0; h < GROUP; h += 32) {  // byte j of the group: digit k is code P·b + k·64 + j
+      __m256i v[P];
+      if constexpr (P == 4) i2_codes(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b + h)), v);
+      else tq1_codes(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b + h)), v);
+      for (int k = 0; k < P; ++k)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + P * b + k * GROUP + h), v[k]);
+    }
+  const int64_t g = nbytes - full;  // the tail group of g < 64 bytes: digit k is code P·full + k·g + j
+  for (int64_t j = 0; j < g; ++j) {
+    int v = w[full + j];
+    for (int k = 0; k < P; ++k, v /= (P == 4 ? 4 : 3)) c[P * full + k * g + j] = uint8_t(v % (P == 4 ? 4 : 3));
+  }
+}
+
+// out[r] = sum_i c[r][i] · x[i] for 4 rows of codes (row stride ldc), n a multiple of 64
+HGF_V void codes_dot4_avx2(const uint8_t* c, int64_t ldc, const int8_t* x, int64_t n, int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                    _mm256_setzero_si256()};
+  for (int64_t i = 0; i < n; i += 64) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 32));
+    for (int r = 0; r < 4; ++r) {  // int16 lanes: at most 2·2·2·128 = 1024
+      const uint8_t* cr = c + r * ldc + i;
+      const __m256i s = _mm256_add_epi16(
+          _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr)), x0),
+          _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr + 32)), x1));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s, ones));
+    }
+  }
+  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+}
 #endif
 
 // ---------------------------------------------------------------- dispatch over ISA and dtype
@@ -268,12 +341,14 @@ void axpy(float a, const T* w, float* y, int64_t n) {
 }
 
 template <class T>
-void corr(const T* Bt, int64_t ld, const float* h, int64_t r, float* y, int64_t n) {
+void corr(const T* Bt, int64_t ldb, int64_t r, const float* h, int64_t ldh, float* y,
+          int64_t ldy, int64_t m, int64_t n) {
 #if HGF_X86
-  if (simd()) return corr_v(Bt, ld, h, r, y, n);
+  if (simd()) return corr_v(Bt, ldb, r, h, ldh, y, ldy, m, n);
 #endif
-  for (int64_t j = 0; j < r; ++j)
-    for (int64_t o = 0; o < n; ++o) y[o] += h[j] * to_f(Bt[j * ld + o]);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t o = 0; o < n; ++o) y[t * ldy + o] += h[t * ldh + j] * to_f(Bt[j * ldb + o]);
 }
 
 float exp_shift(float* s, int64_t n) {
@@ -355,10 +430,12 @@ struct Mat {  // [rows, cols] row-major float32 / fp16 / int8 (times a per-row s
     if (scale)
       for (int64_t r = r0; r < r1; ++r) y[r - r0] *= scale[r];
   }
-  // y[0:n] += sum_j h[j] · this[j, c0:c0+n]  (the correction B'h over columns c0.., this = B'ᵀ)
-  void corr_cols(int64_t c0, int64_t n, const float* h, float* y) const {
+  // y[t, 0:n] += sum_j h[t, j] · this[j, c0:c0+n] for m tokens (the correction B'h over columns
+  // c0.., this = B'ᵀ)
+  void corr_cols(int64_t c0, int64_t n, const float* h, int64_t ldh, float* y, int64_t ldy,
+                 int64_t m) const {
     visit([&](auto* w) {
-      corr(w + c0, cols, h, rows, y, n);
+      corr(w + c0, cols, rows, h, ldh, y, ldy, m, n);
       return 0;
     });
   }
@@ -447,7 +524,7 @@ struct Decoder : torch::CustomClassHolder {
   int64_t cache_len = 0;
   std::vector<float> kc, vc;  // [layer][head][cache_len][dim]
   // scratch, sized by the longest call so far
-  std::vector<float> x, a, q, k, v, y, g, u, t, h, sx;
+  std::vector<float> x, a, q, k, v, y, g, u, t, h, sx, a32;
   std::vector<int8_t> xq;
   std::vector<int32_t> sumx;
   std::vector<decode::Chunk> chunks;
@@ -575,17 +652,23 @@ struct Decoder : torch::CustomClassHolder {
     sx.resize(size_t(m));
     sumx.resize(size_t(m));
     h.resize(size_t(std::max<int64_t>(1, m * R)));
+    Mat A = G.A;
+    if (R && m >= UNPACK_MIN && A.dt != F32) {  // a prompt: convert A to float32 once
+      a32.resize(size_t(R * in));
+      for (int64_t j = 0; j < R; ++j) A.row(j, a32.data() + j * in);
+      A.p = a32.data(), A.dt = F32;
+    }
     hgf::Pool::get().run(m, m > 1 ? threads : 1, [&](int64_t t) {  // input stage, per token
       quantize_row(xin + t * in, in, kp, act_eps, xq.data() + t * kp, sx.data() + t,
                    sumx.data() + t);
-      if (R) G.A.dot_rows(0, R, xin + t * in, h.data() + t * R);
+      if (R) A.dot_rows(0, R, xin + t * in, h.data() + t * R);
     });
     chunks.clear();
     for (size_t i = 0; i < G.p.size(); ++i) {  // about 32 KiB of (weight bytes x tokens) each
       const Proj& P = G.p[i];
       const int64_t nblk = (P.out + ROWS - 1) / ROWS;
-      const int64_t per_chunk =
-          std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, ROWS * P.nbytes * m));
+      const int64_t per_chunk =  // >= 16 rows: the epilogue runs on 8-wide vectors
+          std::max<int64_t>(4, (1 << 15) / std::max<int64_t>(1, ROWS * P.nbytes * m));
       for (int64_t b = 0; b < nblk; b += per_chunk)
         chunks.push_back({int(i), b, std::min(nblk, b + per_chunk)});
     }
@@ -596,6 +679,30 @@ struct Decoder : torch::CustomClassHolder {
       float* out = outs[ch.p];
       const int64_t ldo = ld[ch.p];
       int32_t acc[ROWS];
+#if HGF_X86
+      if (m >= UNPACK_MIN && isa() == AVX2 && simd()) {  // a prompt: unpack each row block once
+        const int64_t nc = per * P.nbytes, ldc = (nc + 63) / 64 * 64;  // x_int rows reach kp >= ldc
+        thread_local std::vector<uint8_t> codes;
+        if (int64_t(codes.size()) < ROWS * ldc) codes.resize(size_t(ROWS * ldc));
+        const I2Avx2 di2;
+        const Tq1Avx2 dtq1;
+        for (int64_t blk = ch.b0; blk < ch.b1; ++blk) {
+          const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, P.out - r0);
+          for (int64_t r = 0; r < nr; ++r) {
+            uint8_t* cr = codes.data() + r * ldc;
+            if (per == 4) unpack_row_avx2(di2, P.w + (r0 + r) * P.nbytes, P.nbytes, cr);
+            else unpack_row_avx2(dtq1, P.w + (r0 + r) * P.nbytes, P.nbytes, cr);
+            std::memset(cr + nc, 0, size_t(ldc - nc));
+          }
+          for (int64_t t = 0; t < m; ++t) {
+            codes_dot4_avx2(codes.data(), ldc, xq.data() + t * kp, ldc, acc);
+            const float denom = sx[size_t(t)] * P.s_w;
+            float* yt = out + t * ldo;
+            for (int64_t r = 0; r < nr; ++r) yt[r0 + r] = float(acc[r] - sumx[size_t(t)]) / denom;
+          }
+        }
+      } else
+#endif
       for (int64_t blk = ch.b0; blk < ch.b1; ++blk) {
         const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, P.out - r0);
         for (int64_t t = 0; t < m; ++t) {  // these rows' weights stay in L1 across tokens
@@ -612,14 +719,13 @@ struct Decoder : torch::CustomClassHolder {
       }
       if (P.rank && fused_corr) {  // epilogue: y[rows] += B'[rows] h, rows still in cache
         const int64_t o0 = ch.b0 * ROWS, o1 = std::min(P.out, ch.b1 * ROWS);
-        for (int64_t t = 0; t < m; ++t)
-          P.Bt.corr_cols(o0, o1 - o0, h.data() + t * R + P.h_off, out + t * ldo + o0);
+        P.Bt.corr_cols(o0, o1 - o0, h.data() + P.h_off, R, out + o0, ldo, m);
       }
     });
     if (!fused_corr)
       for (size_t i = 0; i < G.p.size(); ++i)
-        for (int64_t t = 0; t < m && G.p[i].rank; ++t)
-          G.p[i].Bt.corr_cols(0, G.p[i].out, h.data() + t * R + G.p[i].h_off, outs[i] + t * ld[i]);
+        if (G.p[i].rank)
+          G.p[i].Bt.corr_cols(0, G.p[i].out, h.data() + G.p[i].h_off, R, outs[i], ld[i], m);
   }
 
   void rope(float* v, int64_t heads, int64_t pos) const {  // [heads, hd] in place, half-split
