@@ -51,6 +51,7 @@ from hgf.model.transformer import Transformer
 OPT_SPLIT_PROJ = 1  # q, k, v and gate, up: one kernel job (and one quantization) each
 OPT_SPLIT_CORR = 2  # the correction's B' h as a second pass instead of the GEMV epilogue
 OPT_TWO_PASS_DIFF = 4  # differential attention: o1 and o2 in two passes over V
+OPT_NO_UNPACK = 8  # prompts on AVX2: the packed kernel per token instead of unpacked row blocks
 
 PER_BYTE = {"i2": 4, "tq1": 5}
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))

@@ -38,6 +38,7 @@ namespace decode {
 constexpr int64_t OPT_SPLIT_PROJ = 1;     // q, k, v (gate, up) each quantize and run on their own
 constexpr int64_t OPT_SPLIT_CORR = 2;     // the correction B'h as a second pass over the outputs
 constexpr int64_t OPT_TWO_PASS_DIFF = 4;  // differential attention: o1 and o2 in two passes over V
+constexpr int64_t OPT_NO_UNPACK = 8;      // prompts: no unpacking of row blocks (AVX2)
 constexpr int64_t UNPACK_MIN = 4;  // tokens from which a call (a prompt) unpacks weights (AVX2)
 
 enum Dt : int { F32 = 0, F16 = 1, I8 = 2 };
@@ -680,7 +681,7 @@ struct Decoder : torch::CustomClassHolder {
       const int64_t ldo = ld[ch.p];
       int32_t acc[ROWS];
 #if HGF_X86
-      if (m >= UNPACK_MIN && isa() == AVX2 && simd()) {  // a prompt: unpack each row block once
+      if (m >= UNPACK_MIN && isa() == AVX2 && simd() && !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
         const int64_t nc = per * P.nbytes, ldc = (nc + 63) / 64 * 64;  // x_int rows reach kp >= ldc
         thread_local std::vector<uint8_t> codes;
         if (int64_t(codes.size()) < ROWS * ldc) codes.resize(size_t(ROWS * ldc));
