@@ -22,7 +22,7 @@ def test_bench_infer_smoke(tmp_path, capsys) -> None:
     assert set(rows) == {(a, p) for a in ("bitnet-std", "hgf-std", "hgf-diff")
                          for p in ("i2", "tq1")}
     for r in res["decode"]:
-        assert RECORD_KEYS <= set(r) and r["system"] == "hgf" and r["engine"] == "native"
+        assert set(r) >= RECORD_KEYS and r["system"] == "hgf" and r["engine"] == "native"
         assert r["tokens"] == 4 and r["cpu_ms_per_token"] > 0 and r["tok_per_s"] > 0
         assert r["prompt_tok_per_s"] > 0 and r["threads"] == 1
         assert r["speedup_vs_reference"] > 0 and r["peak_rss_delta_bytes"] > 0

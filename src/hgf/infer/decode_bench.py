@@ -46,7 +46,7 @@ MIB = 2**20
 
 
 def arm_config(size: str, arm: str, rank: int = 8) -> Config:
-    linear, attention = ARMS[arm] if arm in ARMS else ("dense", "differential")
+    linear, attention = ARMS.get(arm, ("dense", "differential"))
     return config_from_dict({"model": {"size": size, "linear": linear, "attention": attention,
                                        "subln": "on"}, "hgf": {"rank": rank}}, "hgf bench infer")
 

@@ -294,23 +294,41 @@ HGF_V void unpack_row_avx2(const D& d, const uint8_t* w, int64_t nbytes, uint8_t
   }
 }
 
-// out[r] = sum_i c[r][i] · x[i] for 4 rows of codes (row stride ldc), n a multiple of 64
-HGF_V void codes_dot4_avx2(const uint8_t* c, int64_t ldc, const int8_t* x, int64_t n, int32_t* out) {
+// out[t][r] = sum_i c[r][i] · x_t[i] for 4 rows of codes (row stride ldc) and T = 1 or 2 tokens
+// (rows of stride ldx), n a multiple of 64. vpmaddubsw pairs of code · x_int: at most
+// 2·2·128 = 512 per int16 lane, two per step, so 16 steps (1024 weights) sum in int16 before
+// vpmaddwd widens them; each code vector serves both tokens.
+template <int T>
+HGF_V void codes_dot4_avx2(const uint8_t* c, int64_t ldc, const int8_t* x, int64_t ldx, int64_t n,
+                           int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                    _mm256_setzero_si256()};
-  for (int64_t i = 0; i < n; i += 64) {
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 32));
-    for (int r = 0; r < 4; ++r) {  // int16 lanes: at most 2·2·2·128 = 1024
-      const uint8_t* cr = c + r * ldc + i;
-      const __m256i s = _mm256_add_epi16(
-          _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr)), x0),
-          _mm256_maddubs_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cr + 32)), x1));
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s, ones));
+  __m256i acc[T][4];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < 4; ++r) acc[t][r] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < n;) {
+    const int64_t end = std::min(n, i + 1024);
+    __m256i s[T][4];
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < 4; ++r) s[t][r] = _mm256_setzero_si256();
+    for (; i < end; i += 64) {
+      __m256i x0[T], x1[T];
+      for (int t = 0; t < T; ++t) {
+        x0[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * ldx + i));
+        x1[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + t * ldx + i + 32));
+      }
+      for (int r = 0; r < 4; ++r) {
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + i));
+        const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + i + 32));
+        for (int t = 0; t < T; ++t)
+          s[t][r] = _mm256_add_epi16(s[t][r], _mm256_add_epi16(_mm256_maddubs_epi16(c0, x0[t]),
+                                                               _mm256_maddubs_epi16(c1, x1[t])));
+      }
     }
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < 4; ++r) acc[t][r] = _mm256_add_epi32(acc[t][r], _mm256_madd_epi16(s[t][r], ones));
   }
-  for (int r = 0; r < 4; ++r) out[r] = hsum(acc[r]);
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < 4; ++r) out[4 * t + r] = hsum(acc[t][r]);
 }
 #endif
 
@@ -695,11 +713,17 @@ struct Decoder : torch::CustomClassHolder {
             else unpack_row_avx2(dtq1, P.w + (r0 + r) * P.nbytes, P.nbytes, cr);
             std::memset(cr + nc, 0, size_t(ldc - nc));
           }
-          for (int64_t t = 0; t < m; ++t) {
-            codes_dot4_avx2(codes.data(), ldc, xq.data() + t * kp, ldc, acc);
-            const float denom = sx[size_t(t)] * P.s_w;
-            float* yt = out + t * ldo;
-            for (int64_t r = 0; r < nr; ++r) yt[r0 + r] = float(acc[r] - sumx[size_t(t)]) / denom;
+          int32_t acc2[2 * ROWS];
+          for (int64_t t = 0; t < m; t += 2) {
+            const int T = m - t >= 2 ? 2 : 1;
+            if (T == 2) codes_dot4_avx2<2>(codes.data(), ldc, xq.data() + t * kp, kp, ldc, acc2);
+            else codes_dot4_avx2<1>(codes.data(), ldc, xq.data() + t * kp, kp, ldc, acc2);
+            for (int u = 0; u < T; ++u) {
+              const float denom = sx[size_t(t + u)] * P.s_w;
+              float* yt = out + (t + u) * ldo;
+              for (int64_t r = 0; r < nr; ++r)
+                yt[r0 + r] = float(acc2[4 * u + r] - sumx[size_t(t + u)]) / denom;
+            }
           }
         }
       } else
