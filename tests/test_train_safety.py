@@ -163,6 +163,29 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes_exactly(tmp_pa
     assert _same_weights(run, ref)
 
 
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_exits_130(tmp_path, dataset, capsys,
+                                                               monkeypatch):
+    from hgf.train.loop import Trainer
+
+    run, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
+    step_fn = Trainer.train_step
+
+    def ctrl_c_in_step_2(self, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_fn(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_2)
+    assert main(["train", *_cli_args(run, dataset, "--train.steps=6")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("hgf: stopped by SIGINT after step 2: ")
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert [p.name for p in Checkpointer(run).checkpoints()] == ["step_0000002"]
+    monkeypatch.setattr(Trainer, "train_step", step_fn)
+    assert main(["train", *_cli_args(run, dataset, "--train.steps=6")]) == 0
+    assert "done: 6 steps" in capsys.readouterr().out and sorted(_losses(run)) == list(range(1, 7))
+
+
 # -- extending a finished run ----------------------------------------------------------------
 
 

@@ -41,35 +41,35 @@ class TrainingInterrupted(HGFError):
 
 
 class StopSignal:
-    """Context manager: records the first SIGINT/SIGTERM in ``signum`` instead of dying (only in
-    the main thread, where Python delivers signals; elsewhere it does nothing)."""
+    """Between ``install()`` and ``restore()`` (or as a context manager), records the first SIGINT
+    or SIGTERM in ``signum`` instead of dying. Only in the main thread, where Python delivers
+    signals; elsewhere it does nothing."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> StopSignal:
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._old[s] = signal.getsignal(s)
                 signal.signal(s, self._handle)
-        return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
-        self._restore()  # a second signal acts as it did before
+        self.restore()  # a second signal acts as it did before
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
         for s, handler in self._old.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._old.clear()
 
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
+    def __enter__(self) -> StopSignal:
+        self.install()
+        return self
 
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else ""
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, save_config
 from hgf.train import guard
 from hgf.train.batches import BatchSampler
 from hgf.train.checkpoint import (
+    CKPT_DIR,
     STATE_FILE,
     Checkpointer,
     check_resumable_config,
@@ -204,7 +205,7 @@ def _resume_point(cfg: Config, ckpt: Checkpointer, overwrite: bool) -> tuple[Con
     return cfg, path
 
 
-OVERWRITTEN = ("checkpoints", MODEL_FILE, METRICS_FILE, "tb")  # what --overwrite deletes
+OVERWRITTEN = (CKPT_DIR, MODEL_FILE, METRICS_FILE, "tb")  # what --overwrite deletes
 
 
 def _clear_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -258,7 +259,7 @@ def _past_schedule_note(cfg: Config, start: int, resumed: bool, run_dir: Path) -
            f"(train.schedule_steps), so from step {max(length, start) + 1} on the LR holds its "
            f"final value {Schedule(t).final_lr:.3g} ({_FINAL_LR[t.schedule]})")
     if resumed and start == length and (run_dir / MODEL_FILE).is_file():
-        msg += f"; {MODEL_FILE} is replaced at the end, checkpoints/{step_name(length)} is kept"
+        msg += f"; {MODEL_FILE} is replaced at the end, {CKPT_DIR}/{step_name(length)} is kept"
     return msg
 
 
@@ -349,37 +350,38 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
     try:
         if start == 0:
             diagnostics(model)  # the reference snapshot of the first flip rate
-        with stop:
-            for step in range(start, t.steps):
-                t0 = time.perf_counter()
-                try:
-                    stats = tr.train_step(step)
-                except NonFiniteError as e:
-                    good = ckpt.dir / step_name(last_saved) if last_saved else "none"
-                    raise NonFiniteError(f"{e}; run stopped, last good checkpoint: {good}") from None
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                tok_s = tokens_per_step / (time.perf_counter() - t0)
-                done = step + 1
-                losses[done] = stats.loss
-                progress.update(stats.loss, tok_s)
-                if done % max(t.log_every, 1) == 0 or done == t.steps:
-                    record = {"kind": "train", "step": done, "loss": stats.loss, "lr": stats.lr,
-                              "grad_norm": stats.grad_norm, "tokens_per_s": tok_s}
-                    gates = gate_values(model)
-                    logger.log({**record, "gates": gates} if gates else record)
-                if ev.every and done % ev.every == 0 and done < t.steps:
-                    validate(done)
-                timely = t.ckpt_minutes > 0 and time.monotonic() - saved_at >= 60 * t.ckpt_minutes
-                timely, stopping = _any_rank(timely, stop.signum is not None, device=device)
-                if timely or stopping or (t.ckpt_every and done % t.ckpt_every == 0):
-                    save(done)
-                if stopping:
-                    raise stopped(done)
-            if last_saved != t.steps:
-                save(t.steps)
-            if _any_rank(stop.signum is not None, device=device)[0]:  # during the last save
-                raise stopped(t.steps)
+        stop.install()
+        for step in range(start, t.steps):
+            t0 = time.perf_counter()
+            try:
+                stats = tr.train_step(step)
+            except NonFiniteError as e:
+                good = ckpt.dir / step_name(last_saved) if last_saved else "none"
+                raise NonFiniteError(f"{e}; run stopped, last good checkpoint: {good}") from None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            tok_s = tokens_per_step / (time.perf_counter() - t0)
+            done = step + 1
+            losses[done] = stats.loss
+            progress.update(stats.loss, tok_s)
+            if done % max(t.log_every, 1) == 0 or done == t.steps:
+                record = {"kind": "train", "step": done, "loss": stats.loss, "lr": stats.lr,
+                          "grad_norm": stats.grad_norm, "tokens_per_s": tok_s}
+                gates = gate_values(model)
+                logger.log({**record, "gates": gates} if gates else record)
+            if ev.every and done % ev.every == 0 and done < t.steps:
+                validate(done)
+            timely = t.ckpt_minutes > 0 and time.monotonic() - saved_at >= 60 * t.ckpt_minutes
+            timely, stopping = _any_rank(timely, stop.signum is not None, device=device)
+            if timely or stopping or (t.ckpt_every and done % t.ckpt_every == 0):
+                save(done)
+            if stopping:
+                raise stopped(done)
+        if last_saved != t.steps:
+            save(t.steps)
+        if _any_rank(stop.signum is not None, device=device)[0]:  # during the last save
+            raise stopped(t.steps)
+        stop.restore()  # from here on a signal interrupts at once, as before
         val, final = validate(t.steps), None
         if ev.full_at_end:
             final = evaluate_tokens(model, valid, t.seq_len, t.batch_size, device, bpt,
@@ -390,6 +392,7 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
                                f"ppl {final.ppl:.2f}, {final.bpb:.4f} bits/byte")
         export_weights(model, run_dir / MODEL_FILE, metadata={"step": str(t.steps)})
     finally:
+        stop.restore()
         progress.close()
         logger.close()
     return RunResult(run_dir, t.steps, losses, resumed_from, val, final, world().rank)
