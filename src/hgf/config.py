@@ -132,7 +132,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     progress: bool = True
     resume: str = "auto"  # auto: continue from the latest good checkpoint in out_dir | never
-    keep_checkpoints: int = 3  # keep the last K checkpoints
+    keep_checkpoints: int = 3  # keep the last K checkpoints (and the end of every finished run)
     tensorboard: bool = False  # also log to out_dir/tb (needs the tensorboard package)
     # the length the LR/WD and gate schedules are laid over (0 = train.steps); steps past it hold
     # the schedules' final values. Set to the old length when a finished run is extended.
