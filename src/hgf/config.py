@@ -127,12 +127,20 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
     log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # also checkpoint every N steps (0 = off); always at the end
+    ckpt_minutes: float = 10.0  # also checkpoint after this many minutes since the last (0 = off)
     out_dir: str = "runs/default"
     progress: bool = True
     resume: str = "auto"  # auto: continue from the latest good checkpoint in out_dir | never
-    keep_checkpoints: int = 3  # keep the last K checkpoints
+    keep_checkpoints: int = 3  # keep the last K checkpoints (and the end of every finished run)
     tensorboard: bool = False  # also log to out_dir/tb (needs the tensorboard package)
+    # the length the LR/WD and gate schedules are laid over (0 = train.steps); steps past it hold
+    # the schedules' final values. Set to the old length when a finished run is extended.
+    schedule_steps: int = 0
+
+    @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps or self.steps
 
 
 @dataclass
@@ -368,14 +376,16 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
             fail(key, "must lie in [0, 1]")
     for key in ("train.lr", "hgf.gate_lr_mult", "hgf.lr_mult", "hgf.gate_l2", "train.weight_decay",
                 "train.grad_clip", "train.warmup_steps", "eval.every", "eval.batches",
-                "train.ckpt_every", "train.log_every", "train.threads"):
+                "train.ckpt_every", "train.log_every", "train.threads", "train.ckpt_minutes",
+                "train.schedule_steps"):
         if _get(cfg, key) < 0:
             fail(key, "must be >= 0")
     for key in ("train.beta1", "train.beta2"):
         if not 0 <= _get(cfg, key) < 1:
             fail(key, "must lie in [0, 1)")
-    if not math.isfinite(t.lr):
-        fail("train.lr", "must be finite")
+    for key in ("train.lr", "train.ckpt_minutes"):
+        if not math.isfinite(_get(cfg, key)):
+            fail(key, "must be finite")
 
 
 def _get(cfg: Config, key: str) -> Any:
