@@ -169,8 +169,8 @@ def check_tokenizer(data: bytes, label: str, vocab_size: int,
                        f"model.vocab_size={vocab_size}")
     sha = hashlib.sha256(data).hexdigest()
     if record is not None and sha != record.sha256:
-        raise HGFError(f"{label}: not the tokenizer {record.source} was trained with ({n} ids, "
-                       f"sha256 {sha[:12]}; the model's has {record.ids} ids, sha256 "
+        raise HGFError(f"{label}: not the tokenizer {record.source} was trained with (this one "
+                       f"has {n} ids, sha256 {sha[:12]}; the model's has {record.ids} ids, sha256 "
                        f"{record.sha256[:12]})")
     return tok
 
