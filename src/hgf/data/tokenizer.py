@@ -121,10 +121,12 @@ def eot_id(tok: Tokenizer) -> int:
 # tokenizer they were trained with: the metadata of model.safetensors holds the sha256 of its
 # tokenizer.json bytes and its id range (written by training and by `hgf convert --to run`).
 # The rule, for every command that pairs a tokenizer file with a model:
-#   1. ids >= model.vocab_size                         -> refused (the embedding has no such row);
+#   1. an id >= model.vocab_size                       -> refused (the embedding has no such row);
 #   2. recorded by the weights and the sha256 differs  -> refused (another tokenizer), naming the
 #                                                         file, the weights and both id ranges;
 #   3. weights without a record (older runs)           -> 1 only.
+# hgf eval also tokenizes its data with exactly that tokenizer (hgf.commands.eval); hgf convert
+# copies along a tokenizer.json that is no tokenizers file unchecked, as it always did.
 
 TOKENIZER_SHA256 = "tokenizer_sha256"  # keys of the record in the weights' safetensors metadata
 TOKENIZER_IDS = "tokenizer_ids"
@@ -140,11 +142,15 @@ class TokenizerRecord:
 
 
 def tokenizer_metadata(path: str | Path | None) -> dict[str, str]:
-    """The record of the tokenizer file ``path`` for a weights file's metadata ({} without one)."""
+    """The record of the tokenizer file ``path`` for a weights file's metadata ({} without one,
+    or when the file is not a tokenizers JSON file)."""
     if path is None or not Path(path).is_file():
         return {}
     data = Path(path).read_bytes()
-    tok = parse_tokenizer(data, str(path))
+    try:
+        tok = parse_tokenizer(data, str(path))
+    except HGFError:
+        return {}
     return {TOKENIZER_SHA256: hashlib.sha256(data).hexdigest(), TOKENIZER_IDS: str(id_range(tok))}
 
 
@@ -175,12 +181,21 @@ def check_tokenizer(data: bytes, label: str, vocab_size: int,
     return tok
 
 
-def check_tokenizer_file(path: str | Path, vocab_size: int, weights: str | Path) -> Tokenizer:
-    """:func:`check_tokenizer` of the file ``path`` for the model whose weights are ``weights``."""
+def check_tokenizer_file(path: str | Path, vocab_size: int, weights: str | Path,
+                         carried: bool = False) -> Tokenizer | None:
+    """:func:`check_tokenizer` of the file ``path`` for the model whose weights are ``weights``.
+    ``carried``: the file is only copied along (hgf convert), so one that is not a tokenizers JSON
+    file is let through unchecked (None) instead of refused."""
     path = Path(path)
     if not path.is_file():
         raise HGFError(f"{path}: tokenizer file not found")
-    return check_tokenizer(path.read_bytes(), str(path), vocab_size, read_record(weights))
+    data = path.read_bytes()
+    if carried:
+        try:
+            parse_tokenizer(data, str(path))
+        except HGFError:
+            return None
+    return check_tokenizer(data, str(path), vocab_size, read_record(weights))
 
 
 def parse_tokenizer(data: str | bytes, label: str) -> Tokenizer:

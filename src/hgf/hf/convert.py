@@ -107,7 +107,7 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
     tok = path / TOKENIZER_FILE
     info["tokenizer"] = tok if tok.is_file() else None
     if tok.is_file():  # the folder's tokenizer must fit its model (and be the one it recorded)
-        check_tokenizer_file(tok, cfg.model.vocab_size, path / MODEL_FILE)
+        check_tokenizer_file(tok, cfg.model.vocab_size, path / MODEL_FILE, carried=True)
     return model, cfg, info
 
 
