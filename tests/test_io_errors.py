@@ -117,7 +117,14 @@ def test_atomic_write_into_a_chmod_read_only_folder(tmp_path) -> None:
         folder.chmod(0o755)
 
 
-def test_atomic_write_without_overwrite_never_replaces_a_file(tmp_path) -> None:
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_atomic_write_without_overwrite_never_replaces_a_file(hard_links, tmp_path,
+                                                             monkeypatch) -> None:
+    if not hard_links:  # a file system without them: os.link fails with EPERM
+        def no_link(src, dst):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM), src, None, dst)
+
+        monkeypatch.setattr(os, "link", no_link)
     path = tmp_path / "m.hgf"
 
     def write(tmp: str) -> None:  # someone else writes the file while ours is being written

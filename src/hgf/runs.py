@@ -65,8 +65,6 @@ def _link_new(tmp: str, path: Path) -> None:
     there is no window in which another writer's file could be replaced)."""
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
     except OSError as e:  # a file system without hard links: check, then rename
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
