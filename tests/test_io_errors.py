@@ -242,3 +242,12 @@ def test_train_on_a_full_disk_is_one_line_and_keeps_the_run(tmp_path, dataset, m
     weights = run_dir / "model.safetensors"
     assert weights.read_bytes() == before[weights]
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("command", [["eval", "{f}"], ["export", "{f}", "-o", "{out}"]],
+                         ids=["eval", "export"])
+def test_a_file_given_for_a_run_directory_is_one_line(command, run, tmp_path, capsys) -> None:
+    f = run / "config.json"
+    assert main([a.format(f=f, out=tmp_path / "m.hgf") for a in command]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"hgf: error: {f}: not a run directory (a file)"
+    assert list(tmp_path.iterdir()) == []

@@ -104,7 +104,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.d
 def load_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise HGFError(f"{run_dir}: run directory not found")
+        raise HGFError(f"{run_dir}: not a run directory (a file)" if run_dir.exists()
+                       else f"{run_dir}: run directory not found")
     try:
         return load_config_json(run_dir / CONFIG_FILE)
     except ConfigError:
