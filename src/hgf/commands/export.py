@@ -1,5 +1,7 @@
 """``hgf export RUN_DIR -o FILE``: pack a trained run into one self-contained file and print what
-it holds, by component, with the correction overhead measured from the file's own tensors."""
+it holds, by component, with the correction overhead measured from the file's own tensors.
+``-o FOLDER`` writes ``FOLDER/<run name>.hgf``. An existing file is replaced only with ``--force``,
+and a file of the run itself never."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from hgf.kernels import PACKINGS
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="pack a trained run into a ternary inference file")
     p.add_argument("run_dir", help="run directory (config.json, model.safetensors, tokenizer.json)")
-    p.add_argument("-o", "--output", required=True, help="packed file to write (e.g. model.hgf)")
+    p.add_argument("-o", "--output", required=True,
+                   help="packed file to write (e.g. model.hgf), or a folder: FOLDER/<run name>.hgf")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing output file (never one inside RUN_DIR)")
     p.add_argument("--packing", choices=PACKINGS, default="i2",
                    help="ternary packing: i2 = 2 bits/weight, tq1 = 1.6 bits/weight (default i2)")
     p.add_argument("--embeddings", choices=EMBEDDINGS, default="fp16",
@@ -24,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    export_run(args.run_dir, args.output, args.packing, args.embeddings, args.tokenizer)
-    header = read_header(args.output)
+    out = export_run(args.run_dir, args.output, args.packing, args.embeddings, args.tokenizer,
+                     args.force)
+    header = read_header(out)
     print(format_breakdown(header))
     if header.tokenizer_json is None:
         print("note: no tokenizer stored (the run has none; pass --tokenizer to add one)")

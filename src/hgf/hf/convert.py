@@ -9,9 +9,11 @@
             model.safetensors (packed ternary weights), the tokenizer files as for hf
             (hgf.hf.bitnet_import reads it, hgf.hf.bitnet_export says what can be written)
 
-A conversion loads the source as an hgf Transformer + Config (+ tokenizer file) and writes it in
-the target format. The output folder is written next to its final place and renamed at the end,
-so a failed conversion leaves nothing half-written; an existing non-empty output is refused.
+A conversion loads the source as an hgf Transformer + Config (+ tokenizer file, checked to fit the
+model and, for a run, to be the one its weights record) and writes it in the target format; a run
+written records its tokenizer in its weights (hgf.data.tokenizer). The output folder is written
+next to its final place and renamed at the end, so a failed conversion leaves nothing
+half-written; an existing non-empty output is refused, and a source must be a folder.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from safetensors.torch import save_file
 
 from hgf.config import Config, read_json
 from hgf.data.sources import EOT
-from hgf.errors import HGFError
+from hgf.data.tokenizer import check_tokenizer_file, tokenizer_metadata
+from hgf.errors import HGFError, as_os_error
 from hgf.model.transformer import Transformer
 from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
 
@@ -54,19 +57,28 @@ def detect_format(path: str | Path) -> str:
 
 @contextmanager
 def output_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``out`` when the block succeeds."""
+    """Yield a temporary folder that becomes ``out`` when the block succeeds; on failure it is
+    removed and an I/O error (full disk, read-only folder, ...) names ``out``."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HGFError(f"{out}: output already exists and is not an empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    prefix = out.parent / f".{out.name}."
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix.name, dir=out.parent))
         yield tmp
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+    except BaseException as e:
+        err = as_os_error(e, out, prefix)
+        if err is e:
+            raise
+        raise err from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
@@ -94,13 +106,15 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
         raise HGFError(f"unknown source format {fmt!r} (known: {', '.join(SOURCES)})")
     tok = path / TOKENIZER_FILE
     info["tokenizer"] = tok if tok.is_file() else None
+    if tok.is_file():  # the folder's tokenizer must fit its model (and be the one it recorded)
+        check_tokenizer_file(tok, cfg.model.vocab_size, path / MODEL_FILE, carried=True)
     return model, cfg, info
 
 
 def write_run(model: Transformer, cfg: Config, out: str | Path, tokenizer: Path | None) -> Path:
     with output_dir(out) as tmp:
         save_config(cfg, tmp)
-        save_weights(model, tmp / MODEL_FILE)
+        save_weights(model, tmp / MODEL_FILE, metadata=tokenizer_metadata(tokenizer))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     return Path(out)
@@ -151,6 +165,8 @@ def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
         raise HGFError(f"unknown target format {to!r} (known: {', '.join(TARGETS)})")
     if drop_correction and to != "bitnet":
         raise HGFError("--drop-correction applies only to --to bitnet")
+    if Path(src).exists() and not Path(src).is_dir():
+        raise HGFError(f"{src}: not a folder (convert reads a run, Hugging Face or BitNet folder)")
     fmt = detect_format(src) if fmt == "auto" else fmt
     model, cfg, info = load_source(src, fmt, scale_convention, overrides)
     if to == "run":

@@ -44,6 +44,7 @@ from torch.optim import Optimizer
 
 from hgf.config import Config
 from hgf.data import Prepared, prepare
+from hgf.data.tokenizer import tokenizer_metadata
 from hgf.errors import HGFError
 from hgf.model import build_model, gate_values, lm_loss
 from hgf.parallel import (
@@ -390,7 +391,8 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
             if main:
                 progress.write(f"full validation: loss {final.loss:.4f} nats/token, "
                                f"ppl {final.ppl:.2f}, {final.bpb:.4f} bits/byte")
-        export_weights(model, run_dir / MODEL_FILE, metadata={"step": str(t.steps)})
+        export_weights(model, run_dir / MODEL_FILE,  # records the tokenizer (hgf.data.tokenizer)
+                       metadata={"step": str(t.steps), **tokenizer_metadata(data.tokenizer_path)})
     finally:
         stop.restore()
         progress.close()
