@@ -101,10 +101,26 @@ def _layer(name: str) -> int | None:
     return next((int(p) for p in name.split(".") if p.isdigit()), None)
 
 
+def gate_styles(names: list[str]) -> dict[str, tuple[Any, Any, str | None]]:
+    """(colour, line style, marker) per projection name: the colour names the projection
+    (q_proj, ...), the line style its layer; past len(LINE_STYLES) layers the styles recur with a
+    marker, so no two projections look alike."""
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10"].colors
+    roles = sorted({n.rsplit(".", 1)[-1] for n in names})
+    layers = sorted({lay for lay in map(_layer, names) if lay is not None})
+    color = {role: colors[i % len(colors)] for i, role in enumerate(roles)}
+    style = {lay: LINE_STYLES[i % len(LINE_STYLES)] for i, lay in enumerate(layers)}
+    markers = [None, "o", "s", "^", "v", "D", "x", "+"]
+    marker = {lay: markers[i // len(LINE_STYLES) % len(markers)] for i, lay in enumerate(layers)}
+    return {n: (color[n.rsplit(".", 1)[-1]], style.get(_layer(n), "-"), marker.get(_layer(n)))
+            for n in names}
+
+
 def plot_gates(runs: list[dict[str, Any]], path: Path) -> Path | None:
-    """Gate trajectories of the hgf arm's longest seed-0 run, one line per projection: the colour
-    names the projection (q_proj, ...), the line style the layer, so no two lines look alike. The
-    gates are read at each evaluation."""
+    """Gate trajectories of the hgf arm's longest seed-0 run, one line per projection (colour:
+    the projection, line style: the layer; see gate_styles), read at each evaluation."""
     from matplotlib.lines import Line2D
 
     cand = [r for r in runs if r["arm"] == "hgf" and r["seed_index"] == 0 and r["gates"]]
@@ -114,23 +130,17 @@ def plot_gates(runs: list[dict[str, Any]], path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     names = list(r["gates"][0][1])
-    roles = list(dict.fromkeys(sorted(n.rsplit(".", 1)[-1] for n in names)))
-    layers = sorted({lay for lay in map(_layer, names) if lay is not None})
-    colors = plt.get_cmap("tab10").colors
-    role_color = {role: colors[i % len(colors)] for i, role in enumerate(roles)}
-    layer_style = {lay: LINE_STYLES[i % len(LINE_STYLES)] for i, lay in enumerate(layers)}
-    # past len(LINE_STYLES) layers the styles recur: a marker per round tells those lines apart
-    layer_marker = {lay: [None, "o", "s", "^"][i // len(LINE_STYLES) % 4]
-                    for i, lay in enumerate(layers)}
+    styles = gate_styles(names)
     steps = [s for s, _ in r["gates"]]
     for name in names:
-        lay = _layer(name)
-        ax.plot(steps, [g.get(name, float("nan")) for _, g in r["gates"]], lw=1.2,
-                color=role_color[name.rsplit(".", 1)[-1]], linestyle=layer_style.get(lay, "-"),
-                marker=layer_marker.get(lay), ms=3)
-    handles = [Line2D([], [], color=role_color[role], lw=2, label=role) for role in roles]
-    handles += [Line2D([], [], color="black", lw=1.2, linestyle=layer_style[lay],
-                       marker=layer_marker[lay], ms=3, label=f"layer {lay}") for lay in layers]
+        color, ls, marker = styles[name]
+        ax.plot(steps, [g.get(name, float("nan")) for _, g in r["gates"]], lw=1.2, color=color,
+                linestyle=ls, marker=marker, ms=3)
+    roles = {n.rsplit(".", 1)[-1]: styles[n][0] for n in sorted(names)}
+    layers = {_layer(n): styles[n][1:] for n in names if _layer(n) is not None}
+    handles = [Line2D([], [], color=c, lw=2, label=role) for role, c in roles.items()]
+    handles += [Line2D([], [], color="black", lw=1.2, linestyle=ls, marker=m, ms=3,
+                       label=f"layer {lay}") for lay, (ls, m) in sorted(layers.items())]
     ax.set_xlabel("step")
     ax.set_ylabel("gate g")
     ax.set_title(f"HGF gates, {r['steps']}-step run ({len(names)} projections: colour = "
