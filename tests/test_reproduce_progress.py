@@ -34,6 +34,9 @@ def test_grid_prints_progress_lines_without_a_terminal(tmp_path, capsys, monkeyp
                      cap.out, re.M), cap.out
     assert re.search(r"^run 1/2 fp16@4: ok in \d+ s; runs 1/2 done, \S+ elapsed, ETA \S+$",
                      cap.out, re.M), cap.out
+    assert re.search(r"^data: tokenizer trained and stories tokenized in \S+, cached in ", cap.out,
+                     re.M)  # once: the second run finds the cache
+    assert cap.out.count("data: ") == 1
     assert re.search(r"^all 2 runs done \(2 run now, 0 done already\) in \S+$", cap.out, re.M)
 
     # the report of one seed per arm claims no ordering and says what the commits are

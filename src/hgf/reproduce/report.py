@@ -9,6 +9,11 @@ run's best), final
 gradient norm. Gate values over training. Steps to reach the fp16 arm's loss at the first regime,
 and steps to reach the BitNet arm's final loss of the same regime (the paper's "~30% fewer
 steps" claim, [S3]).
+
+The verdict claims no more than the runs show: the ordering fp16 < hgf < bitnet is
+"reproduced" only when both gaps exceed twice their standard error over seeds; with one seed of
+an arm the seed noise is unknown and the report says so ("not established"). The table is the
+full validation set after the last step; the curves are the fixed evaluation subset.
 """
 
 from __future__ import annotations
