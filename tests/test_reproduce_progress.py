@@ -7,7 +7,7 @@ import re
 from hgf.cli import main
 from hgf.reproduce import plots, runner
 from hgf.reproduce.grid import ARMS, load_preset
-from hgf.reproduce.report import commits_line, loss_note, ordering
+from hgf.reproduce.report import commits_line, loss_note, ordering, shown_path
 from hgf.train import metrics
 from hgf.train.metrics import Progress, format_duration, progress_scope
 from test_reproduce import _preset
@@ -100,6 +100,7 @@ def test_smoke_preset_runs_every_arm_and_regime_on_one_thread():
 
     specs = plan_grid(preset, __import__("pathlib").Path("o"))
     assert len(specs) == 12 and {s.cfg.train.threads for s in specs} == {1}
+    assert shown_path(preset.path) == "configs/reproduce/smoke.toml"  # no machine path in reports
 
 
 def _rows(fp, hgf, bitnet, n=1, std=0.0):

@@ -173,7 +173,7 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 
 def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
     out = [f"# hgf reproduce: preset `{res['preset']}`", "",
-           f"Command: `{command}`  ", f"Preset file: `{preset.path}`  "]
+           f"Command: `{command}`  ", f"Preset file: `{shown_path(preset.path)}`  "]
     if res.get("commits"):
         out.append(commits_line(res["commits"]))
     out.append("")
@@ -232,6 +232,19 @@ def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
         out += ["Why: the variant study (rank, placement, correction and gate learning rates, "
                 f"init) is in [{res['variants_report']}]({res['variants_report']}).", ""]
     return "\n".join(out)
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory or to the hgf checkout (``configs/...``), so
+    that a report names no machine's absolute paths."""
+    from hgf.reproduce.grid import configs_dir
+
+    for base in (Path.cwd(), configs_dir().parent):
+        try:
+            return path.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return str(path)
 
 
 def commits_line(commits: dict[str, int]) -> str:
