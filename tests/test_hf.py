@@ -167,3 +167,15 @@ def test_convert_refuses_existing_output_and_stray_overrides(tmp_path, capsys):
     assert main(["convert", str(run), "--to", "hf", str(tmp_path / "o2"), "--model.linear=hgf"]) == 2
     assert "only to --from bitnet" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_require_transformers_refuses_versions_below_the_tested_minimum(monkeypatch):
+    import transformers
+
+    from hgf.hf import require_transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.3.0")
+    with pytest.raises(HGFError, match=r"transformers >= 5\.4 \(found 5\.3\.0\)"):
+        require_transformers()
+    monkeypatch.setattr(transformers, "__version__", "5.10.0.dev0")
+    require_transformers()

@@ -1,4 +1,4 @@
-"""The hgf Transformer as a Hugging Face transformers model (transformers >= 5).
+"""The hgf Transformer as a Hugging Face transformers model (transformers >= 5.4).
 
 ``HGFConfig`` (``model_type = "hgf"``) holds the resolved hgf Config dict (every section; the model
 is built from ``model``, ``quant`` and ``hgf``). The usual transformers attributes (``vocab_size``,
