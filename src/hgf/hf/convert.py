@@ -33,12 +33,14 @@ from hgf.errors import HGFError
 from hgf.model.transformer import Transformer
 from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
 
-SOURCES = ("run", "hf", "bitnet")
+SOURCES = ("run", "hf", "bitnet", "gguf")
 TARGETS = ("run", "hf", "bitnet")
 
 
 def detect_format(path: str | Path) -> str:
-    """run | hf | bitnet, from the folder's config.json."""
+    """run | hf | bitnet, from the folder's config.json (gguf: a .gguf file)."""
+    if str(path).endswith(".gguf"):
+        return "gguf"
     cfg_file = Path(path) / "config.json"
     d = read_json(cfg_file, "not found (expected a run, Hugging Face or BitNet folder)")
     if isinstance(d.get("model"), dict):
@@ -73,8 +75,8 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
                 overrides: list[str] | None = None) -> tuple[Transformer, Config, dict[str, Any]]:
     """(model, cfg, info) of a source folder; ``info["tokenizer"]`` is its tokenizer file or None."""
     path = Path(path)
-    if overrides and fmt != "bitnet":
-        raise HGFError(f"config overrides apply only to --from bitnet, got {overrides[0]!r}")
+    if overrides and fmt not in ("bitnet", "gguf"):
+        raise HGFError(f"config overrides apply only to --from bitnet|gguf, got {overrides[0]!r}")
     info: dict[str, Any] = {}
     if fmt == "run":
         model, cfg = load_trained(path)
@@ -90,6 +92,10 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
         from hgf.hf.bitnet_import import import_bitnet
 
         model, cfg, info = import_bitnet(path, scale_convention, overrides)
+    elif fmt == "gguf":  # a llama.cpp bitnet file; its tokenizer comes back rebuilt (hgf.gguf.import_)
+        from hgf.gguf.import_ import import_gguf
+
+        return import_gguf(path, overrides)
     else:
         raise HGFError(f"unknown source format {fmt!r} (known: {', '.join(SOURCES)})")
     tok = path / TOKENIZER_FILE
