@@ -187,7 +187,7 @@ def test_convert_needs_a_folder(run, tmp_path, capsys) -> None:
             assert main(["convert", str(src), "--to", "hf", str(tmp_path / "out"), *fmt]) == 2
             line = _one_error_line(capsys.readouterr().err)
             assert line == f"hgf: error: {src}: not a folder (convert reads a run, Hugging Face or " \
-                           "BitNet folder)"
+                           "BitNet folder, or a .gguf file)"
     assert not (tmp_path / "out").exists()
 
 

@@ -46,5 +46,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"  correction dropped (B := 0): on {d['n_tokens']} random tokens max |dlogit| "
               f"{d['max_abs_logit_diff']:.4g}, mean KL {d['mean_kl']:.4g} nats/token, top-1 "
               f"agreement {d['top1_agreement']:.3f}")
-    print(f"  tokenizer: {info['tokenizer'] or 'none'}")
+    print(f"  tokenizer: {info['tokenizer'] or 'none'}"
+          + (f" ({info['tokenizer_note']})" if "tokenizer_note" in info else ""))
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from hgf.errors import HGFError
 from hgf.infer.export import export_run, format_breakdown
 from hgf.infer.format import EMBEDDINGS, read_header
 from hgf.kernels import PACKINGS
@@ -25,10 +26,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="embeddings/LM head storage: fp16, or int8 with one scale per row")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer JSON to store in the file (default RUN_DIR/tokenizer.json)")
+    p.add_argument("--format", choices=("hgf", "gguf"), default=None,
+                   help="hgf packed file or llama.cpp GGUF (default: from the extension, .gguf)")
+    p.add_argument("--lora", action="store_true",
+                   help="gguf, HGF run: write only the correction, as a GGUF LoRA adapter")
+    p.add_argument("--drop-correction", action="store_true",
+                   help="gguf, HGF run: write the ternary backbone only (B := 0), no adapter")
     p.set_defaults(func=run, takes_overrides=False)
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if (args.format or ("gguf" if args.output.endswith(".gguf") else "hgf")) == "gguf":
+        from hgf.gguf.export import export_run_gguf, format_export
+
+        info = export_run_gguf(args.run_dir, args.output, args.packing, args.embeddings,
+                               args.tokenizer, args.lora, args.drop_correction, args.force)
+        print(format_export(info, args.packing))
+        return 0
+    if args.lora or args.drop_correction:
+        raise HGFError("--lora and --drop-correction apply to GGUF outputs (.gguf or --format gguf)")
     out = export_run(args.run_dir, args.output, args.packing, args.embeddings, args.tokenizer,
                      args.force)
     header = read_header(out)

@@ -36,12 +36,14 @@ from hgf.errors import HGFError, as_os_error
 from hgf.model.transformer import Transformer
 from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
 
-SOURCES = ("run", "hf", "bitnet")
+SOURCES = ("run", "hf", "bitnet", "gguf")
 TARGETS = ("run", "hf", "bitnet")
 
 
 def detect_format(path: str | Path) -> str:
-    """run | hf | bitnet, from the folder's config.json."""
+    """run | hf | bitnet, from the folder's config.json (gguf: a .gguf file)."""
+    if str(path).endswith(".gguf"):
+        return "gguf"
     cfg_file = Path(path) / "config.json"
     d = read_json(cfg_file, "not found (expected a run, Hugging Face or BitNet folder)")
     if isinstance(d.get("model"), dict):
@@ -85,8 +87,8 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
                 overrides: list[str] | None = None) -> tuple[Transformer, Config, dict[str, Any]]:
     """(model, cfg, info) of a source folder; ``info["tokenizer"]`` is its tokenizer file or None."""
     path = Path(path)
-    if overrides and fmt != "bitnet":
-        raise HGFError(f"config overrides apply only to --from bitnet, got {overrides[0]!r}")
+    if overrides and fmt not in ("bitnet", "gguf"):
+        raise HGFError(f"config overrides apply only to --from bitnet|gguf, got {overrides[0]!r}")
     info: dict[str, Any] = {}
     if fmt == "run":
         model, cfg = load_trained(path)
@@ -102,6 +104,10 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
         from hgf.hf.bitnet_import import import_bitnet
 
         model, cfg, info = import_bitnet(path, scale_convention, overrides)
+    elif fmt == "gguf":  # a llama.cpp bitnet file; its tokenizer comes back rebuilt (hgf.gguf.import_)
+        from hgf.gguf.import_ import import_gguf
+
+        return import_gguf(path, overrides)
     else:
         raise HGFError(f"unknown source format {fmt!r} (known: {', '.join(SOURCES)})")
     tok = path / TOKENIZER_FILE
@@ -165,8 +171,9 @@ def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
         raise HGFError(f"unknown target format {to!r} (known: {', '.join(TARGETS)})")
     if drop_correction and to != "bitnet":
         raise HGFError("--drop-correction applies only to --to bitnet")
-    if Path(src).exists() and not Path(src).is_dir():
-        raise HGFError(f"{src}: not a folder (convert reads a run, Hugging Face or BitNet folder)")
+    if Path(src).exists() and not Path(src).is_dir() and Path(src).suffix != ".gguf":
+        raise HGFError(f"{src}: not a folder (convert reads a run, Hugging Face or BitNet folder, "
+                       "or a .gguf file)")
     fmt = detect_format(src) if fmt == "auto" else fmt
     model, cfg, info = load_source(src, fmt, scale_convention, overrides)
     if to == "run":
