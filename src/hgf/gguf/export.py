@@ -95,19 +95,6 @@ def gguf_arch(cfg: Config) -> str:
     return "bitnet"
 
 
-def folded_correction(mod: HGFLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, g·B, a)`` of an HGF projection, ``y = a·T(x) + (g·B)(A x)`` (float32; ``a`` = 1 for
-    additive fusion, ``1 - g`` for convex fusion, which must stay > 0)."""
-    g = mod.gate_value().detach().float().cpu()
-    a = torch.ones(())
-    if mod.fusion == "convex":
-        a = 1 - g
-        if not float(a) > 1e-6:
-            raise HGFError(f"convex fusion with gate g={float(g):.6g} >= 1 zeroes the ternary "
-                           "stream; it cannot be folded into the ternary scale")
-    return mod.A.detach().float().cpu(), g * mod.B.detach().float().cpu(), a
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().contiguous().numpy()
 
@@ -171,7 +158,7 @@ def model_tensors(model: Transformer, cfg: Config, packing: str = "i2",
             w_t, s_w = ternarize(mod.weight, mod.weight_eps)
             scale = 1.0 / s_w.float().cpu()
             if isinstance(mod, HGFLinear):
-                scale = scale * folded_correction(mod)[2]
+                scale = scale * mod.folded_terms()[2]
             out.add(f"{name}.weight", _np(w_t), PACKING_TYPES[packing])
             out.add(f"{name}.scale", _np(scale.reshape(1)), "F32")
     out.items = {k: (v if t in ("F32",) else _quantize(gguf, v, t), t)
@@ -188,7 +175,7 @@ def lora_tensors(model: Transformer) -> GGUFTensors:
         for role in ATTENTION_PROJ + MLP_PROJ:
             mod = model.get_submodule(hgf_module(i, role))
             if isinstance(mod, HGFLinear):
-                a, b, _ = folded_correction(mod)
+                a, b, _ = mod.folded_terms()
                 name = f"blk.{i}.{GGUF_NAMES[role]}.weight"
                 out.add(f"{name}.lora_a", _np(a), "F32")
                 out.add(f"{name}.lora_b", _np(b), "F32")

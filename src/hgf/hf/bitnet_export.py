@@ -86,12 +86,8 @@ def bitnet_config(cfg: Config, eos_token_id: int | None = None) -> dict[str, Any
 def _packed(mod: BitLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed W_t, weight_scale [1]) of one projection; an HGFLinear loses its correction."""
     w_t, s = ternarize(mod.weight, mod.weight_eps)
-    if isinstance(mod, HGFLinear) and mod.fusion == "convex":
-        a = 1 - mod.gate_value()
-        if not a > 0:
-            raise HGFError(f"convex fusion with gate g={float(1 - a):.3g} >= 1: the backbone term "
-                           "(1 - g)·T(x) is not a positive multiple of T(x)")
-        s = s / a
+    if isinstance(mod, HGFLinear):
+        s = s.cpu() / mod.folded_terms()[2]  # convex fusion: (1 - g) folded into the scale
     return pack_ternary(w_t), s.reshape(1).float()
 
 

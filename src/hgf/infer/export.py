@@ -63,14 +63,9 @@ def pack_projection(mod: BitLinear, packing: str, name: str = "projection"
     w_t, s_w = ternarize(mod.weight, mod.weight_eps)
     out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
     if isinstance(mod, HGFLinear):
-        g = mod.gate_value().detach().float().cpu()
-        if mod.fusion == "convex":
-            if abs(1 - float(g)) < 1e-6:
-                raise HGFError(f"{name}: convex fusion with gate g={float(g):.6g} = 1 zeroes the "
-                               "ternary stream; it cannot be folded into the ternary scale")
-            s_w = s_w.cpu() / (1 - g)
-        out["A"] = _fp16(f"{name}.A", mod.A.cpu())
-        out["B"] = _fp16(f"{name}.B", g * mod.B.detach().float().cpu())
+        A, B, a = mod.folded_terms()
+        s_w = s_w.cpu() / a
+        out["A"], out["B"] = _fp16(f"{name}.A", A), _fp16(f"{name}.B", B)
     out["weight_scale"] = s_w.detach().float().cpu().reshape(())
     return out
 
