@@ -27,9 +27,10 @@ BitNet checkpoint (``hgf.hf.convert.detect_format``). Two steps:
                         of o_proj / down_proj), which is the least-squares best scalar:
                         argmin_c E‖x·c/rms(x) − x‖² = E[rms(x)]. The norm then changes only the
                         per-token scale of its input around its mean. Calibration tokens:
-                        ``init.calib_batches`` batches of train.batch_size × train.seq_len windows
-                        spread evenly over the train split. ``ones``: weight 1 (a fresh model's
-                        init, the output scale becomes 1/rms(x)). ``off``: no SubLN.
+                        ``init.calib_batches`` global batches (train.batch_size × processes) of
+                        train.seq_len windows spread evenly over the train split.
+                        ``ones``: weight 1 (a fresh model's init; the output scale becomes
+                        1/rms(x)). ``off``: no SubLN.
    A source tensor the new model has no place for is an error, except an HGF source's ``A``,
    ``B``, ``gate`` (the correction is dropped, said in the returned info). Shapes that differ are
    a one-line error naming the tensor.
@@ -305,8 +306,11 @@ def model_initialiser(cfg: Config, train_tokens: np.ndarray, device: torch.devic
     check_compatible(cfg, source_cfg, path)
     calib = None
     if cfg.init.subln == "identity":
-        calib = calibration_batches(train_tokens, cfg.train.batch_size, cfg.train.seq_len,
-                                    cfg.init.calib_batches)
+        from hgf.parallel import world
+
+        # the global batch: every process calibrates on the same windows (same weights)
+        calib = calibration_batches(train_tokens, cfg.train.batch_size * world().world_size,
+                                    cfg.train.seq_len, cfg.init.calib_batches)
 
     def init(model: nn.Module) -> dict[str, Any]:
         info = initialise(model, cfg, source, source_cfg, calib)
