@@ -9,7 +9,9 @@ BitNet checkpoint (``hgf.hf.convert.detect_format``). Two steps:
    as configs/bitnet.toml needs no sizes; ``model.size`` is ignored for these keys. A key the TOML
    or command line sets explicitly must equal the source's, else a one-line error.
    ``model.max_seq_len`` and ``data.tokenizer`` (the source's tokenizer.json) are taken from the
-   source unless set. ``init.subln = off`` sets ``model.subln = off``.
+   source unless set (an unset ``train.seq_len`` longer than the context shrinks to it).
+   ``init.subln = off`` sets ``model.subln = off``. (``hgf train``, ``info``, ``plan`` and
+   ``data`` resolve a TOML config this way; ``hgf train RUN_DIR`` uses the run's stored config.)
 
 2. Weights (:func:`initialise`, run by the trainer on a fresh run only — a resumed run restores
    its checkpoint and never reads the source again). Every tensor of the new model is copied from
@@ -153,6 +155,9 @@ def build_train_config(*layers: tuple[dict[str, Any], str]) -> Config:
     for key in SOURCE_DEFAULTS:
         if _explicit(layers, "model", key) is None:
             top["model"][key] = getattr(src, key)
+    max_len = top["model"].get("max_seq_len", cfg.model.max_seq_len)
+    if _explicit(layers, "train", "seq_len") is None and cfg.train.seq_len > max_len:
+        top["train"] = {"seq_len": max_len}  # the default must fit the source's context
     if src.size != "debug":  # an hgf source's size label; the dims above are what counts
         top["model"]["size"] = src.size
     if cfg.init.subln == "off":
