@@ -23,6 +23,7 @@ from hgf.train.checkpoint import Checkpointer
 from hgf.train.init_from import (
     calibration_batches,
     initialise,
+    load_train_config,
     model_initialiser,
 )
 from hgf.train.loop import build_trainer
@@ -63,6 +64,8 @@ def test_config_takes_the_source_architecture(tmp_path, dataset, source):
     assert arm_config(tmp_path, dataset, "bitnet", source, "--init.subln=off").model.subln == "off"
     assert arm_config(tmp_path, dataset, "bitnet", source,
                       "--model.max_seq_len=24").model.max_seq_len == 24  # may differ
+    bare = load_train_config(ROOT / "configs" / "bitnet.toml", [f"--init.from={source}"])
+    assert (bare.model.max_seq_len, bare.train.seq_len) == (32, 32)  # 128 would not fit
     for arm, over, msg in [
         ("bitnet", ["--model.d_model=64"], r"model.d_model=64 does not match .* source's 32"),
         ("hgf", [], r"configs/hgf.toml: model.attention='differential' does not match"),
