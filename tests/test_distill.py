@@ -121,6 +121,7 @@ def test_distill_config_errors(tmp_path, dataset, source):
         train(cfg)
 
 
+@pytest.mark.dist
 def test_ddp_distillation_equals_one_process(tmp_path, dataset, source):
     from test_dist import metrics, spawn
 
