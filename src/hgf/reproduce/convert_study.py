@@ -257,9 +257,11 @@ def _run_one(label: str, d: Path, kind: str, arm: str, seed: int, make_cfg) -> N
 
 def run_study(study: Study, out: Path, kinds: list[str] | None = None,
               seeds: int | None = None) -> None:
-    """Train (or skip, or resume) every run of the study in order."""
-    _run_one("[fp] full-precision model", fp_dir(out), "fp", "fp", 0,
-             lambda: fp_config(study, out))
+    """Train (or skip, or resume) every run of the study in order: the FP model first unless
+    only the scratch arm is asked for (it does not need it)."""
+    if any(k != "scratch" for k in kinds or study.kinds):
+        _run_one("[fp] full-precision model", fp_dir(out), "fp", "fp", 0,
+                 lambda: fp_config(study, out))
     plan = plan_arms(study, out, kinds, seeds)
     for i, (kind, arm, seed, rank) in enumerate(plan, 1):
         d = run_dir(out, arm, seed)
@@ -482,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/cpu", help="output folder (runs in OUT/convert, "
                    "the report OUT/convert.md; default results/cpu)")
     p.add_argument("--arms", type=lambda s: s.split(","),
-                   help=f"comma-separated subset of {', '.join(KINDS)} (the FP model always runs "
-                   "first)")
+                   help=f"comma-separated subset of {', '.join(KINDS)} (the FP model runs first "
+                   "unless only scratch is asked for)")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     p.add_argument("--background", action="store_true",
