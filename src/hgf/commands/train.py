@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from hgf.config import Config, TrainConfig, build_config, load_config, parse_overrides, read_json
+from hgf.config import Config, TrainConfig, build_config, parse_overrides, read_json
 from hgf.runs import CONFIG_FILE
 
 _T = TrainConfig()
@@ -36,6 +36,14 @@ the run folder (train.out_dir):
                           lr); the finished run's checkpoint is kept
   model.safetensors but no checkpoints   refused; --overwrite trains it again from step 0
   only metrics.jsonl      starts from step 0 and says so; the old log is kept as metrics.jsonl.N
+
+from a pretrained model (docs/CONVERT.md):
+  --init.from=SOURCE      a run, an hgf or Llama Hugging Face folder: the model's architecture and
+                          tokenizer come from it, its weights initialise the model (latent
+                          ternary weights = the FP weights; hgf.init=svd|kaiming for A, B;
+                          init.subln=identity|ones|off); a resumed run does not re-read it
+  --distill.alpha=0.5     distil from init.from (or --distill.teacher=DIR) at
+                          --distill.temperature=T: loss = a*T^2*KL(teacher||student) + (1-a)*CE
 
 checkpoints:
   every train.ckpt_every steps, every train.ckpt_minutes minutes, at the end, and after SIGINT
@@ -68,8 +76,10 @@ def run_config(path: str | Path, overrides: list[str]) -> Config:
     """The config of a TOML file, or of a run folder (its config.json, out_dir = the folder),
     with ``--section.key=value`` overrides on top."""
     path = Path(path)
-    if not path.is_dir():
-        return load_config(path, overrides)
+    if not path.is_dir():  # init.from: the source's architecture (hgf.train.init_from)
+        from hgf.train.init_from import load_train_config
+
+        return load_train_config(path, overrides)
     stored = read_json(path / CONFIG_FILE, "not a run folder (config.json missing)")
     return build_config((stored, str(path / CONFIG_FILE)),
                         ({"train": {"out_dir": str(path)}}, "run folder"),

@@ -8,6 +8,8 @@
     bitnet  a transformers ``bitnet`` checkpoint: config.json (BitNetConfig + quantization_config),
             model.safetensors (packed ternary weights), the tokenizer files as for hf
             (hgf.hf.bitnet_import reads it, hgf.hf.bitnet_export says what can be written)
+    llama   a transformers ``LlamaForCausalLM`` folder (Llama 2/3, TinyLlama, SmolLM, ...): read
+            into a dense hgf model, written from one (hgf.hf.llama_import)
 
 A conversion loads the source as an hgf Transformer + Config (+ tokenizer file, checked to fit the
 model and, for a run, to be the one its weights record) and writes it in the target format; a run
@@ -36,12 +38,12 @@ from hgf.errors import HGFError, as_os_error
 from hgf.model.transformer import Transformer
 from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
 
-SOURCES = ("run", "hf", "bitnet", "gguf")
-TARGETS = ("run", "hf", "bitnet")
+SOURCES = ("run", "hf", "bitnet", "llama", "gguf")
+TARGETS = ("run", "hf", "bitnet", "llama")
 
 
 def detect_format(path: str | Path) -> str:
-    """run | hf | bitnet, from the folder's config.json (gguf: a .gguf file)."""
+    """run | hf | bitnet | llama, from the folder's config.json (gguf: a .gguf file)."""
     if str(path).endswith(".gguf"):
         return "gguf"
     cfg_file = Path(path) / "config.json"
@@ -53,6 +55,12 @@ def detect_format(path: str | Path) -> str:
     quant = d.get("quantization_config") or {}
     if d.get("model_type") == "bitnet" or quant.get("quant_method") == "bitnet":
         return "bitnet"
+    from hgf.hf.llama_import import is_llama, unsupported_architecture
+
+    if is_llama(d):
+        return "llama"
+    if d.get("model_type"):  # another transformers architecture: name it
+        raise unsupported_architecture(d, str(cfg_file))
     raise HGFError(f"{cfg_file}: cannot tell the format (not an hgf run, an hgf Hugging Face folder "
                    "or a bitnet checkpoint); pass --from")
 
@@ -104,16 +112,21 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
         from hgf.hf.bitnet_import import import_bitnet
 
         model, cfg, info = import_bitnet(path, scale_convention, overrides)
+    elif fmt == "llama":
+        from hgf.hf.llama_import import import_llama
+
+        model, cfg, info = import_llama(path)  # info["tokenizer"]: see hgf.hf.llama_import
     elif fmt == "gguf":  # a llama.cpp bitnet file; its tokenizer comes back rebuilt (hgf.gguf.import_)
         from hgf.gguf.import_ import import_gguf
 
         return import_gguf(path, overrides)
     else:
         raise HGFError(f"unknown source format {fmt!r} (known: {', '.join(SOURCES)})")
-    tok = path / TOKENIZER_FILE
-    info["tokenizer"] = tok if tok.is_file() else None
-    if tok.is_file():  # the folder's tokenizer must fit its model (and be the one it recorded)
-        check_tokenizer_file(tok, cfg.model.vocab_size, path / MODEL_FILE, carried=True)
+    if "tokenizer" not in info:
+        tok = path / TOKENIZER_FILE
+        info["tokenizer"] = tok if tok.is_file() else None
+        if tok.is_file():  # the folder's tokenizer must fit its model (and be the one it recorded)
+            check_tokenizer_file(tok, cfg.model.vocab_size, path / MODEL_FILE, carried=True)
     return model, cfg, info
 
 
@@ -180,6 +193,10 @@ def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
         write_run(model, cfg, out, info["tokenizer"])
     elif to == "hf":
         write_hf(model, out, info["tokenizer"])
+    elif to == "llama":
+        from hgf.hf.llama_import import write_llama
+
+        write_llama(model, cfg, out, info["tokenizer"])
     else:
         info |= write_bitnet(model, cfg, out, info["tokenizer"], drop_correction)
     return {"from": fmt, "to": to, **info}

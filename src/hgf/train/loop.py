@@ -3,6 +3,7 @@
 One update (``step`` = 0-based index of the update, ``k`` = train.grad_accum micro-batches):
     set LR/WD (schedule.py) and the gate clamp / freeze (gates.py)
     for each micro-batch:  L_i = CE(model(x_i), y_i) [+ gate L2 penalty];  backward(L_i / k)
+                           (with distill.alpha > 0, L_i = α·T²·KD + (1 − α)·CE, see distill.py)
     stop with an HGFError if the loss or the gradient norm is not finite (no update is applied)
     clip the global gradient norm to train.grad_clip (0 = off), AdamW step
 Autocast: bf16 on CUDA, float32 on CPU (train.dtype = auto). The model is built on one device and
@@ -20,6 +21,8 @@ The run folder (train.out_dir) is never replaced silently. At start-up:
                                           as metrics.jsonl.N
     overwrite=True (hgf train --overwrite) start from step 0, deleting the folder's checkpoints/,
                      model.safetensors, metrics.jsonl and tb/
+A run that starts from step 0 with ``init.from`` set initialises the built model from that source
+(init_from.py) before it is parallelized; a resumed run never reads the source again.
 Checkpoints are written every train.ckpt_every steps, every train.ckpt_minutes minutes, at the end
 and at the step boundary after a SIGINT/SIGTERM (then TrainingInterrupted, see guard.py). Before
 the first step a line warns when ``hgf plan``'s memory estimate exceeds the memory available.
@@ -72,9 +75,11 @@ from hgf.train.checkpoint import (
 )
 from hgf.train.device import Autocast, autocast_for, resolve_device
 from hgf.train.diagnostics import TernaryDiagnostics
+from hgf.train.distill import Distiller, build_distiller
 from hgf.train.evaluate import EvalResult, evaluate_tokens
 from hgf.train.gates import GateSchedule
 from hgf.train.guard import StopSignal, TrainingInterrupted
+from hgf.train.init_from import model_initialiser
 from hgf.train.metrics import METRICS_FILE, MetricsLogger, Progress, read_metrics
 from hgf.train.optim import build_optimizer
 from hgf.train.runinfo import write_run_info
@@ -100,9 +105,10 @@ def forward_backward_step(model: Callable[[torch.Tensor], torch.Tensor], x: torc
 
 @dataclass
 class StepStats:
-    loss: float
+    loss: float  # cross entropy
     grad_norm: float
     lr: float
+    kd: float | None = None  # distillation KL term (hgf.train.distill), None without a teacher
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Trainer:
     sampler: BatchSampler
     device: torch.device
     autocast: Autocast = contextlib.nullcontext
+    distiller: Distiller | None = None  # distill.alpha > 0: the frozen teacher
     schedule: Schedule = field(init=False)
     gates: GateSchedule = field(init=False)
 
@@ -128,25 +135,30 @@ class Trainer:
         lr = self.schedule.apply(self.optimizer, step)
         self.gates.apply(self.model, self.optimizer, step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros(2, device=self.device)  # CE, KD (0 without distillation)
         for i in range(t.grad_accum):
             x, y = self.sampler.next()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            kw = dict(scale=1.0 / t.grad_accum, autocast=self.autocast,
+                      penalty=lambda: self.gates.penalty(self.model))
             with gradient_sync(self.forward, sync=i == t.grad_accum - 1):
-                loss_sum += forward_backward_step(
-                    self.forward, x, y, scale=1.0 / t.grad_accum, autocast=self.autocast,
-                    penalty=lambda: self.gates.penalty(self.model))
+                if self.distiller is None:
+                    loss_sum[0] += forward_backward_step(self.forward, x, y, **kw)
+                else:
+                    loss_sum += torch.stack(self.distiller.forward_backward(self.forward, x, y,
+                                                                            **kw))
         sync_replicated_grads(self.forward)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
         mean_loss = all_mean(loss_sum / t.grad_accum)  # over the ranks: the global batch's loss
-        loss, grad_norm = torch.stack([mean_loss, norm.float()]).tolist()
-        if not np.isfinite(loss) or not np.isfinite(grad_norm):
-            what = "loss" if not np.isfinite(loss) else "gradient norm"
-            raise NonFiniteError(f"non-finite {what} ({loss if what == 'loss' else grad_norm}) "
-                                 f"at step {step + 1}")
+        loss, kd, grad_norm = torch.cat([mean_loss, norm.float().reshape(1)]).tolist()
+        if not np.isfinite(loss + kd) or not np.isfinite(grad_norm):
+            what = "loss" if not np.isfinite(loss + kd) else "gradient norm"
+            value = (loss if np.isfinite(kd) else kd) if what == "loss" else grad_norm
+            raise NonFiniteError(f"non-finite {what} ({value}) at step {step + 1}")
         self.optimizer.step()
-        return StepStats(loss=loss, grad_norm=grad_norm, lr=lr)
+        return StepStats(loss=loss, grad_norm=grad_norm, lr=lr,
+                         kd=kd if self.distiller is not None else None)
 
 
 @dataclass
@@ -170,15 +182,20 @@ def _prepare(cfg: Config, progress: bool) -> Prepared:
     return data
 
 
-def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device) -> Trainer:
-    """Seeded model, optimizer and sampler for ``cfg`` on ``device`` (not yet resumed)."""
+def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device,
+                  init: Callable[[nn.Module], object] | None = None) -> Trainer:
+    """Seeded model, optimizer and sampler for ``cfg`` on ``device`` (not yet resumed); ``init``
+    (init.from, see hgf.train.init_from) changes the built model's weights before it is
+    parallelized; with distill.alpha > 0 the trainer gets its teacher."""
     t, w = cfg.train, world()
     torch.manual_seed(t.seed)
     model = build_model(cfg, device)
+    if init is not None:
+        init(model)
     forward = parallelize(model, cfg)  # also compiles (train.compile)
     sampler = BatchSampler(train_tokens, t.batch_size, t.seq_len, t.seed, w.rank, w.world_size)
     return Trainer(cfg, model, forward, build_optimizer(model, cfg), sampler, device,
-                   autocast_for(device, t.dtype))
+                   autocast_for(device, t.dtype), build_distiller(cfg, device))
 
 
 def _note(msg: str) -> None:
@@ -307,7 +324,10 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
         torch.set_num_threads(t.threads)
     if main and (warning := guard.memory_warning(cfg, device)):
         _note(f"warning: {warning}")
-    tr = build_trainer(cfg, data.tokens("train"), device)
+    init = None  # a resumed run restores its checkpoint and never re-reads init.from
+    if resume_path is None:
+        init = model_initialiser(cfg, data.tokens("train"), device, note=main)
+    tr = build_trainer(cfg, data.tokens("train"), device, init)
     model, diagnostics = tr.model, TernaryDiagnostics()
     start = 0
     if resume_path is not None:
@@ -368,6 +388,8 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
             if done % max(t.log_every, 1) == 0 or done == t.steps:
                 record = {"kind": "train", "step": done, "loss": stats.loss, "lr": stats.lr,
                           "grad_norm": stats.grad_norm, "tokens_per_s": tok_s}
+                if tr.distiller is not None:
+                    record |= tr.distiller.record(stats.loss, stats.kd)
                 gates = gate_values(model)
                 logger.log({**record, "gates": gates} if gates else record)
             if ev.every and done % ev.every == 0 and done < t.steps:
