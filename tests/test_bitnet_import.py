@@ -178,7 +178,8 @@ def test_bad_checkpoints_are_refused(tmp_path):
     _write_checkpoint(ref, tmp_path, "inverse")
     from safetensors.torch import load_file
 
-    sd = load_file(tmp_path / "model.safetensors")
+    # Copies: safetensors < 0.8 maps the file lazily, and the loop below overwrites it.
+    sd = {k: v.clone() for k, v in load_file(tmp_path / "model.safetensors").items()}
     key = "model.layers.0.self_attn.q_proj.weight"
     for change, msg in [(lambda d: d.pop(key + "_scale"), "weight_scale: missing"),
                         (lambda d: d.__setitem__(key, d[key][:-1].contiguous()), "packed shape"),

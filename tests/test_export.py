@@ -161,3 +161,73 @@ def test_plain_weights_file_is_not_a_packed_model(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert err.startswith("hgf: error:") and "not an hgf packed model" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Where export writes: never over an existing file without --force, never over the run's files
+
+
+def _bitnet_run(tmp_path: Path) -> Path:
+    model, cfg, _ = train_tiny("bitnet")
+    return make_run(tmp_path / "run", model, cfg, make_tokenizer())
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_export_refuses_an_existing_file_without_force(tmp_path: Path, capsys) -> None:
+    run, out = _bitnet_run(tmp_path), tmp_path / "m.hgf"
+    out.write_text("someone's file")
+    assert main(["export", str(run), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"hgf: error: {out}: already exists; pass --force to overwrite it\n"
+    assert out.read_text() == "someone's file"
+    assert main(["export", str(run), "-o", str(out), "--force"]) == 0
+    assert read_header(out).packing == "i2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.hgf", "run"]  # no temp file left
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json",
+                                  "metrics.jsonl", "m.hgf"])
+def test_export_never_writes_over_a_file_of_the_run(name: str, tmp_path: Path, capsys) -> None:
+    run = _bitnet_run(tmp_path)
+    (run / "m.hgf").write_text("an earlier export")
+    before = _files(run)
+    for force in ([], ["--force"]):
+        assert main(["export", str(run), "-o", str(run / name), *force]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"hgf: error: {run / name}: already exists and belongs to the run "
+                              "being exported") and err.count("\n") == 1
+    # also through another name for the same folder
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    assert main(["export", str(link), "-o", str(run / name), "--force"]) == 2
+    assert _files(run) == before
+    assert main(["generate", str(run), "--prompt", "Tom", "--max-new-tokens", "2"]) == 0
+
+
+def test_export_never_writes_over_the_tokenizer_it_reads(tmp_path: Path, capsys) -> None:
+    run = _bitnet_run(tmp_path)
+    tok = tmp_path / "tok.json"
+    tok.write_bytes((run / "tokenizer.json").read_bytes())
+    assert main(["export", str(run), "-o", str(tok), "--tokenizer", str(tok), "--force"]) == 2
+    assert "belongs to the run being exported" in capsys.readouterr().err
+    assert tok.read_bytes() == (run / "tokenizer.json").read_bytes()
+
+
+def test_export_to_a_folder_writes_run_name_hgf(tmp_path: Path, capsys) -> None:
+    run, folder = _bitnet_run(tmp_path), tmp_path / "out"
+    folder.mkdir()
+    assert main(["export", str(run), "-o", str(folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"{folder / 'run.hgf'}: packing i2")
+    assert read_header(folder / "run.hgf").tokenizer_json == make_tokenizer().to_str()
+    assert main(["export", str(run), "-o", str(folder)]) == 2  # now it exists
+    assert f"{folder / 'run.hgf'}: already exists" in capsys.readouterr().err
+    (folder / "run.hgf").unlink()
+    (folder / "run.hgf").mkdir()
+    assert main(["export", str(run), "-o", str(folder), "--force"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["export", str(run), "-o", str(run)]) == 0  # a new file inside the run is fine
+    assert (run / "run.hgf").is_file()

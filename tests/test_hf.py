@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 
 from hgf.cli import main  # noqa: E402
 from hgf.config import load_config  # noqa: E402
@@ -59,6 +59,34 @@ def test_generate_greedy_equals_plain_loop(arm, use_cache):
                       pad_token_id=None, eos_token_id=None)
     assert out.shape == (2, 19)
     assert torch.equal(out, _greedy(model, prompt, 12))
+
+
+def _cache_for_next_step(hf, out) -> list:
+    """The cache(s) generate() hands to the next forward, as it takes them from the output."""
+    kw = hf._update_model_kwargs_for_generation(out, {})
+    return [v for k, v in kw.items() if k in ("cache", "past_key_values")]
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_forward_continues_after_a_cache_given_either_way(name):
+    """transformers >= 5.24 passes the cache to forward as ``cache=``, older 5.x as ``past_key_values=``;
+    either way decoding must continue where the cache ends (not restart at position 0), and the cache
+    must come back where generate() looks for it (its own _update_model_kwargs_for_generation)."""
+    model, _ = _model("hgf")
+    hf = HGFForCausalLM.from_transformer(model).eval()
+    idx = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        ref = model(idx)
+        out = hf(idx[:, :6], use_cache=True)
+        assert torch.allclose(out.logits, ref[:, :6], atol=1e-5)
+        (cache,) = _cache_for_next_step(hf, out)
+        assert cache is not None and cache.get_seq_length() == 6
+        step = hf(idx[:, 6:8], **{name: cache}, use_cache=True)
+        assert torch.allclose(step.logits, ref[:, 6:8], atol=1e-5)
+        assert _cache_for_next_step(hf, step) == [cache]
+        assert cache.get_seq_length() == 8
+        with pytest.raises(ValueError, match="not both"):
+            hf(idx[:, 8:], cache=cache, past_key_values=DynamicCache(config=hf.config))
 
 
 def test_forward_loss_and_padding_refused():
@@ -139,3 +167,15 @@ def test_convert_refuses_existing_output_and_stray_overrides(tmp_path, capsys):
     assert main(["convert", str(run), "--to", "hf", str(tmp_path / "o2"), "--model.linear=hgf"]) == 2
     assert "only to --from bitnet" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+def test_require_transformers_refuses_versions_below_the_tested_minimum(monkeypatch):
+    import transformers
+
+    from hgf.hf import require_transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.3.0")
+    with pytest.raises(HGFError, match=r"transformers >= 5\.4 \(found 5\.3\.0\)"):
+        require_transformers()
+    monkeypatch.setattr(transformers, "__version__", "5.10.0.dev0")
+    require_transformers()

@@ -47,6 +47,27 @@ def test_convex_fusion():
     torch.testing.assert_close(hgf(x), (1 - g) * bit(x) + g * hgf.correction(x))
 
 
+@pytest.mark.parametrize("fusion", ["additive", "convex"])
+def test_folded_terms_reproduce_the_layer(fusion):
+    hgf, bit = _pair(fusion=fusion)
+    with torch.no_grad():
+        hgf.B.normal_()
+    A, B, a = hgf.folded_terms()
+    g = hgf.gate_value()
+    assert torch.equal(B, g * hgf.B) and torch.equal(A, hgf.A)
+    assert float(a) == (float(1 - g) if fusion == "convex" else 1.0)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(hgf(x), a * bit(x) + x @ A.T @ B.T)
+
+
+def test_folded_terms_refuse_a_convex_gate_of_one():
+    from hgf.errors import HGFError
+
+    hgf = HGFLinear(16, 12, rank=4, fusion="convex", gate="raw", gate_init=1.0)
+    with pytest.raises(HGFError, match="cannot be folded"):
+        hgf.folded_terms()
+
+
 @pytest.mark.parametrize("kind,init", [("sigmoid", 0.1), ("sigmoid", 0.7), ("raw", 0.1),
                                        ("raw", -0.3), ("tanh", 0.1), ("tanh", -0.5)])
 def test_gate_parameterizations_hit_init(kind, init):

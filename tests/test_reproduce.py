@@ -42,6 +42,7 @@ warmup_steps = 1
 log_every = 1
 ckpt_every = 2
 progress = false
+threads = 1
 [base.eval]
 every = 2
 batches = 1

@@ -2,7 +2,9 @@
 
 Each command module defines ``register(subparsers)`` which adds its parser and sets
 ``func(args, overrides) -> int | None``. Config overrides (``--section.key=value``) are the
-arguments argparse does not know; commands that take none reject them.
+arguments argparse does not know; commands that take none reject them. User errors print one line
+``hgf: error: ...`` and exit 2: HGFError, and OSErrors of the user's files and disks (full disk,
+read-only folder, permission, a file where a folder is expected; see hgf.errors).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from hgf.errors import HGFError
+from hgf.errors import HGFError, io_error_message
 
 COMMANDS = ["info", "data", "train", "eval", "generate", "plot", "bench", "export", "reproduce",
             "convert", "plan"]
@@ -50,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hgf: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk, a read-only folder, ...: one line, not a traceback
+        msg = io_error_message(e)
+        if msg is None:
+            raise
+        print(f"hgf: error: {msg}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

@@ -11,6 +11,7 @@ default documented next to it.
 from __future__ import annotations
 
 import json
+import keyword
 import math
 import sys
 import types
@@ -54,6 +55,7 @@ class ModelConfig:
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4  # standard heads; differential attention uses n_heads // 2 (METHOD §3)
+    n_kv_heads: int = 0  # key/value heads: 0 = n_heads; fewer = grouped-query (standard attention)
     d_ff: int = 192  # hidden width of the gated MLP
     max_seq_len: int = 128
     linear: str = "dense"  # dense | bitlinear | hgf
@@ -127,12 +129,20 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
     compile: bool = False
     log_every: int = 10
-    ckpt_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 0  # also checkpoint every N steps (0 = off); always at the end
+    ckpt_minutes: float = 10.0  # also checkpoint after this many minutes since the last (0 = off)
     out_dir: str = "runs/default"
     progress: bool = True
     resume: str = "auto"  # auto: continue from the latest good checkpoint in out_dir | never
-    keep_checkpoints: int = 3  # keep the last K checkpoints
+    keep_checkpoints: int = 3  # keep the last K checkpoints (and the end of every finished run)
     tensorboard: bool = False  # also log to out_dir/tb (needs the tensorboard package)
+    # the length the LR/WD and gate schedules are laid over (0 = train.steps); steps past it hold
+    # the schedules' final values. Set to the old length when a finished run is extended.
+    schedule_steps: int = 0
+
+    @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps or self.steps
 
 
 @dataclass
@@ -140,6 +150,29 @@ class EvalConfig:
     every: int = 50  # validation every N steps on a fixed subset (0 = only at the end)
     batches: int = 8  # size of the fixed subset, in batches of train.batch_size
     full_at_end: bool = True
+
+
+@dataclass
+class InitConfig:
+    """Start training from a pretrained model (hgf.train.init_from, docs/CONVERT.md)."""
+
+    # a run folder, an hgf or Llama Hugging Face folder, or a BitNet checkpoint; "" = random init.
+    # Its architecture becomes the model's (explicit model.* keys must agree); a resumed run never
+    # re-reads it. The config key is init.from (the dataclass field from_).
+    from_: str = ""
+    subln: str = "identity"  # SubLN norms the source lacks: identity (weight = the mean RMS of
+    #                          their input on calibration tokens) | ones (weight 1) | off (no SubLN)
+    calib_batches: int = 4  # identity: batches of train.batch_size x train.seq_len to calibrate on
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (hgf.train.distill): loss = α·T²·KL(teacher ‖ student at T) +
+    (1 − α)·CE, the teacher frozen in eval mode, its logits computed per micro-batch."""
+
+    alpha: float = 0.0  # α; 0 = off (no teacher is loaded)
+    temperature: float = 1.0  # T
+    teacher: str = ""  # run / hgf or Llama HF folder; "" = init.from
 
 
 @dataclass
@@ -157,9 +190,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {sec: {_key_name(k): v for k, v in body.items()} for sec, body in asdict(self).items()}
 
     def to_toml(self) -> str:
         return dump_toml(self.to_dict())
@@ -179,7 +214,20 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.dtype": ("auto", "float32", "bfloat16"),
     "train.resume": ("auto", "never"),
     "dist.strategy": ("none", "ddp", "fsdp2"),
+    "init.subln": ("identity", "ones", "off"),
 }
+
+
+def _field_name(key: str) -> str:
+    """The dataclass field of a config key name: a Python keyword gets a trailing underscore
+    (``init.from`` is the field ``InitConfig.from_``)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _key_name(field_name: str) -> str:
+    """The config key name of a dataclass field (the inverse of :func:`_field_name`)."""
+    base = field_name[:-1]
+    return base if field_name.endswith("_") and keyword.iskeyword(base) else field_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +281,7 @@ def _flatten(d: dict[str, Any], source: str) -> dict[str, tuple[Any, str]]:
             raise ConfigError(f"{source}: unknown section [{sec}] (known: {', '.join(sections)})")
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: [{sec}] must be a table of keys")
-        names = {f.name for f in fields(sections[sec])}
+        names = {_key_name(f.name) for f in fields(sections[sec])}
         for k, v in body.items():
             if k not in names:
                 raise ConfigError(f"{source}: unknown key {sec}.{k}")
@@ -300,6 +348,7 @@ def build_config(*layers: tuple[dict[str, Any], str]) -> Config:
     hints = {sec: typing.get_type_hints(cls) for sec, cls in _section_types().items()}
     for key, (value, source) in merged.items():
         sec, name = key.split(".")
+        name = _field_name(name)
         setattr(getattr(cfg, sec), name, _coerce(value, hints[sec][name], key, source))
     validate(cfg, {k: s for k, (_, s) in merged.items()})
     return cfg
@@ -347,6 +396,10 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
         fail("model.n_heads", f"must divide model.d_model={m.d_model}")
     if (m.d_model // m.n_heads) % 2:
         fail("model.n_heads", "head dim d_model/n_heads must be even (RoPE)")
+    if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
+        fail("model.n_kv_heads", f"must divide model.n_heads={m.n_heads} (0 = n_heads)")
+    if m.attention == "differential" and m.n_kv_heads not in (0, m.n_heads):
+        fail("model.n_kv_heads", "grouped-query attention needs model.attention=standard")
     if m.attention == "differential" and m.n_heads % 2:
         fail("model.n_heads", "must be even for differential attention (it uses n_heads/2 heads)")
     if t.seq_len > m.max_seq_len:
@@ -368,23 +421,41 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
             fail(key, "must lie in [0, 1]")
     for key in ("train.lr", "hgf.gate_lr_mult", "hgf.lr_mult", "hgf.gate_l2", "train.weight_decay",
                 "train.grad_clip", "train.warmup_steps", "eval.every", "eval.batches",
-                "train.ckpt_every", "train.log_every", "train.threads"):
+                "train.ckpt_every", "train.log_every", "train.threads", "train.ckpt_minutes",
+                "train.schedule_steps"):
         if _get(cfg, key) < 0:
             fail(key, "must be >= 0")
     for key in ("train.beta1", "train.beta2"):
         if not 0 <= _get(cfg, key) < 1:
             fail(key, "must lie in [0, 1)")
-    if not math.isfinite(t.lr):
-        fail("train.lr", "must be finite")
+    for key in ("train.lr", "train.ckpt_minutes"):
+        if not math.isfinite(_get(cfg, key)):
+            fail(key, "must be finite")
+    d = cfg.distill
+    if not 0 <= d.alpha <= 1:
+        fail("distill.alpha", "must lie in [0, 1] (0 = no distillation)")
+    if not (d.temperature > 0 and math.isfinite(d.temperature)):
+        fail("distill.temperature", "must be > 0")
+    if d.alpha > 0 and not (d.teacher or cfg.init.from_):
+        fail("distill.alpha", "needs a teacher: set distill.teacher or init.from")
+    if d.teacher and d.alpha == 0:
+        fail("distill.teacher", "is set but distill.alpha=0 (no distillation); set distill.alpha")
+    if cfg.init.calib_batches <= 0:
+        fail("init.calib_batches", "must be > 0")
 
 
 def _get(cfg: Config, key: str) -> Any:
     sec, name = key.split(".")
-    return getattr(getattr(cfg, sec), name)
+    return getattr(getattr(cfg, sec), _field_name(name))
 
 
 def subln_enabled(m: ModelConfig) -> bool:
     return m.subln == "on" or (m.subln == "auto" and m.linear != "dense")
+
+
+def kv_heads(m: ModelConfig) -> int:
+    """Key/value heads of standard attention (``model.n_kv_heads``, 0 = ``model.n_heads``)."""
+    return m.n_kv_heads or m.n_heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +488,9 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 
 __all__ = [
-    "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "EvalConfig",
-    "HGFConfig", "ModelConfig", "QuantConfig", "TrainConfig", "build_config", "config_from_dict",
-    "dump_toml", "load_config", "load_config_json", "parse_overrides", "read_toml",
-    "read_json", "replace", "subln_enabled", "validate",
+    "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "DistillConfig",
+    "EvalConfig", "HGFConfig", "InitConfig", "ModelConfig", "QuantConfig", "TrainConfig",
+    "build_config", "config_from_dict", "dump_toml", "kv_heads", "load_config",
+    "load_config_json", "parse_overrides", "read_toml", "read_json", "replace", "subln_enabled",
+    "validate",
 ]

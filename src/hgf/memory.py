@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from hgf.config import Config
+from hgf.config import Config, kv_heads
 from hgf.model.linear import TARGETS, block_projections
 
 PACKINGS = ("i2", "tq1", "entropy")
@@ -152,7 +152,7 @@ def rank_for_overhead(cfg: Config, target: float, bits: float | None = None) -> 
     scales included, embeddings excluded) does not exceed ``target``; at least 1."""
     m, h = cfg.model, cfg.hgf
     bits = h.overhead_bits if bits is None else bits
-    projs = block_projections(m.d_model, m.d_ff)
+    projs = block_projections(m.d_model, m.d_ff, kv_heads(m) * (m.d_model // m.n_heads))
     backbone = m.n_layers * sum(i * o * bits / 8 + SCALE_BYTES for _, i, o in projs)
     targeted = [(i, o) for role, i, o in projs if role in TARGETS[h.targets]]
     per_rank = m.n_layers * FP16 * sum(i + o for i, o in targeted)

@@ -55,7 +55,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from hgf.config import Config, subln_enabled
+from hgf.config import Config, kv_heads, subln_enabled
 from hgf.errors import HGFError
 from hgf.memory import FP16, MemoryReport, format_report, memory_report, resolve_rank
 from hgf.model.linear import block_projections, linear_kind
@@ -113,7 +113,8 @@ def block_activation_bytes(cfg: Config, batch: int, seq: int, autocast: bool,
     """Bytes one block saves for backward on a ``batch × seq`` micro-batch (module docstring)."""
     m = cfg.model
     n, d, f, c = batch * seq, m.d_model, m.d_ff, (FP16 if autocast else 4)
-    proj = {role: (role, i, o) for role, i, o in block_projections(d, f)}
+    kv_dim = kv_heads(m) * (d // m.n_heads)
+    proj = {role: (role, i, o) for role, i, o in block_projections(d, f, kv_dim)}
     sub = subln_enabled(m)
     total = _norm(n, d)  # block input + attn_norm
     total += _linears(cfg, [proj["q_proj"], proj["k_proj"], proj["v_proj"]], n, autocast,

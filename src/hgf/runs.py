@@ -12,6 +12,7 @@ Files are written atomically (temporary file in the same folder, then ``os.repla
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -23,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from hgf.config import Config, ConfigError, load_config_json
-from hgf.errors import HGFError
+from hgf.errors import HGFError, as_os_error
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -32,19 +33,46 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; nothing partial is ever visible."""
+def atomic_write(path: str | Path, write: Callable[[str], None], overwrite: bool = True) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; nothing partial is ever visible. On any
+    failure the temporary file is removed and an I/O error (full disk, read-only folder, ...)
+    names ``path``. With ``overwrite=False`` an existing ``path`` is never replaced: that is a
+    FileExistsError, also when the file appears while ``write`` runs."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    prefix = f".{path.name}."
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        err = as_os_error(e, path, path.parent / prefix)
+        if err is e:
+            raise
+        raise err from e
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists (a hard link fails on an existing name, so
+    there is no window in which another writer's file could be replaced)."""
+    try:
+        os.link(tmp, path)
+    except OSError as e:  # a file system without hard links: check, then rename
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return
+    os.unlink(tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -76,7 +104,8 @@ def load_weights(model: torch.nn.Module, path: str | Path, device: str | torch.d
 def load_run_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise HGFError(f"{run_dir}: run directory not found")
+        raise HGFError(f"{run_dir}: not a run directory (a file)" if run_dir.exists()
+                       else f"{run_dir}: run directory not found")
     try:
         return load_config_json(run_dir / CONFIG_FILE)
     except ConfigError:

@@ -6,6 +6,8 @@
                                                          [--model.linear=hgf --hgf.rank=16]
     hgf convert runs/b --to bitnet out/b-bitnet          # transformers BitNetForCausalLM checkpoint
     hgf convert runs/h --to bitnet out/h-bitnet --drop-correction   # HGF: ternary backbone (B := 0)
+    hgf convert llama-folder --to run runs/l             # LlamaForCausalLM folder -> dense run
+    hgf convert runs/fp --to llama out/fp-llama          # dense run -> LlamaForCausalLM folder
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "BitNet checkpoints")
     p.add_argument("src", help="source folder (run, Hugging Face or BitNet checkpoint)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format (bitnet: a transformers "
-                   "BitNetForCausalLM checkpoint, packed ternary weights)")
+                   "BitNetForCausalLM checkpoint, packed ternary weights; llama: a transformers "
+                   "LlamaForCausalLM folder, dense models only)")
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.add_argument("--from", dest="fmt", default="auto", choices=("auto",) + SOURCES,
                    help="source format (default: detected from its config.json)")
@@ -46,5 +49,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"  correction dropped (B := 0): on {d['n_tokens']} random tokens max |dlogit| "
               f"{d['max_abs_logit_diff']:.4g}, mean KL {d['mean_kl']:.4g} nats/token, top-1 "
               f"agreement {d['top1_agreement']:.3f}")
-    print(f"  tokenizer: {info['tokenizer'] or 'none'}")
+    print(f"  tokenizer: {info['tokenizer'] or 'none'}"
+          + (f" ({info['tokenizer_note']})" if "tokenizer_note" in info else ""))
     return 0

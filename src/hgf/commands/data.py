@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from hgf.config import load_config
 from hgf.data import Prepared, load_prepared, prepare
 from hgf.data.sources import SPLITS
 
@@ -22,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
-    cfg = load_config(args.config, overrides)
+    from hgf.train.init_from import load_train_config  # init.from: the source's architecture
+
+    cfg = load_train_config(args.config, overrides)
     t0 = time.perf_counter()
     p = prepare(cfg, progress=cfg.train.progress)
     how = "built" if p.built else "cached"

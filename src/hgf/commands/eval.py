@@ -2,7 +2,8 @@
 
 Prints loss (nats/token), perplexity and bits per byte and writes ``RUN_DIR/eval.json``. The data
 is the run's own config (``--data.key=value`` overrides it, e.g. another ``data.path``); the
-prepared data must use the run's tokenizer.
+prepared data must use the run's tokenizer, the one its weights were trained with
+(hgf.data.tokenizer: a tokenizer file from another run is refused, not silently used).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from hgf.config import build_config, parse_overrides, replace
     from hgf.data import prepare
-    from hgf.runs import TOKENIZER_FILE, atomic_write_text, load_run_config, load_trained
+    from hgf.data.tokenizer import check_tokenizer_file, read_record
+    from hgf.runs import MODEL_FILE, TOKENIZER_FILE, atomic_write_text, load_run_config, load_trained
     from hgf.train import autocast_for, evaluate_tokens, resolve_device
 
     run_dir = Path(args.run_dir)
@@ -48,15 +50,21 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     model, _ = load_trained(run_dir, device)
+    weights, run_tok = run_dir / MODEL_FILE, run_dir / TOKENIZER_FILE
+    record = read_record(weights)
+    if run_tok.is_file():  # the run's own tokenizer must be the one its weights record
+        check_tokenizer_file(run_tok, cfg.model.vocab_size, weights)
+    want = _sha256(run_tok) if run_tok.is_file() else record.sha256 if record else None
     prep = prepare(cfg, progress=cfg.train.progress)
-    run_tok = run_dir / TOKENIZER_FILE
-    if run_tok.is_file() and _sha256(run_tok) != prep.manifest["tokenizer_sha256"]:
+    if want is not None and prep.manifest["tokenizer_sha256"] != want:
+        if not run_tok.is_file():  # the data config makes another tokenizer than the weights'
+            check_tokenizer_file(prep.tokenizer_path, cfg.model.vocab_size, weights)
         # e.g. an imported or converted run whose data section no longer names how its
         # tokenizer was made: tokenize the validation text with the run's own tokenizer file
         print(f"{run_dir}: the data config gives another tokenizer; using {run_tok}")
         cfg = replace(cfg, data={"tokenizer": str(run_tok)})
         prep = prepare(cfg, progress=cfg.train.progress)
-        if _sha256(run_tok) != prep.manifest["tokenizer_sha256"]:
+        if want != prep.manifest["tokenizer_sha256"]:
             raise HGFError(f"{prep.dir}: prepared with a different tokenizer than {run_tok}")
     bs = args.batch_size or cfg.train.batch_size
     res = evaluate_tokens(model, prep.tokens("valid"), cfg.train.seq_len, bs, device,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from hgf.config import load_config
 from hgf.memory import format_report, memory_report
 from hgf.model import build_model
 
@@ -16,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    cfg = load_config(args.config, overrides)
+    from hgf.train.init_from import load_train_config  # init.from: the source's architecture
+
+    cfg = load_train_config(args.config, overrides)
     print(f"# resolved config ({args.config})")
     print(cfg.to_toml())
     model = build_model(cfg, device="meta")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from hgf.config import load_config
 from hgf.plan import STRATEGIES, format_plan, make_plan, parse_size
 
 
@@ -29,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    cfg = load_config(args.config, overrides)
+    from hgf.train.init_from import load_train_config  # init.from: the source's architecture
+
+    cfg = load_train_config(args.config, overrides)
     strategy = args.strategy or (cfg.dist.strategy if cfg.dist.strategy in STRATEGIES else "ddp")
     dtype = args.dtype or ("fp32" if cfg.train.dtype == "float32" else "bf16")
     plan = make_plan(cfg, args.gpus, parse_size(args.gpu_mem), args.micro_batch or cfg.train.batch_size,

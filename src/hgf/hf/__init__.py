@@ -1,7 +1,7 @@
 """Hugging Face interop (optional extra ``hgf[hf]``).
 
     hgf.hf.modeling        HGFConfig / HGFForCausalLM: the hgf Transformer as a transformers model
-                           (needs transformers >= 5; imported only when used)
+                           (needs transformers >= 5.4; imported only when used)
     hgf.hf.convert         run directory <-> Hugging Face directory <-> bitnet checkpoint
     hgf.hf.bitnet_import   checkpoints in the transformers ``bitnet`` packed format -> hgf model
                            (torch + safetensors only)
@@ -11,16 +11,23 @@
 
 from __future__ import annotations
 
+import re
+
 from hgf.errors import HGFError
+
+# The lowest transformers tested (constraints-lowest.txt): 5.4 is the first whose PreTrainedConfig is
+# a dataclass with __post_init__, which HGFConfig builds on.
+MIN_TRANSFORMERS = (5, 4)
 
 
 def require_transformers() -> None:
-    """Raise a one-line HGFError when transformers (>= 5) is not installed."""
+    """Raise a one-line HGFError when transformers (>= 5.4) is not installed."""
     try:
         import transformers
     except ImportError:
         raise HGFError("the Hugging Face interop needs transformers: pip install 'hgf[hf]'") from None
-    major = int(transformers.__version__.split(".")[0])
-    if major < 5:
-        raise HGFError(f"the Hugging Face interop needs transformers >= 5 "
-                       f"(found {transformers.__version__}): pip install -U 'hgf[hf]'")
+    found = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    if found < MIN_TRANSFORMERS:
+        raise HGFError(f"the Hugging Face interop needs transformers >= "
+                       f"{'.'.join(map(str, MIN_TRANSFORMERS))} (found {transformers.__version__}): "
+                       "pip install -U 'hgf[hf]'")

@@ -9,8 +9,9 @@ Every block projection with latent weight ``W`` is stored as hgf's own ternariza
 
 Norms, embeddings and ``lm_head`` keep their values under the LLaMA/BitNet names (``lm_head`` is
 left out when tied: ``BitNetForCausalLM`` ties it to ``embed_tokens``). ``config.json`` holds the
-BitNetConfig keys with ``num_key_value_heads = num_attention_heads`` (hgf has no grouped-query
-attention) and ``quantization_config`` {bitnet, bitlinear, offline}.
+BitNetConfig keys with ``num_key_value_heads = model.n_kv_heads`` (= ``num_attention_heads``
+unless the model has grouped-query attention) and ``quantization_config`` {bitnet, bitlinear,
+offline}.
 
 What the format can hold: standard attention; SubLN on (transformers' BitNet always applies
 ``attn_sub_norm`` and ``ffn_sub_norm``); 8-bit absmax activations with eps 1e-5 (fixed in
@@ -74,7 +75,7 @@ def bitnet_config(cfg: Config, eos_token_id: int | None = None) -> dict[str, Any
         "architectures": ["BitNetForCausalLM"], "model_type": "bitnet",
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.d_ff,
         "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_heads, "hidden_act": HIDDEN_ACT[m.mlp],
+        "num_key_value_heads": m.n_kv_heads or m.n_heads, "hidden_act": HIDDEN_ACT[m.mlp],
         "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps,
         "tie_word_embeddings": m.tie_embeddings, "attention_bias": False,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
@@ -86,12 +87,8 @@ def bitnet_config(cfg: Config, eos_token_id: int | None = None) -> dict[str, Any
 def _packed(mod: BitLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed W_t, weight_scale [1]) of one projection; an HGFLinear loses its correction."""
     w_t, s = ternarize(mod.weight, mod.weight_eps)
-    if isinstance(mod, HGFLinear) and mod.fusion == "convex":
-        a = 1 - mod.gate_value()
-        if not a > 0:
-            raise HGFError(f"convex fusion with gate g={float(1 - a):.3g} >= 1: the backbone term "
-                           "(1 - g)·T(x) is not a positive multiple of T(x)")
-        s = s / a
+    if isinstance(mod, HGFLinear):
+        s = s.cpu() / mod.folded_terms()[2]  # convex fusion: (1 - g) folded into the scale
     return pack_ternary(w_t), s.reshape(1).float()
 
 

@@ -264,7 +264,16 @@ def import_bitnet(path: str | Path, scale_convention: str = "auto",
     if scale_convention not in CONVENTIONS:
         raise HGFError(f"scale convention {scale_convention!r} is not one of {', '.join(CONVENTIONS)}")
     hf, state = read_checkpoint(path)
-    source = str(Path(path) / "config.json")
+    return import_bitnet_state(hf, state, str(Path(path) / "config.json"), path, scale_convention,
+                               overrides)
+
+
+def import_bitnet_state(hf: dict[str, Any], state: dict[str, torch.Tensor], source: str,
+                        path: str | Path, scale_convention: str = "auto",
+                        overrides: list[str] | None = None
+                        ) -> tuple[Transformer, Config, dict[str, Any]]:
+    """:func:`import_bitnet` of a config dict and tensors already read (``source`` and ``path``
+    name them in errors); hgf.gguf.import_ feeds GGUF files through it."""
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
     has_subln = any(k.endswith("attn_sub_norm.weight") for k in state)
     cfg = config_from_bitnet(hf, has_subln, source, overrides)

@@ -8,10 +8,14 @@
     bitnet  a transformers ``bitnet`` checkpoint: config.json (BitNetConfig + quantization_config),
             model.safetensors (packed ternary weights), the tokenizer files as for hf
             (hgf.hf.bitnet_import reads it, hgf.hf.bitnet_export says what can be written)
+    llama   a transformers ``LlamaForCausalLM`` folder (Llama 2/3, TinyLlama, SmolLM, ...): read
+            into a dense hgf model, written from one (hgf.hf.llama_import)
 
-A conversion loads the source as an hgf Transformer + Config (+ tokenizer file) and writes it in
-the target format. The output folder is written next to its final place and renamed at the end,
-so a failed conversion leaves nothing half-written; an existing non-empty output is refused.
+A conversion loads the source as an hgf Transformer + Config (+ tokenizer file, checked to fit the
+model and, for a run, to be the one its weights record) and writes it in the target format; a run
+written records its tokenizer in its weights (hgf.data.tokenizer). The output folder is written
+next to its final place and renamed at the end, so a failed conversion leaves nothing
+half-written; an existing non-empty output is refused, and a source must be a folder.
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ from safetensors.torch import save_file
 
 from hgf.config import Config, read_json
 from hgf.data.sources import EOT
-from hgf.errors import HGFError
+from hgf.data.tokenizer import check_tokenizer_file, tokenizer_metadata
+from hgf.errors import HGFError, as_os_error
 from hgf.model.transformer import Transformer
 from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
 
-SOURCES = ("run", "hf", "bitnet")
-TARGETS = ("run", "hf", "bitnet")
+SOURCES = ("run", "hf", "bitnet", "llama", "gguf")
+TARGETS = ("run", "hf", "bitnet", "llama")
 
 
 def detect_format(path: str | Path) -> str:
-    """run | hf | bitnet, from the folder's config.json."""
+    """run | hf | bitnet | llama, from the folder's config.json (gguf: a .gguf file)."""
+    if str(path).endswith(".gguf"):
+        return "gguf"
     cfg_file = Path(path) / "config.json"
     d = read_json(cfg_file, "not found (expected a run, Hugging Face or BitNet folder)")
     if isinstance(d.get("model"), dict):
@@ -48,33 +55,48 @@ def detect_format(path: str | Path) -> str:
     quant = d.get("quantization_config") or {}
     if d.get("model_type") == "bitnet" or quant.get("quant_method") == "bitnet":
         return "bitnet"
+    from hgf.hf.llama_import import is_llama, unsupported_architecture
+
+    if is_llama(d):
+        return "llama"
+    if d.get("model_type"):  # another transformers architecture: name it
+        raise unsupported_architecture(d, str(cfg_file))
     raise HGFError(f"{cfg_file}: cannot tell the format (not an hgf run, an hgf Hugging Face folder "
                    "or a bitnet checkpoint); pass --from")
 
 
 @contextmanager
 def output_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``out`` when the block succeeds."""
+    """Yield a temporary folder that becomes ``out`` when the block succeeds; on failure it is
+    removed and an I/O error (full disk, read-only folder, ...) names ``out``."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HGFError(f"{out}: output already exists and is not an empty folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    prefix = out.parent / f".{out.name}."
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix.name, dir=out.parent))
         yield tmp
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+    except BaseException as e:
+        err = as_os_error(e, out, prefix)
+        if err is e:
+            raise
+        raise err from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
                 overrides: list[str] | None = None) -> tuple[Transformer, Config, dict[str, Any]]:
     """(model, cfg, info) of a source folder; ``info["tokenizer"]`` is its tokenizer file or None."""
     path = Path(path)
-    if overrides and fmt != "bitnet":
-        raise HGFError(f"config overrides apply only to --from bitnet, got {overrides[0]!r}")
+    if overrides and fmt not in ("bitnet", "gguf"):
+        raise HGFError(f"config overrides apply only to --from bitnet|gguf, got {overrides[0]!r}")
     info: dict[str, Any] = {}
     if fmt == "run":
         model, cfg = load_trained(path)
@@ -90,17 +112,28 @@ def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
         from hgf.hf.bitnet_import import import_bitnet
 
         model, cfg, info = import_bitnet(path, scale_convention, overrides)
+    elif fmt == "llama":
+        from hgf.hf.llama_import import import_llama
+
+        model, cfg, info = import_llama(path)  # info["tokenizer"]: see hgf.hf.llama_import
+    elif fmt == "gguf":  # a llama.cpp bitnet file; its tokenizer comes back rebuilt (hgf.gguf.import_)
+        from hgf.gguf.import_ import import_gguf
+
+        return import_gguf(path, overrides)
     else:
         raise HGFError(f"unknown source format {fmt!r} (known: {', '.join(SOURCES)})")
-    tok = path / TOKENIZER_FILE
-    info["tokenizer"] = tok if tok.is_file() else None
+    if "tokenizer" not in info:
+        tok = path / TOKENIZER_FILE
+        info["tokenizer"] = tok if tok.is_file() else None
+        if tok.is_file():  # the folder's tokenizer must fit its model (and be the one it recorded)
+            check_tokenizer_file(tok, cfg.model.vocab_size, path / MODEL_FILE, carried=True)
     return model, cfg, info
 
 
 def write_run(model: Transformer, cfg: Config, out: str | Path, tokenizer: Path | None) -> Path:
     with output_dir(out) as tmp:
         save_config(cfg, tmp)
-        save_weights(model, tmp / MODEL_FILE)
+        save_weights(model, tmp / MODEL_FILE, metadata=tokenizer_metadata(tokenizer))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
     return Path(out)
@@ -151,12 +184,19 @@ def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
         raise HGFError(f"unknown target format {to!r} (known: {', '.join(TARGETS)})")
     if drop_correction and to != "bitnet":
         raise HGFError("--drop-correction applies only to --to bitnet")
+    if Path(src).exists() and not Path(src).is_dir() and Path(src).suffix != ".gguf":
+        raise HGFError(f"{src}: not a folder (convert reads a run, Hugging Face or BitNet folder, "
+                       "or a .gguf file)")
     fmt = detect_format(src) if fmt == "auto" else fmt
     model, cfg, info = load_source(src, fmt, scale_convention, overrides)
     if to == "run":
         write_run(model, cfg, out, info["tokenizer"])
     elif to == "hf":
         write_hf(model, out, info["tokenizer"])
+    elif to == "llama":
+        from hgf.hf.llama_import import write_llama
+
+        write_llama(model, cfg, out, info["tokenizer"])
     else:
         info |= write_bitnet(model, cfg, out, info["tokenizer"], drop_correction)
     return {"from": fmt, "to": to, **info}

@@ -1,4 +1,4 @@
-"""The hgf Transformer as a Hugging Face transformers model (transformers >= 5).
+"""The hgf Transformer as a Hugging Face transformers model (transformers >= 5.4).
 
 ``HGFConfig`` (``model_type = "hgf"``) holds the resolved hgf Config dict (every section; the model
 is built from ``model``, ``quant`` and ``hgf``). The usual transformers attributes (``vocab_size``,
@@ -17,6 +17,12 @@ With ``use_cache=True`` (the default) the keys/values of each layer go to a tran
 recomputes the whole prefix every step. Both give the same tokens as a plain greedy loop over
 ``Transformer.forward`` (tests/test_hf.py). Padding is not supported: the attention mask, when
 given, must be all ones (one prompt length per batch).
+
+The cache's name changed in transformers 5.24: up to 5.23 ``generate()`` passes it as
+``past_key_values=`` and reads it back from ``output.past_key_values``; from 5.24 on it passes
+``cache=`` and reads ``output["cache"]`` (``past_key_values`` is deprecated). ``forward`` takes
+either keyword and returns the cache under the field that the installed ``CausalLMOutputWithPast``
+declares (``CACHE_FIELD``), so cached decoding continues where the cache ends on every 5.x.
 
 Importing this module registers the pair with ``AutoConfig`` / ``AutoModelForCausalLM``.
 """
@@ -50,6 +56,9 @@ from hgf.model.hgf_linear import NO_CLAMP, HGFLinear  # noqa: E402
 from hgf.model.transformer import Transformer, lm_loss  # noqa: E402
 
 MODEL_TYPE = "hgf"
+# Name of the cache in model outputs (and of the keyword generate() passes): "cache" from
+# transformers 5.24 on, "past_key_values" before.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class HGFConfig(PreTrainedConfig):
@@ -148,35 +157,40 @@ class HGFForCausalLM(PreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits ``[b, t, vocab]`` for ``input_ids`` ``[b, t]`` placed after the cached tokens;
-        ``labels`` (same shape, -100 = ignore) give the shifted next-token loss."""
+        ``labels`` (same shape, -100 = ignore) give the shifted next-token loss. The cache may be
+        given as ``cache`` (transformers >= 5.24) or ``past_key_values`` (older 5.x), not both."""
         if input_ids is None:
             raise ValueError("HGFForCausalLM needs input_ids (inputs_embeds is not supported)")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("hgf models do not support padding: attention_mask must be all ones "
                              "(use one prompt length per batch)")
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise ValueError("give the cache as `cache` or `past_key_values`, not both")
+            cache = past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = DynamicCache(config=self.config)
-        start = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
+        start = cache.get_seq_length() if cache is not None else 0
 
         attns = [layer.attn for layer in self.model.layers]
         saved = [a.cache for a in attns]
         for i, a in enumerate(attns):
-            a.cache = _LayerCache(past_key_values, i) if past_key_values is not None else None
+            a.cache = _LayerCache(cache, i) if cache is not None else None
         try:
             logits = self.model(input_ids, start)
         finally:
             for a, c in zip(attns, saved, strict=True):
                 a.cache = c
         loss = lm_loss(logits[:, :-1], labels[:, 1:]) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
 
 AutoConfig.register(MODEL_TYPE, HGFConfig, exist_ok=True)

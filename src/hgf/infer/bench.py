@@ -76,11 +76,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GEMV sizes n (n×n); default 2048 4096 (+ 8192 on GPU); none to skip")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write all results here")
+    p.add_argument("--peer", choices=("llama.cpp",), default=None,
+                   help="also time the same weights in llama.cpp (GGUF, via llama-cpp-python)")
 
 
 def run(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peer:  # fail in one line before the long runs when llama-cpp-python is missing
+        from hgf.gguf.llama import require_llama_cpp
+
+        require_llama_cpp()
     device = resolve_device(args.device)
     sizes = args.gemv_sizes
     if sizes is None:
@@ -101,6 +107,10 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
           f"{args.prompt_len}-token prompt, batch 1, {args.embeddings} embeddings/head, median of "
           f"{args.rounds} interleaved rounds")
     print(format_decode_records(out["decode"] + out["decode_reference"]))
+    if args.peer:  # records with "system": "hgf" | "llama.cpp" (hgf.gguf.peer)
+        from hgf.gguf.peer import run_from_args
+
+        out["decode"] += run_from_args(args)
     out["env"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -18,15 +18,23 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hgf.config import Config
+from hgf.data.tokenizer import check_tokenizer_file
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
-from hgf.infer.generate import parse_tokenizer
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import BitLinear, ternarize
-from hgf.runs import TOKENIZER_FILE, atomic_write, load_trained
+from hgf.runs import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    atomic_write,
+    load_run_config,
+    load_trained,
+)
 
+PACKED_SUFFIX = ".hgf"  # the file name ``hgf export -o FOLDER`` gives: <run name>.hgf
 SAFETENSORS_DTYPE = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16,
                      "F32": torch.float32}
 
@@ -55,14 +63,9 @@ def pack_projection(mod: BitLinear, packing: str, name: str = "projection"
     w_t, s_w = ternarize(mod.weight, mod.weight_eps)
     out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
     if isinstance(mod, HGFLinear):
-        g = mod.gate_value().detach().float().cpu()
-        if mod.fusion == "convex":
-            if abs(1 - float(g)) < 1e-6:
-                raise HGFError(f"{name}: convex fusion with gate g={float(g):.6g} = 1 zeroes the "
-                               "ternary stream; it cannot be folded into the ternary scale")
-            s_w = s_w.cpu() / (1 - g)
-        out["A"] = _fp16(f"{name}.A", mod.A.cpu())
-        out["B"] = _fp16(f"{name}.B", g * mod.B.detach().float().cpu())
+        A, B, a = mod.folded_terms()
+        s_w = s_w.cpu() / a
+        out["A"], out["B"] = _fp16(f"{name}.A", A), _fp16(f"{name}.B", B)
     out["weight_scale"] = s_w.detach().float().cpu().reshape(())
     return out
 
@@ -99,28 +102,57 @@ def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
 
 
 def export_model(model: nn.Module, cfg: Config, out: str | Path, packing: str = "i2",
-                 embeddings: str = "fp16", tokenizer_json: str | None = None) -> None:
-    """Write ``model`` (a training-layout Transformer) as a packed file, atomically."""
+                 embeddings: str = "fp16", tokenizer_json: str | None = None,
+                 overwrite: bool = True) -> None:
+    """Write ``model`` (a training-layout Transformer) as a packed file, atomically; with
+    ``overwrite=False`` an existing ``out`` is never replaced."""
     tensors = pack_model(model, cfg, packing, embeddings)
     meta = make_metadata(cfg, model, packing, embeddings, tokenizer_json)
-    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite)
+
+
+def export_target(run_dir: str | Path, out: str | Path, inputs: list[Path],
+                  force: bool = False) -> Path:
+    """Where exporting ``run_dir`` to ``out`` writes: ``out``, or ``out/<run name>.hgf`` when
+    ``out`` is a folder. An existing file is replaced only with ``force``, and never when it is
+    inside the run (its weights, config, checkpoints, ...) or one of the ``inputs`` read."""
+    run, out = Path(run_dir).resolve(), Path(out)
+    if out.is_dir():
+        out = out / f"{run.name}{PACKED_SUFFIX}"
+        if out.is_dir():
+            raise HGFError(f"{out}: is a folder; give the packed file to write with -o FILE")
+    if not out.exists():
+        return out
+    target = out.resolve()
+    if target.is_relative_to(run) or any(target == p.resolve() for p in inputs):
+        raise HGFError(f"{out}: already exists and belongs to the run being exported ({run_dir}); "
+                       "export never writes over it, even with --force: choose another -o")
+    if not force:
+        raise HGFError(f"{out}: already exists; pass --force to overwrite it")
+    return out
 
 
 def export_run(run_dir: str | Path, out: str | Path, packing: str = "i2",
-               embeddings: str = "fp16", tokenizer: str | Path | None = None) -> None:
-    """Export a run's trained model; the tokenizer (RUN_DIR/tokenizer.json unless given) goes
-    into the file's metadata. A run without one is exported without a tokenizer."""
-    model, cfg = load_trained(run_dir)
+               embeddings: str = "fp16", tokenizer: str | Path | None = None,
+               force: bool = False) -> Path:
+    """Export a run's trained model to ``out`` (see :func:`export_target`; returns the file
+    written). The tokenizer (RUN_DIR/tokenizer.json unless given) goes into the file's metadata,
+    checked to be the one the model was trained with; a run without one is exported without."""
+    cfg = load_run_config(run_dir)
+    weights = Path(run_dir) / MODEL_FILE
     tok_path = Path(tokenizer) if tokenizer else Path(run_dir) / TOKENIZER_FILE
     if tokenizer and not tok_path.is_file():
         raise HGFError(f"{tok_path}: tokenizer file not found")
-    tok = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
-    if tok is not None:
-        n = parse_tokenizer(tok, str(tok_path)).get_vocab_size()
-        if n > cfg.model.vocab_size:
-            raise HGFError(f"{tok_path}: the tokenizer has {n} tokens, more than the model's "
-                           f"model.vocab_size={cfg.model.vocab_size}")
-    export_model(model, cfg, out, packing, embeddings, tok)
+    has_tok = tok_path.is_file()
+    out = export_target(run_dir, out, [weights, Path(run_dir) / CONFIG_FILE]
+                        + ([tok_path] if has_tok else []), force)
+    tok = None
+    if has_tok:
+        check_tokenizer_file(tok_path, cfg.model.vocab_size, weights)
+        tok = tok_path.read_text(encoding="utf-8")
+    model, cfg = load_trained(run_dir)
+    export_model(model, cfg, out, packing, embeddings, tok, overwrite=force)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from hgf.data.tokenizer import check_tokenizer, check_tokenizer_file
 from hgf.errors import HGFError
 from hgf.model.transformer import Transformer
 from hgf.train.device import resolve_device as _resolve_device
@@ -163,19 +164,12 @@ def resolve_device(device: str) -> torch.device:
     return _resolve_device(device, "--device")
 
 
-def parse_tokenizer(text: str, source: str) -> Tokenizer:
-    try:
-        return Tokenizer.from_str(text)
-    except Exception as e:  # tokenizers raises bare Exception subclasses
-        raise HGFError(f"{source}: not a tokenizers JSON file: {str(e).splitlines()[0]}") from None
-
-
 def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
                         ) -> tuple[Transformer, Tokenizer]:
     """A run directory (its training model and tokenizer.json) or a packed file (its packed
     model and the tokenizer stored in it)."""
     from hgf.infer.engine import load_for_decode
-    from hgf.runs import CONFIG_FILE, TOKENIZER_FILE, load_trained
+    from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_trained
 
     path = Path(path)
     if path.is_dir():
@@ -184,10 +178,12 @@ def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
         tok_path = path / TOKENIZER_FILE
         if not tok_path.is_file():
             raise HGFError(f"{tok_path}: the run has no tokenizer")
-        model, _ = load_trained(path, device)
-        return model.requires_grad_(False), parse_tokenizer(tok_path.read_text("utf-8"), str(tok_path))
+        model, cfg = load_trained(path, device)
+        tok = check_tokenizer_file(tok_path, cfg.model.vocab_size, path / MODEL_FILE)
+        return model.requires_grad_(False), tok
     model, header = load_for_decode(path, device)  # the native decoder where it can run
     if header.tokenizer_json is None:
         raise HGFError(f"{path}: the file carries no tokenizer; re-export it with "
                        "`hgf export RUN_DIR -o FILE --tokenizer tokenizer.json`")
-    return model, parse_tokenizer(header.tokenizer_json, f"{path} (tokenizer)")
+    return model, check_tokenizer(header.tokenizer_json.encode("utf-8"), f"{path} (tokenizer)",
+                                  header.config.model.vocab_size)

@@ -1,6 +1,10 @@
 """Attention: standard multi-head (SDPA) and differential attention V1, both with RoPE and an
 optional static KV cache.
 
+Standard attention may be grouped-query (``model.n_kv_heads`` < ``model.n_heads``, Llama 2/3
+style): ``k_proj``/``v_proj`` map to ``n_kv_heads`` heads and query head j reads K/V head
+``j // (n_heads / n_kv_heads)``; the cache holds the ``n_kv_heads`` heads.
+
 Differential attention (Ye et al., 2024; METHOD.md §3) with H = n_heads / 2 heads of head dim
 d_h = d_model / n_heads. Each head has two query/key halves of size d_h and one value of 2·d_h:
     A_i = softmax(Q_i K_iᵀ / sqrt(d_h) + causal mask),      head = (A_1 − λ A_2) V
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgf.config import Config, subln_enabled
+from hgf.config import Config, kv_heads, subln_enabled
 from hgf.model.linear import make_linear
 
 
@@ -57,25 +61,28 @@ class KVCache(nn.Module):
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of ``q`` (positions start..start+t) over keys 0..start+t."""
+    """Causal attention of ``q`` (positions start..start+t) over keys 0..start+t; fewer K/V heads
+    than query heads is grouped-query attention."""
     t, s = q.shape[2], k.shape[2]
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     if start == 0 and t == s:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     if t == 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **gqa)
     mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=start)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
 class _AttentionBase(nn.Module):
-    def __init__(self, cfg: Config, rank: int) -> None:
+    def __init__(self, cfg: Config, rank: int, kv_dim: int | None = None) -> None:
         super().__init__()
         m = cfg.model
         d = m.d_model
+        kv_dim = kv_dim or d
         self.head_dim = d // m.n_heads
         self.q_proj = make_linear("q_proj", d, d, cfg, rank)
-        self.k_proj = make_linear("k_proj", d, d, cfg, rank)
-        self.v_proj = make_linear("v_proj", d, d, cfg, rank)
+        self.k_proj = make_linear("k_proj", d, kv_dim, cfg, rank)
+        self.v_proj = make_linear("v_proj", d, kv_dim, cfg, rank)
         self.o_proj = make_linear("o_proj", d, d, cfg, rank)
         self.subln = nn.RMSNorm(d, eps=m.norm_eps) if subln_enabled(m) else nn.Identity()
         self.cache: KVCache | None = None
@@ -89,20 +96,21 @@ class _AttentionBase(nn.Module):
 
 class StandardAttention(_AttentionBase):
     def __init__(self, cfg: Config, layer_idx: int, rank: int) -> None:
-        super().__init__(cfg, rank)
-        self.n_heads = cfg.model.n_heads
+        m = cfg.model
+        super().__init__(cfg, rank, kv_heads(m) * (m.d_model // m.n_heads))
+        self.n_heads, self.n_kv_heads = m.n_heads, kv_heads(m)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> None:
-        h, d = self.n_heads, self.head_dim
-        self.cache = KVCache(batch, h, d, h, d, max_len, dtype, device)
+        hk, d = self.n_kv_heads, self.head_dim
+        self.cache = KVCache(batch, hk, d, hk, d, max_len, dtype, device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 start: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
-        h, d = self.n_heads, self.head_dim
+        h, hk, d = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # [b, h, t, d]
-        k = self.k_proj(x).view(b, t, h, d).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, h, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, hk, d).transpose(1, 2)  # [b, hk, t, d]
+        v = self.v_proj(x).view(b, t, hk, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)

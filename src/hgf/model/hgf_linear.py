@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hgf.errors import HGFError
 from hgf.model.quant import BitLinear, quantized_operands, ternarize
 
 NO_CLAMP = 1e9
@@ -154,6 +155,19 @@ class HGFLinear(BitLinear):
 
     def correction(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A), self.B)
+
+    @torch.no_grad()
+    def folded_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The inference terms with the gate folded in, ``(A, B' = g·B, a)`` such that
+        ``y = a·T(x) + B'(A x)`` (float32, on the CPU): ``a = 1`` for additive fusion and ``1 - g``
+        for convex fusion, which every exporter folds into the ternary scale, so it must not be
+        zero. The one fold used by every exporter (packed, BitNet, GGUF)."""
+        g = self.gate_value().float().cpu()
+        a = 1 - g if self.fusion == "convex" else torch.ones(())
+        if abs(float(a)) < 1e-6:
+            raise HGFError(f"convex fusion with gate g={float(g):.6g} = 1 zeroes the ternary "
+                           "stream; it cannot be folded into the ternary scale")
+        return self.A.detach().float().cpu(), g * self.B.detach().float().cpu(), a
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_value()

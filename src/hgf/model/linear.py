@@ -63,12 +63,15 @@ def corrected_roles(h: HGFConfig) -> tuple[str, ...]:
     return TARGETS[h.targets]
 
 
-def block_projections(d_model: int, d_ff: int) -> list[tuple[str, int, int]]:
-    """(role, in_features, out_features) of every projection in one block (both attentions)."""
+def block_projections(d_model: int, d_ff: int, kv_dim: int | None = None
+                      ) -> list[tuple[str, int, int]]:
+    """(role, in_features, out_features) of every projection in one block (both attentions);
+    ``kv_dim`` = n_kv_heads × head_dim under grouped-query attention (default d_model)."""
+    kv_dim = kv_dim or d_model
     return [
         ("q_proj", d_model, d_model),
-        ("k_proj", d_model, d_model),
-        ("v_proj", d_model, d_model),
+        ("k_proj", d_model, kv_dim),
+        ("v_proj", d_model, kv_dim),
         ("o_proj", d_model, d_model),
         ("gate_proj", d_model, d_ff),
         ("up_proj", d_model, d_ff),

@@ -15,27 +15,79 @@ def _plt():
     return plt
 
 
+# Each arm has its own colour and its own line style; variants and other labels get the other
+# colours, then the other colours with the next line style (ARM_STYLES' combinations never recur).
+ARM_STYLES: dict[str, tuple[str, Any]] = {
+    "fp16": ("tab:blue", "-"),
+    "bitnet": ("tab:red", "--"),
+    "diff_only": ("tab:purple", ":"),
+    "hgf": ("tab:green", "-."),
+    "hgf_std": ("tab:olive", (0, (5, 1))),
+    "bitnet_diff": ("tab:orange", (0, (3, 1, 1, 1, 1, 1))),
+}
+LINE_STYLES: list[Any] = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)),
+                          (0, (8, 3, 2, 3))]
+OTHER_COLORS = ["tab:brown", "tab:pink", "tab:gray", "tab:cyan", "black", "gold", "navy",
+                "teal", "magenta", "lime"]
+
+
+def label_styles(labels: list[str]) -> dict[str, tuple[str, Any]]:
+    """(colour, line style) per label: an arm's own, else a combination no other label has."""
+    out: dict[str, tuple[str, Any]] = {}
+    others = [lb for lb in dict.fromkeys(labels) if lb not in ARM_STYLES]
+    for lb in dict.fromkeys(labels):
+        if lb in ARM_STYLES:
+            out[lb] = ARM_STYLES[lb]
+    for i, lb in enumerate(others):
+        out[lb] = (OTHER_COLORS[i % len(OTHER_COLORS)],
+                   LINE_STYLES[(i // len(OTHER_COLORS)) % len(LINE_STYLES)])
+    return out
+
+
+def _tokens(runs: list[dict[str, Any]], key: str) -> int:
+    return max((r.get(key) or 0 for r in runs), default=0)
+
+
 def plot_val_curves(runs: list[dict[str, Any]], out: Path, prefix: str = "val_loss",
                     title: str = "Validation loss") -> list[Path]:
-    """One figure per regime, ``out/<prefix>_<steps>.png``: validation loss vs step for every
-    run of seed 0, labelled by its variant or arm."""
+    """One figure per regime, ``out/<prefix>_<steps>.png``: for every run of seed 0, labelled by
+    its variant or arm, the loss on the fixed evaluation subset vs step (a line) and the loss on
+    the full validation set after the last step (a diamond: the report's table)."""
+    from matplotlib.lines import Line2D
+
     plt = _plt()
     paths = []
     for steps in sorted({r["steps"] for r in runs}):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        colors = plt.get_cmap("tab20").colors
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
         shown = [r for r in runs if r["steps"] == steps and r["seed_index"] == 0 and r["val_curve"]]
-        for i, r in enumerate(shown):
-            xs, ys = zip(*r["val_curve"], strict=True)
-            style = "--" if r["diverged"] or i >= len(colors) else "-"
+        styles = label_styles([r.get("variant") or r["arm"] for r in shown])
+        for r in shown:
             label = r.get("variant") or r["arm"]
-            ax.plot(xs, ys, style, color=colors[i % len(colors)],
+            color, ls = styles[label]
+            xs, ys = zip(*r["val_curve"], strict=True)
+            ax.plot(xs, ys, linestyle=ls, color=color, lw=1.4,
                     label=label + (" (diverged)" if r["diverged"] else ""))
+            if r["diverged"]:
+                ax.plot(xs[-1:], ys[-1:], "x", color=color, ms=8)
+            if r.get("full_validation"):
+                ax.plot([r["steps"]], [r["val_loss"]], "D", color=color, ms=5,
+                        markeredgecolor="black", markeredgewidth=0.5)
+        handles, _ = ax.get_legend_handles_labels()
+        sub, full = _tokens(shown, "subset_tokens"), _tokens(shown, "full_tokens")
+        every = shown[0].get("eval_every") if shown else None
+        sub_text = "lines: fixed evaluation subset" + (f" ({sub:,} tokens" if sub else "") + (
+            f", every {every} steps" if every else "") + (")" if sub else "")
+        if full:
+            handles.append(Line2D([], [], linestyle="", marker="D", color="gray",
+                                  markeredgecolor="black", markeredgewidth=0.5,
+                                  label=f"full validation set ({full:,} tokens)"))
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(f"{title}, {steps}-step regime")
+        ax.set_title(f"{title}, {steps}-step regime\n{sub_text}"
+                     + ("; diamonds: full validation set (table)" if full else ""),
+                     fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7 if len(shown) > 8 else None)
+        ax.legend(handles=handles, fontsize=7 if len(handles) > 8 else 8)
         path = out / f"{prefix}_{steps}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -44,25 +96,57 @@ def plot_val_curves(runs: list[dict[str, Any]], out: Path, prefix: str = "val_lo
     return paths
 
 
+def _layer(name: str) -> int | None:
+    """The layer index in a projection name such as ``layers.3.attn.q_proj``."""
+    return next((int(p) for p in name.split(".") if p.isdigit()), None)
+
+
+def gate_styles(names: list[str]) -> dict[str, tuple[Any, Any, str | None]]:
+    """(colour, line style, marker) per projection name: the colour names the projection
+    (q_proj, ...), the line style its layer; past len(LINE_STYLES) layers the styles recur with a
+    marker, so no two projections look alike."""
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10"].colors
+    roles = sorted({n.rsplit(".", 1)[-1] for n in names})
+    layers = sorted({lay for lay in map(_layer, names) if lay is not None})
+    color = {role: colors[i % len(colors)] for i, role in enumerate(roles)}
+    style = {lay: LINE_STYLES[i % len(LINE_STYLES)] for i, lay in enumerate(layers)}
+    markers = [None, "o", "s", "^", "v", "D", "x", "+"]
+    marker = {lay: markers[i // len(LINE_STYLES) % len(markers)] for i, lay in enumerate(layers)}
+    return {n: (color[n.rsplit(".", 1)[-1]], style.get(_layer(n), "-"), marker.get(_layer(n)))
+            for n in names}
+
+
 def plot_gates(runs: list[dict[str, Any]], path: Path) -> Path | None:
-    """Gate trajectories of the hgf arm's longest seed-0 run, one line per projection."""
+    """Gate trajectories of the hgf arm's longest seed-0 run, one line per projection (colour:
+    the projection, line style: the layer; see gate_styles), read at each evaluation."""
+    from matplotlib.lines import Line2D
+
     cand = [r for r in runs if r["arm"] == "hgf" and r["seed_index"] == 0 and r["gates"]]
     if not cand:
         return None
     r = max(cand, key=lambda r: r["steps"])
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     names = list(r["gates"][0][1])
+    styles = gate_styles(names)
     steps = [s for s, _ in r["gates"]]
     for name in names:
-        ax.plot(steps, [g.get(name, float("nan")) for _, g in r["gates"]], lw=1,
-                label=name.replace("layers.", "L").replace(".attn", "").replace(".mlp", ""))
+        color, ls, marker = styles[name]
+        ax.plot(steps, [g.get(name, float("nan")) for _, g in r["gates"]], lw=1.2, color=color,
+                linestyle=ls, marker=marker, ms=3)
+    roles = {n.rsplit(".", 1)[-1]: styles[n][0] for n in sorted(names)}
+    layers = {_layer(n): styles[n][1:] for n in names if _layer(n) is not None}
+    handles = [Line2D([], [], color=c, lw=2, label=role) for role, c in roles.items()]
+    handles += [Line2D([], [], color="black", lw=1.2, linestyle=ls, marker=m, ms=3,
+                       label=f"layer {lay}") for lay, (ls, m) in sorted(layers.items())]
     ax.set_xlabel("step")
     ax.set_ylabel("gate g")
-    ax.set_title(f"HGF gates, {r['steps']}-step run")
+    ax.set_title(f"HGF gates, {r['steps']}-step run ({len(names)} projections: colour = "
+                 "projection, line style = layer)", fontsize=9)
     ax.grid(alpha=0.3)
-    if len(names) <= 16:
-        ax.legend(fontsize=6, ncol=2)
+    ax.legend(handles=handles, fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,6 +3,7 @@ evaluator, diagnostics, metrics logger, checkpointer, and the loop that ties the
 
 from hgf.train.device import autocast_for, resolve_device
 from hgf.train.evaluate import EvalResult, evaluate, evaluate_tokens
+from hgf.train.guard import TrainingInterrupted
 from hgf.train.loop import (
     RunResult,
     Trainer,
@@ -11,5 +12,6 @@ from hgf.train.loop import (
     train,
 )
 
-__all__ = ["EvalResult", "RunResult", "Trainer", "autocast_for", "build_trainer", "evaluate",
-           "evaluate_tokens", "forward_backward_step", "resolve_device", "train"]
+__all__ = ["EvalResult", "RunResult", "Trainer", "TrainingInterrupted", "autocast_for",
+           "build_trainer", "evaluate", "evaluate_tokens", "forward_backward_step",
+           "resolve_device", "train"]

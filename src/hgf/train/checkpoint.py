@@ -8,7 +8,8 @@ Layout (``RUN_DIR/checkpoints/``)::
                             ``rng.torch`` / ``rng.cuda``, diagnostics snapshots ``diag.<layer>``
         config.json         the resolved config
         state.json          format/version, step, batch-sampler state, optimizer group layout,
-                            byte size and sha256 of every file above (checked before loading)
+                            byte size and sha256 of every file above (checked before loading),
+                            ``"final": true`` at the end of a run (step = its train.steps)
     latest                  the name of the newest complete checkpoint (written atomically)
 
 A sharded (FSDP2) model is saved collectively, in the same folder layout except that model and
@@ -21,8 +22,15 @@ a DCP checkpoint reshards on load, a single-process one is scattered into FSDP2 
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash leaves either
 the previous checkpoints or the complete new one. Only the last ``train.keep_checkpoints`` are
-kept. On resume an unusable checkpoint (truncated, corrupt, hash mismatch) is skipped with a
-warning and the next older one is used; if none is usable that is an HGFError.
+kept, and every end-of-run checkpoint: extending a finished run never prunes the finished one. On
+resume an unusable checkpoint (truncated, corrupt, hash mismatch) is skipped with a warning and the
+next older one is used; if none is usable that is an HGFError.
+
+A checkpoint resumes under a config that differs only in :data:`RESUME_FREE` keys, the batch split
+(see above) and ``train.steps``: any value from the checkpoint's step up. The LR/WD and gate
+schedules keep the checkpoint's length (``train.schedule_length``): an unset
+``train.schedule_steps`` takes it over, so a finished run extended to more steps holds the
+schedules' final values past its old end (schedule.py) and its config.json says so.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from torch.optim import Optimizer
 
-from hgf.config import Config, load_config_json
+from hgf.config import Config, load_config_json, replace
 from hgf.errors import HGFError
 from hgf.parallel import barrier, broadcast_object, is_sharded, world
 from hgf.parallel.state import load_dcp, load_full, save_dcp
@@ -139,6 +147,8 @@ class Checkpointer:
         state = {"format": FORMAT, "version": VERSION, "step": step,
                  "sampler": sampler.state_dict(), "groups": _group_layout(optimizer),
                  "files": files}
+        if step == cfg.train.steps:
+            state["final"] = True
         if world().world_size > 1:
             state["world_size"] = world().world_size
         if sharded:
@@ -147,7 +157,7 @@ class Checkpointer:
 
     def _prune(self, keep_name: str) -> None:
         for old in self.checkpoints()[:-self.keep]:
-            if old.name != keep_name:
+            if old.name != keep_name and not _is_final(old):
                 shutil.rmtree(old, ignore_errors=True)
         for tmp in self.dir.glob(".tmp-*"):  # left by a crash during an earlier save
             shutil.rmtree(tmp, ignore_errors=True)
@@ -180,6 +190,14 @@ class Checkpointer:
         if first_error is not None:
             raise HGFError(f"no usable checkpoint in {self.dir} (newest: {first_error})")
         return None
+
+
+def _is_final(path: Path) -> bool:
+    """Whether a checkpoint is the end of a finished run (kept by pruning)."""
+    try:
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8")).get("final") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def verify(path: str | Path) -> dict[str, Any]:
@@ -260,30 +278,50 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 # Keys that may change when a run is resumed: they affect logging and bookkeeping, not the math.
 RESUME_FREE = {"train.progress", "train.resume", "train.out_dir", "train.log_every",
-               "train.ckpt_every", "train.keep_checkpoints", "train.tensorboard", "train.device",
-               "train.threads", "train.compile", "eval.every", "eval.full_at_end", "data.path",
-               "data.cache_dir"}
+               "train.ckpt_every", "train.ckpt_minutes", "train.keep_checkpoints",
+               "train.tensorboard", "train.device", "train.threads", "train.compile", "eval.every",
+               "eval.full_at_end", "data.path", "data.cache_dir"}
 
 
 # How the work is split over processes, not the math (the global batch is checked on its own).
 RESUME_FREE |= {"dist.strategy", "dist.activation_checkpointing"}
 
 
-def check_resumable_config(cfg: Config, stored_path: Path, world_size: int = 1) -> None:
-    """Raise if ``cfg`` differs from a checkpoint's config in a key that changes training; the
-    batch size may differ if the global batch ``train.batch_size × processes`` does not."""
-    stored = load_config_json(stored_path).to_dict()
+# Keys checked by their meaning (the step and the schedule length) rather than their value.
+LENGTH_KEYS = {"train.steps", "train.schedule_steps"}
+
+
+def check_resumable_config(cfg: Config, stored_path: Path, world_size: int = 1,
+                           step: int = 0) -> Config:
+    """``cfg`` ready to resume the checkpoint at ``step`` whose config is ``stored_path``; raise
+    if they differ in a key that changes training. The batch size may differ if the global batch
+    ``train.batch_size × processes`` does not; ``train.steps`` may be any value >= ``step``; an
+    unset ``train.schedule_steps`` takes over the checkpoint's schedule length."""
+    stored_cfg = load_config_json(stored_path)
+    stored = stored_cfg.to_dict()
     state_file = stored_path.parent / STATE_FILE
     stored_world = json.loads(state_file.read_text(encoding="utf-8")).get("world_size", 1)
+    where = stored_path.parent
     for sec, body in cfg.to_dict().items():
         for key, value in body.items():
             name = f"{sec}.{key}"
             old = stored.get(sec, {}).get(key)
             if name == "train.batch_size":
                 if value * world_size != old * stored_world:
-                    raise HGFError(f"{stored_path.parent}: cannot resume, the global batch "
+                    raise HGFError(f"{where}: cannot resume, the global batch "
                                    f"train.batch_size × processes = {value}×{world_size} differs "
                                    f"from the checkpoint's {old}×{stored_world}")
-            elif name not in RESUME_FREE and old != value:
-                raise HGFError(f"{stored_path.parent}: cannot resume, {name}={value!r} differs "
+            elif name not in RESUME_FREE | LENGTH_KEYS and old != value:
+                raise HGFError(f"{where}: cannot resume, {name}={value!r} differs "
                                f"from the checkpoint's {old!r}; use another train.out_dir")
+    t, length = cfg.train, stored_cfg.train.schedule_length
+    if t.steps < step:
+        raise HGFError(f"{where}: cannot resume, train.steps={t.steps} is below the checkpoint's "
+                       f"step {step}")
+    if t.schedule_length != length:
+        if t.schedule_steps:
+            raise HGFError(f"{where}: cannot resume, train.schedule_steps={t.schedule_steps} "
+                           f"differs from the checkpoint's schedule length {length} (of its LR "
+                           "and gate schedules); leave it unset or use another train.out_dir")
+        cfg = replace(cfg, train={"schedule_steps": length})
+    return cfg

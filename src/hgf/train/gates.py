@@ -1,11 +1,13 @@
 """The HGF gate schedule (METHOD.md §3), applied by the trainer each step.
 
-With S = train.steps and the foundation helpers of :mod:`hgf.model.hgf_linear`:
+With S = the schedule's length (train.schedule_steps, 0 = train.steps) and the foundation helpers
+of :mod:`hgf.model.hgf_linear`:
     warmup   g ≤ clamp(step) = g0 + (1 - g0) · step / (warmup_frac · S)  until the warmup ends
     L2 pull  loss += gate_l2 · Σ_gates (g - gate_target)²                 (when gate_l2 > 0)
     freeze   from step ≥ freeze_frac · S the gate group's LR is 0, so AdamW leaves every gate
              bitwise unchanged
-The gate group's LR otherwise follows the main schedule × hgf.gate_lr_mult (see schedule.py).
+Past S the clamp is off and frozen gates stay frozen. The gate group's LR otherwise follows the
+main schedule × hgf.gate_lr_mult (see schedule.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hgf.model import gate_clamp_at, gate_l2_penalty, gates_frozen_at, set_gate_
 class GateSchedule:
     def __init__(self, cfg: Config) -> None:
         self.h = cfg.hgf
-        self.steps = cfg.train.steps
+        self.steps = cfg.train.schedule_length
 
     def clamp_at(self, step: int) -> float:
         return gate_clamp_at(step, self.steps, self.h.gate_init, self.h.gate_warmup_frac)

@@ -1,4 +1,4 @@
-"""Observability: the JSONL metrics log, optional TensorBoard, and the progress bar.
+"""Observability: the JSONL metrics log, optional TensorBoard, and the progress of a run.
 
 ``RUN_DIR/metrics.jsonl`` holds one JSON object per line, each with ``kind`` and ``step`` (the
 number of optimizer updates done):
@@ -14,8 +14,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -92,17 +97,105 @@ class MetricsLogger:
             self.tb.close()
 
 
-class Progress:
-    """A tqdm bar over the steps with loss and tokens/s (tqdm shows the ETA)."""
+PLAIN_EVERY_S = 10.0  # without a terminal: at most one progress line per this many seconds
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        tty = sys.stderr.isatty()  # in a log file, one line every 30 s instead of every 0.1 s
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-                        dynamic_ncols=True, desc="train", mininterval=0.1 if tty else 30.0)
+
+@dataclass
+class ProgressScope:
+    """What a job running many trainings (``hgf reproduce``) adds to each run's progress: a label
+    for the run (``run 3/12 hgf@70``) and a status of the whole job (runs done, elapsed, ETA),
+    given the steps this run has done in this process and the steps it has left. Inside a scope
+    the progress shows on the main process whatever ``train.progress`` says."""
+
+    label: str
+    status: Callable[[int, int], str] | None = None
+    steps_done: int = 0  # steps this run has done in this process (kept up to date by Progress)
+
+
+_SCOPE: ContextVar[ProgressScope | None] = ContextVar("hgf_progress_scope", default=None)
+
+
+@contextmanager
+def progress_scope(label: str, status: Callable[[int, int], str] | None = None
+                   ) -> Iterator[ProgressScope]:
+    """Label the progress of the trainings run inside the ``with`` block (see ProgressScope)."""
+    scope = ProgressScope(label, status)
+    token = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(token)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``4m05s``, ``1h02m``; ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class Progress:
+    """Progress of one run over its steps. On a terminal: a tqdm bar (steps, loss, tokens/s, ETA).
+    Otherwise (a log file, a pipe): a plain line at most every PLAIN_EVERY_S seconds, e.g.
+    ``run 3/12 hgf@70: step 40/70 loss 5.1234 2,100 tok/s ETA 12s | runs 2/12 done, ...``."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream: TextIO | None = None) -> None:
+        from hgf.parallel import is_main_process
+
+        self.scope = _SCOPE.get()
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled or (self.scope is not None and is_main_process())
+        self.label = self.scope.label if self.scope is not None else "train"
+        self.total, self.initial, self.n = total, initial, initial
+        self.tty = self.enabled and _isatty(self.stream)
+        self.t0 = self.last_line = time.monotonic()
+        self.bar = tqdm(total=total, initial=initial, disable=not self.tty, unit="step",
+                        dynamic_ncols=True, desc=self.label, file=self.stream, mininterval=0.1)
+
+    def eta(self) -> float:
+        """Seconds left at this run's rate in this process (NaN before the first step)."""
+        done = self.n - self.initial
+        return (time.monotonic() - self.t0) / done * (self.total - self.n) if done else math.nan
+
+    def _status(self) -> str:
+        if self.scope is None or self.scope.status is None:
+            return ""
+        return self.scope.status(self.n - self.initial, self.total - self.n)
+
+    def line(self, loss: float, tokens_per_s: float) -> str:
+        status = self._status()
+        return (f"{self.label}: step {self.n}/{self.total} loss {loss:.4f} "
+                f"{tokens_per_s:,.0f} tok/s ETA {format_duration(self.eta())}"
+                + (f" | {status}" if status else ""))
 
     def update(self, loss: float, tokens_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        self.bar.update(1)
+        self.n += 1
+        if self.scope is not None:
+            self.scope.steps_done = self.n - self.initial
+        if not self.enabled:
+            return
+        if self.tty:
+            status = self._status()
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s"
+                                     + (f" | {status}" if status else ""), refresh=False)
+            self.bar.update(1)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= PLAIN_EVERY_S:
+            self.last_line = now
+            print(self.line(loss, tokens_per_s), file=self.stream, flush=True)
 
     def write(self, msg: str) -> None:
         self.bar.write(msg)

@@ -1,7 +1,8 @@
 """Learning-rate and weight-decay schedules, as pure functions of the update index.
 
-``step`` is the 0-based index of the optimizer update about to run; ``S`` = train.steps,
-``W`` = train.warmup_steps, ``lr`` the peak LR, ``f`` = train.min_lr_frac.
+``step`` is the 0-based index of the optimizer update about to run; ``S`` = the schedule's length
+(train.schedule_steps, 0 = train.steps), ``W`` = train.warmup_steps, ``lr`` the peak LR,
+``f`` = train.min_lr_frac.
 
     warmup (all schedules)   lr_t = lr · (step + 1) / W                         for step < W
     cosine                   lr_t = lr·f + lr·(1 - f) · ½(1 + cos(π · p)),   p = (step - W) / (S - W)
@@ -9,6 +10,9 @@
     two_stage (BitNet b1.58) lr_t = lr for step < S/2, then lr · two_stage_lr_frac (constant);
                              weight decay is train.weight_decay, then 0 from S/2 on
                              (METHOD.md §6: 1.5e-3 -> 1e-3 and WD 0.1 -> 0 halfway through)
+    past the schedule        for step >= S every schedule holds its final value: cosine lr·f,
+                             two_stage lr · two_stage_lr_frac with WD 0, constant lr (a finished
+                             run extended to more train.steps keeps S = its old length)
 
 Each optimizer group gets ``lr_t × group["lr_mult"]``; only groups tagged ``decays`` get the
 weight decay (``decay``, and ``correction`` unless hgf.decay is false).
@@ -28,18 +32,31 @@ class Schedule:
         self.t = t
 
     @property
+    def steps(self) -> int:
+        return self.t.schedule_length
+
+    @property
     def halfway(self) -> int:
-        return self.t.steps // 2
+        return self.steps // 2
+
+    @property
+    def final_lr(self) -> float:
+        """The LR every step past the schedule's end holds."""
+        t = self.t
+        return {"constant": t.lr, "two_stage": t.lr * t.two_stage_lr_frac}.get(
+            t.schedule, t.lr * t.min_lr_frac)
 
     def lr_at(self, step: int) -> float:
         t = self.t
+        if step >= self.steps:
+            return self.final_lr
         if step < t.warmup_steps:
             return t.lr * (step + 1) / t.warmup_steps
         if t.schedule == "constant":
             return t.lr
         if t.schedule == "two_stage":
             return t.lr if step < self.halfway else t.lr * t.two_stage_lr_frac
-        p = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        p = min(1.0, (step - t.warmup_steps) / max(1, self.steps - t.warmup_steps))
         return t.lr * (t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
     def wd_at(self, step: int) -> float:

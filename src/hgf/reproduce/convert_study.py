@@ -1,0 +1,525 @@
+"""The full-precision -> 1.58-bit conversion study (docs/CONVERT.md), and its report.
+
+    python -m hgf.reproduce.convert_study --preset convert [--out results/cpu] [--arms ...]
+                                          [--seeds N] [--report-only] [--background]
+
+One full-precision model ``fp`` (configs/fp16.toml + the preset, ``study.fp_steps`` steps) is
+converted by every arm; the fine-tuning arms all train ``study.ft_steps`` steps of the same batch
+(equal fine-tuning tokens) from ``init.from = fp``, once per seed (``train.seed`` + seed index):
+
+    ptq            BitNet with the FP weights ternarized, no training: the post-training loss
+    hgf_svd_ptq    HGF with the residual-SVD correction, no training (post-training low-rank
+                   error correction, LQER/LoftQ-like), at each rank
+    qat            BitNet QAT from the FP model (CE only)
+    qat_kd         qat + distillation from the FP model ([distill])
+    hgf_svd_kd     HGF (standard attention) + correction initialised from the residual SVD
+                   (hgf.init = svd) + distillation, at each rank
+    hgf_lora_kd    the same with the LoRA init (A Kaiming-uniform, B = 0)
+    scratch        BitNet from random weights for fp_steps + ft_steps steps: the FP model's tokens
+                   plus the fine-tune's
+
+Ranks: the largest with the correction (FP16 A, B, gates) at most ``study.overhead`` of the 2-bit
+backbone (hgf.memory.rank_for_overhead), and ``study.large_rank``.
+
+A preset (``configs/reproduce/<name>.toml``) holds ``[study]`` (fp_steps, ft_steps, seeds, arms,
+overhead, large_rank) and config sections: ``[base.*]`` for every run, ``[fp.*]`` the FP model,
+``[ft.*]`` every fine-tuning arm, ``[scratch.*]`` the scratch arm, ``[distill]``, ``[init]`` and
+``[hgf]`` for the arms that use them. Runs live in ``OUT/convert/<arm>-seed<s>`` (``OUT/convert/fp``
+for the FP model); finished runs (``done.json``) are skipped, interrupted ones resume. The report
+is ``OUT/convert.md`` + ``convert.json`` + ``convert_curves.png``: each arm's full-validation loss
+and bits/byte (mean ± std over seeds), the gap recovered by the HGF arms over qat_kd against the
+FP model, ``(L_qat_kd − L_arm) / (L_qat_kd − L_fp)``, the correction's memory overhead, and the
+validation-loss curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hgf.config import Config, ConfigError, build_config, read_toml
+from hgf.errors import HGFError
+from hgf.reproduce.grid import DONE_FILE, RunSpec, configs_dir, resolve_preset
+from hgf.runs import atomic_write_text
+
+KINDS = ("ptq", "hgf_svd_ptq", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd", "scratch")
+ABOUT = {
+    "fp": "full-precision model (the source)",
+    "ptq": "(a) ternarized FP weights, no training",
+    "hgf_svd_ptq": "HGF, residual-SVD correction, no training",
+    "qat": "(b) BitNet QAT from the FP model",
+    "qat_kd": "(c) (b) + distillation",
+    "hgf_svd_kd": "(d) HGF + SVD-init correction + distillation",
+    "hgf_lora_kd": "(e) HGF + LoRA-init correction + distillation",
+    "scratch": "(f) BitNet from scratch, FP + fine-tune tokens",
+}
+NO_TRAINING = ("ptq", "hgf_svd_ptq")
+RANKED = ("hgf_svd_ptq", "hgf_svd_kd", "hgf_lora_kd")
+SECTIONS = ("base", "fp", "ft", "scratch", "distill", "init", "hgf")
+STUDY_DIR, REPORT, JSON_FILE, PLOT = "convert", "convert.md", "convert.json", "convert_curves.png"
+RESULT_FILE = "result.json"  # the no-training arms' evaluation
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    fp_steps: int
+    ft_steps: int
+    seeds: int
+    kinds: list[str]
+    overhead: float
+    large_rank: int
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_study(name_or_path: str) -> Study:
+    path = resolve_preset(name_or_path)
+    d = read_toml(path)
+    unknown = set(d) - {"study", *SECTIONS}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: study, "
+                          f"{', '.join(SECTIONS)})")
+    s = d.get("study", {})
+    bad = set(s) - {"fp_steps", "ft_steps", "seeds", "arms", "overhead", "large_rank"}
+    if bad:
+        raise ConfigError(f"{path}: unknown key study.{sorted(bad)[0]}")
+    kinds = list(s.get("arms", KINDS))
+    for k in kinds:
+        if k not in KINDS:
+            raise ConfigError(f"{path}: study.arms: unknown arm {k!r} (known: {', '.join(KINDS)})")
+    study = Study(name=path.stem, path=path, fp_steps=int(s.get("fp_steps", 4000)),
+                  ft_steps=int(s.get("ft_steps", 1000)), seeds=int(s.get("seeds", 2)),
+                  kinds=kinds, overhead=float(s.get("overhead", 0.15)),
+                  large_rank=int(s.get("large_rank", 16)),
+                  sections={k: d.get(k, {}) for k in SECTIONS})
+    for key in ("fp_steps", "ft_steps", "seeds", "large_rank"):
+        if getattr(study, key) <= 0:
+            raise ConfigError(f"{path}: study.{key} must be > 0")
+    fp_config(study, Path("validate"))  # fail early on a bad section
+    return study
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _arm_file(name: str) -> tuple[dict[str, Any], str]:
+    p = configs_dir() / f"{name}.toml"
+    return read_toml(p), str(p)
+
+
+def _seed(study: Study, index: int) -> int:
+    return int(study.sections["base"].get("train", {}).get("seed", Config().train.seed)) + index
+
+
+def fp_dir(out: Path) -> Path:
+    return out / STUDY_DIR / "fp"
+
+
+def fp_config(study: Study, out: Path) -> Config:
+    s, where = study.sections, str(study.path)
+    return build_config(_arm_file("fp16"), (s["base"], f"{where} [base]"),
+                        (s["fp"], f"{where} [fp]"),
+                        ({"train": {"steps": study.fp_steps, "seed": _seed(study, 0),
+                                    "out_dir": str(fp_dir(out))}}, "convert study"))
+
+
+def scratch_config(study: Study, out: Path, seed: int) -> Config:
+    s, where = study.sections, str(study.path)
+    steps = study.fp_steps + study.ft_steps
+    return build_config(_arm_file("bitnet"), (s["base"], f"{where} [base]"),
+                        (s["scratch"], f"{where} [scratch]"),
+                        ({"train": {"steps": steps, "seed": _seed(study, seed),
+                                    "out_dir": str(run_dir(out, "scratch", seed))}},
+                         "convert study"))
+
+
+def ft_config(study: Study, out: Path, kind: str, seed: int, rank: int | None = None) -> Config:
+    """A fine-tuning (or no-training) arm initialised from the FP run (which must exist)."""
+    from hgf.train.init_from import build_train_config
+
+    s, where = study.sections, str(study.path)
+    hgf = kind.startswith("hgf")
+    layers = [_arm_file("hgf_std" if hgf else "bitnet"), (s["base"], f"{where} [base]"),
+              (s["ft"], f"{where} [ft]"), ({"init": s["init"]}, f"{where} [init]")]
+    if hgf:
+        init = "kaiming" if kind == "hgf_lora_kd" else "svd"
+        layers += [({"hgf": s["hgf"]}, f"{where} [hgf]"),
+                   ({"hgf": {"rank": rank, "target_overhead": 0.0, "init": init}}, kind)]
+    if kind.endswith("_kd"):
+        layers.append(({"distill": s["distill"]}, f"{where} [distill]"))
+    steps = study.ft_steps
+    layers.append(({"train": {"steps": steps, "seed": _seed(study, seed),
+                              "out_dir": str(run_dir(out, arm_name(kind, rank), seed))},
+                    "init": {"from": str(fp_dir(out))}}, "convert study"))
+    return build_train_config(*layers)
+
+
+def arm_name(kind: str, rank: int | None = None) -> str:
+    return f"{kind}_r{rank}" if rank is not None else kind
+
+
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / STUDY_DIR / f"{arm}-seed{seed}"
+
+
+def ranks(study: Study, out: Path) -> list[int]:
+    """The overhead-bound rank and the large rank, for the FP model's architecture."""
+    from hgf.memory import rank_for_overhead
+
+    cfg = ft_config(study, out, "hgf_svd_kd", 0, rank=1)
+    small = rank_for_overhead(cfg, study.overhead, bits=2.0)
+    return sorted({small, study.large_rank})
+
+
+def plan_arms(study: Study, out: Path, kinds: list[str] | None = None,
+              seeds: int | None = None) -> list[tuple[str, str, int, int | None]]:
+    """(kind, arm name, seed index, rank) of every run after the FP model, in running order:
+    no-training arms, then the fine-tuning arms seed by seed, then scratch."""
+    kinds = kinds or study.kinds
+    seeds = seeds if seeds is not None else study.seeds
+    rs = ranks(study, out) if any(k in RANKED for k in kinds) else []
+    out_list = []
+    for k in (k for k in kinds if k in NO_TRAINING):
+        for r in (rs if k in RANKED else [None]):
+            out_list.append((k, arm_name(k, r), 0, r))
+    for s in range(seeds):
+        for k in (k for k in kinds if k not in NO_TRAINING + ("scratch",)):
+            for r in (rs if k in RANKED else [None]):
+                out_list.append((k, arm_name(k, r), s, r))
+    if "scratch" in kinds:
+        out_list += [("scratch", "scratch", s, None) for s in range(seeds)]
+    return out_list
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def evaluate_without_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """The no-training arms: the initialised model's full validation (METHOD.md's bits/byte),
+    written as ``result.json`` and a one-record metrics.jsonl."""
+    import torch
+
+    from hgf.data import prepare
+    from hgf.model import build_model
+    from hgf.train.device import autocast_for, resolve_device
+    from hgf.train.evaluate import evaluate_tokens
+    from hgf.train.init_from import model_initialiser
+
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = prepare(cfg, progress=False)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, device)
+    init = model_initialiser(cfg, data.tokens("train"), device, note=False)
+    info = init(model)
+    res = evaluate_tokens(model, data.tokens("valid"), cfg.train.seq_len, cfg.train.batch_size,
+                          device, data.bytes_per_token("valid"),
+                          autocast_for(device, cfg.train.dtype))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"kind": "final", "step": 0, **res.to_dict()}
+    atomic_write_text(out_dir / "metrics.jsonl", json.dumps(record) + "\n")
+    atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    result = {**record, "init": {k: v for k, v in info.items() if k != "subln"}}
+    atomic_write_text(out_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _run_one(label: str, d: Path, kind: str, arm: str, seed: int, make_cfg) -> None:
+    from hgf.reproduce.runner import run_specs
+
+    if (d / DONE_FILE).is_file():
+        print(f"{label}: done already ({d})", flush=True)
+        return
+    cfg = make_cfg()
+    if kind in NO_TRAINING:
+        print(f"{label} -> {d}", flush=True)
+        t0 = time.time()
+        evaluate_without_training(cfg, d)
+        status = {"status": "ok", "message": "", "arm": arm, "steps": 0, "seed_index": seed,
+                  "lr": cfg.train.lr, "wall_s": round(time.time() - t0, 1)}
+        atomic_write_text(d / DONE_FILE, json.dumps(status, indent=2) + "\n")
+        return
+    print(label, flush=True)
+    run_specs([RunSpec(arm, cfg.train.steps, seed, d, cfg)])
+
+
+def run_study(study: Study, out: Path, kinds: list[str] | None = None,
+              seeds: int | None = None) -> None:
+    """Train (or skip, or resume) every run of the study in order: the FP model first unless
+    only the scratch arm is asked for (it does not need it)."""
+    if any(k != "scratch" for k in kinds or study.kinds):
+        _run_one("[fp] full-precision model", fp_dir(out), "fp", "fp", 0,
+                 lambda: fp_config(study, out))
+    plan = plan_arms(study, out, kinds, seeds)
+    for i, (kind, arm, seed, rank) in enumerate(plan, 1):
+        d = run_dir(out, arm, seed)
+        label = f"[{i}/{len(plan)}] {arm} seed {seed}"
+        if kind == "scratch":
+            _run_one(label, d, kind, arm, seed, lambda s=seed: scratch_config(study, out, s))
+        else:
+            _run_one(label, d, kind, arm, seed,
+                     lambda k=kind, s=seed, r=rank: ft_config(study, out, k, s, r))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if _finite(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _summary(d: Path) -> dict[str, Any] | None:
+    from hgf.train.metrics import read_metrics
+
+    if not (d / DONE_FILE).is_file():
+        return None
+    status = json.loads((d / DONE_FILE).read_text(encoding="utf-8"))
+    recs = read_metrics(d)
+    final = next((r for r in reversed(recs) if r.get("kind") == "final"), None)
+    evals = [r for r in recs if r.get("kind") == "eval" and _finite(r.get("val_loss"))]
+    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    return {
+        "dir": str(d), "status": status["status"], "seed_index": status.get("seed_index", 0),
+        "steps": status.get("steps", 0), "wall_s": status.get("wall_s"),
+        "val_loss": final["val_loss"] if final else math.nan,
+        "val_bpb": final["val_bpb"] if final else math.nan,
+        "val_curve": [(r["step"], r["val_loss"]) for r in evals],
+        "tokens_per_step": cfg["train"]["batch_size"] * cfg["train"]["seq_len"]
+        * cfg["train"]["grad_accum"],
+        "config": cfg,
+    }
+
+
+def _overhead(cfg_dict: dict[str, Any]) -> dict[str, float] | None:
+    from hgf.config import config_from_dict
+    from hgf.memory import report_for_config
+
+    cfg = config_from_dict(cfg_dict)
+    if cfg.model.linear != "hgf":
+        return None
+    rep = report_for_config(cfg)
+    return {"rank": cfg.hgf.rank, "overhead_i2": rep.overhead("i2"),
+            "overhead_i2_with_embeddings": rep.overhead("i2", True),
+            "correction_bytes": rep.correction_bytes, "backbone_bytes_i2": rep.backbone_bytes("i2")}
+
+
+def collect(out: Path) -> dict[str, Any]:
+    """Every finished run under ``OUT/convert``, grouped by arm."""
+    arms: dict[str, list[dict[str, Any]]] = {}
+    root = out / STUDY_DIR
+    for done in sorted(root.glob(f"*/{DONE_FILE}")):
+        d = done.parent
+        arm = "fp" if d.name == "fp" else d.name.rsplit("-seed", 1)[0]
+        s = _summary(d)
+        if s is not None:
+            arms.setdefault(arm, []).append(s)
+    rows: dict[str, dict[str, Any]] = {}
+    for arm, runs in arms.items():
+        kind = arm.rsplit("_r", 1)[0] if arm.startswith("hgf") else arm
+        row = {"arm": arm, "kind": kind, "about": ABOUT.get(kind, ""), "n": len(runs),
+               "steps": runs[0]["steps"], "tokens": runs[0]["steps"] * runs[0]["tokens_per_step"],
+               "wall_s": sum(r["wall_s"] or 0 for r in runs),
+               "diverged": sum(r["status"] != "ok" for r in runs),
+               "losses": [r["val_loss"] for r in runs]}
+        for k in ("val_loss", "val_bpb"):
+            row[k], row[k + "_std"] = _mean_std([r[k] for r in runs])
+        row["memory"] = _overhead(runs[0]["config"])
+        row["curve"] = next((r["val_curve"] for r in runs if r["seed_index"] == 0), [])
+        rows[arm] = row
+    fp = rows.get("fp", {}).get("val_loss", math.nan)
+    for row in rows.values():
+        row["gap_to_fp"] = row["val_loss"] - fp
+        # HGF's recovery of the ternary gap: trained arms against qat_kd (c), the no-training
+        # arm against ptq (a)
+        row["reference"] = REFERENCE.get(row["kind"])
+        ref = rows.get(row["reference"], {}).get("val_loss", math.nan)
+        den = ref - fp
+        row["gap_recovery"] = ((ref - row["val_loss"]) / den if _finite(den) and den != 0
+                               else math.nan)
+    return {"rows": rows, "fp_loss": fp}
+
+
+REFERENCE = {"hgf_svd_kd": "qat_kd", "hgf_lora_kd": "qat_kd", "hgf_svd_ptq": "ptq"}
+ORDER = ("fp", "ptq", "hgf_svd_ptq", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd", "scratch")
+
+
+def _sorted_rows(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def key(r):
+        rank = r["memory"]["rank"] if r["memory"] else 0
+        return (ORDER.index(r["kind"]) if r["kind"] in ORDER else len(ORDER), rank)
+    return sorted(rows.values(), key=key)
+
+
+def _fmt(x: float, nd: int = 4) -> str:
+    return f"{x:.{nd}f}" if _finite(x) else "–"
+
+
+def plot_curves(data: dict[str, Any], path: Path) -> Path | None:
+    """Validation loss (fixed subset) vs step: the fine-tuning arms (seed 0) with the FP model's
+    and the no-training arms' full-validation losses as lines; the scratch arm and the FP model."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = _sorted_rows(data["rows"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    i = 0
+    for r in rows:
+        if r["kind"] in ("fp", "scratch") or not r["curve"]:
+            continue
+        xs, ys = zip(*r["curve"], strict=True)
+        left.plot(xs, ys, color=colors[i % 10], label=r["arm"])
+        i += 1
+    for r in rows:
+        if r["kind"] in ("fp",) + NO_TRAINING and _finite(r["val_loss"]):
+            left.axhline(r["val_loss"], ls=":", color="k" if r["kind"] == "fp" else "grey", lw=1)
+            left.text(1.0, r["val_loss"], f"{r['arm']} (full validation)", fontsize=7,
+                      ha="right", va="bottom", transform=left.get_yaxis_transform())
+    left.set_xlabel("fine-tuning step")
+    left.set_ylabel("validation loss (nats/token)")
+    left.set_title("Conversion arms (seed 0)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    for name, color in (("fp", "k"), ("scratch", colors[3])):
+        r = data["rows"].get(name)
+        if r and r["curve"]:
+            tps = r["tokens"] / max(r["steps"], 1)
+            xs, ys = zip(*r["curve"], strict=True)
+            right.plot([x * tps / 1e6 for x in xs], ys, color=color, label=name)
+    right.set_xlabel("training tokens (millions)")
+    right.set_title("From scratch: FP model and BitNet (seed 0)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(study: Study, out: Path, preset: str | None = None) -> Path:
+    data = collect(out)
+    rows = _sorted_rows(data["rows"])
+    atomic_write_text(out / JSON_FILE, json.dumps(
+        {"study": study.name, "preset": str(study.path), "fp_steps": study.fp_steps,
+         "ft_steps": study.ft_steps, "seeds": study.seeds, **data},
+        indent=1, default=str) + "\n")
+    plot = plot_curves(data, out / PLOT)
+    fp = data["rows"].get("fp")
+    lines = [f"# From a full-precision model to 1.58 bits (preset `{study.name}`)", ""]
+    if fp:
+        cfg = json.loads((fp_dir(out) / "config.json").read_text(encoding="utf-8"))
+        m, t = cfg["model"], cfg["train"]
+        lines += [
+            f"Source: hgf's own full-precision model, size `{m['size']}` (d_model {m['d_model']}, "
+            f"{m['n_layers']} layers, {m['n_heads']} heads, d_ff {m['d_ff']}, vocabulary "
+            f"{m['vocab_size']}), trained {study.fp_steps} steps of {t['batch_size']} × "
+            f"{t['seq_len']} × {t['grad_accum']} tokens on `{cfg['data']['path'] or 'TinyStories'}`.",
+            f"Every fine-tuning arm trains {study.ft_steps} steps of the same batch (equal "
+            f"fine-tuning tokens) from it; seeds: {study.seeds} (the FP model is one run); the "
+            "scratch arm trains the FP model's steps plus the fine-tune's.", ""]
+    lines += ["Losses are full-validation nats/token (mean ± std over seeds); bits/byte is "
+              "tokenizer-independent. Gap recovered = (L_ref − L_arm) / (L_ref − L_fp), the "
+              "reference being qat_kd (c) for the trained HGF arms and ptq (a) for the untrained "
+              "one. Overhead = FP16 correction + gates / the 2-bit packed backbone "
+              "(hgf.memory).", "",
+              "| arm | what | runs | steps | loss | bits/byte | gap to FP | gap recovered "
+              "| overhead (i2) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = _fmt(r["val_loss"]) + (f" ± {r['val_loss_std']:.4f}" if r["n"] > 1 else "")
+        bpb = _fmt(r["val_bpb"]) + (f" ± {r['val_bpb_std']:.4f}" if r["n"] > 1 else "")
+        rec = (f"{r['gap_recovery']:.1%} vs {r['reference']}" if r["reference"]
+               and _finite(r["gap_recovery"]) else "")
+        mem = r["memory"]
+        over = f"r={mem['rank']}: {mem['overhead_i2']:.1%}" if mem else ""
+        div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        gap = _fmt(r["gap_to_fp"]) if r["kind"] != "fp" else ""
+        lines.append(f"| {r['arm']} | {r['about']}{div} | {r['n']} | {r['steps']} | {loss} | "
+                     f"{bpb} | {gap} | {rec} | {over} |")
+    if not rows:
+        lines.append("| (no finished run yet) | | | | | | | | |")
+    if plot is not None:
+        lines += ["", f"![validation loss curves]({PLOT})"]
+    run = f"python -m hgf.reproduce.convert_study --preset {preset or study.name} --out {out}"
+    lines += ["", "Commands (docs/CONVERT.md has the split over two processes):", "",
+              f"    {run}", f"    {run} --report-only", ""]
+    path = out / REPORT
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hgf.reproduce.convert_study",
+                                description="The FP -> 1.58-bit conversion study and its report "
+                                "(docs/CONVERT.md).")
+    p.add_argument("--preset", default="convert", help="a preset name under configs/reproduce "
+                   "or a TOML path (default: convert)")
+    p.add_argument("--out", default="results/cpu", help="output folder (runs in OUT/convert, "
+                   "the report OUT/convert.md; default results/cpu)")
+    p.add_argument("--arms", type=lambda s: s.split(","),
+                   help=f"comma-separated subset of {', '.join(KINDS)} (the FP model runs first "
+                   "unless only scratch is asked for)")
+    p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    p.add_argument("--background", action="store_true",
+                   help="run detached; progress goes to OUT/convert.log")
+    args = p.parse_args(argv)
+    try:
+        study = load_study(args.preset)
+        out = Path(args.out)
+        if args.arms:
+            bad = [a for a in args.arms if a not in KINDS]
+            if bad:
+                raise HGFError(f"--arms: unknown arm {bad[0]!r} (known: {', '.join(KINDS)})")
+        if args.background:
+            return _detach(out, sys.argv[1:] if argv is None else argv)
+        if not args.report_only:
+            run_study(study, out, args.arms, args.seeds)
+        print(f"report: {write_report(study, out, args.preset)}")
+    except HGFError as e:
+        print(f"hgf: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _detach(out: Path, argv: list[str]) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "convert.log"
+    argv = [a for a in argv if a != "--background"]
+    with open(log, "ab") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "hgf.reproduce.convert_study", *argv],
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    print(f"running in the background (pid {proc.pid}); log: {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
