@@ -175,9 +175,11 @@ def test_fallback_says_why_once(tmp_path: Path, capsys, monkeypatch) -> None:
     assert err.count("\n") == 1 and "HGF_NO_NATIVE_DECODER is set" in err and "reference" in err
     a = generate_ids(model, [5, 6], max_new_tokens=5).ids
     b = generate_ids(model, [5, 6], max_new_tokens=5).ids
-    assert a == b
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1  # once per model
+    assert a == b and capsys.readouterr().err == ""  # said once, at load
+    packed = load_packed(path)[0]
+    generate_ids(packed, [5, 6], max_new_tokens=2)
+    generate_ids(packed, [5, 6], max_new_tokens=2)
+    assert capsys.readouterr().err.count("\n") == 1  # a packed Transformer: once per model
     with pytest.raises(HGFError, match="native decoder cannot run"):
         generate_ids(model, [5, 6], max_new_tokens=2, native=True)
     monkeypatch.delenv("HGF_NO_NATIVE_DECODER")

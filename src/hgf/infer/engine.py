@@ -370,4 +370,7 @@ def load_for_decode(path: str | Path, device: torch.device | str = "cpu",
         if native:
             raise HGFError(f"{header.path}: the native decoder cannot run it: {reason}")
         notice(reason)
+        model, header = load_packed(path, device)
+        model._hgf_native_notice = reason  # said once: generate does not repeat it
+        return model, header
     return load_packed(path, device)
