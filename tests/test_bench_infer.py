@@ -7,18 +7,29 @@ import json
 from hgf.infer.bench import main
 from infer_utils import ROOT  # noqa: F401  (sets one torch thread for the tiny models)
 
+RECORD_KEYS = {"system", "arm", "packing", "threads", "cpu_ms_per_token", "tok_per_s",
+               "prompt_tok_per_s"}
+
 
 def test_bench_infer_smoke(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    assert main(["--device", "cpu", "--size", "debug", "--tokens", "4", "--gemv-sizes", "128",
-                 "--json", str(out)]) == 0
+    assert main(["--device", "cpu", "--size", "debug", "--tokens", "4", "--rounds", "1",
+                 "--gemv-sizes", "128", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "GEMV" in text and "packed i2 HGF" in text and "dense float32" in text
+    assert "GEMV" in text and "hgf-diff" in text and "native" in text and "float32" in text
     res = json.loads(out.read_text())
-    rows = {r["variant"]: r for r in res["decode"]}
-    assert set(rows) == {"dense float32", "dense bfloat16", "packed i2 HGF", "packed tq1 HGF"}
-    assert rows["dense float32"]["speedup_vs_f32"] == 1.0
-    assert all(r["tokens"] == 4 and r["decode_tok_s"] > 0 for r in rows.values())
-    # packed weights: ternary at 2 bits, the rest (embeddings/head/norms/λ/A/B') in float32
-    assert rows["packed i2 HGF"]["weight_bytes"] < rows["dense float32"]["weight_bytes"]
+    rows = {(r["arm"], r["packing"]): r for r in res["decode"]}
+    assert set(rows) == {(a, p) for a in ("bitnet-std", "hgf-std", "hgf-diff")
+                         for p in ("i2", "tq1")}
+    for r in res["decode"]:
+        assert set(r) >= RECORD_KEYS and r["system"] == "hgf" and r["engine"] == "native"
+        assert r["tokens"] == 4 and r["cpu_ms_per_token"] > 0 and r["tok_per_s"] > 0
+        assert r["prompt_tok_per_s"] > 0 and r["threads"] == 1
+        assert r["speedup_vs_reference"] > 0 and r["peak_rss_delta_bytes"] > 0
+    ref = {(r["arm"], r["packing"]): r for r in res["decode_reference"]}
+    assert set(ref) == set(rows) | {("dense-diff", "float32"), ("dense-diff", "bfloat16")}
+    assert all(r["engine"] == "reference" for r in ref.values())
+    # packed weights: ternary at 2 bits, the rest in fp16 (native) or float32 (reference)
+    assert rows["hgf-diff", "i2"]["weight_bytes"] < ref["hgf-diff", "i2"]["weight_bytes"]
+    assert ref["hgf-diff", "i2"]["weight_bytes"] < ref["dense-diff", "float32"]["weight_bytes"]
     assert {r["n"] for r in res["gemv"]} == {128}

@@ -73,8 +73,13 @@ class Generation:
 def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int = 128,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eot_id: int | None = None,
-                 on_token: Callable[[int], None] | None = None) -> Generation:
-    """Prefill + KV-cached decode; ``on_token`` sees every generated id as it comes."""
+                 on_token: Callable[[int], None] | None = None,
+                 native: bool | None = None) -> Generation:
+    """Prefill + KV-cached decode; ``on_token`` sees every generated id as it comes. ``native``:
+    the native decoder (hgf.infer.engine) for a packed model where it can run (None), always
+    (True) or never (False: the PyTorch Transformer)."""
+    from hgf.infer.engine import decode_runner
+
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     max_len = model.cfg.model.max_seq_len
     n = len(prompt_ids)
@@ -96,10 +101,9 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int 
     else:
         gen.manual_seed(seed)
     out = Generation(list(prompt_ids))
-    device = model.tok_emb.weight.device
-    model.setup_caches(1, n + budget)
-    try:
-        logits = model(torch.tensor([prompt_ids], device=device), start=0)[0, -1]  # prefill
+    # hgf.infer.engine: the native decoder for a packed CPU model, else the Transformer
+    with decode_runner(model, n + budget, native) as forward:
+        logits = forward(prompt_ids, 0)  # prefill
         for i in range(budget):
             tok = sample_next(logits, temperature, top_k, top_p, gen)
             if tok == eot_id:
@@ -109,11 +113,9 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int 
             if on_token is not None:
                 on_token(tok)
             if i + 1 < budget:
-                logits = model(torch.tensor([[tok]], device=device), start=n + i)[0, -1]
+                logits = forward([tok], n + i)
         else:
             out.stop_reason = "max_new_tokens" if budget == max_new_tokens else "max_seq_len"
-    finally:
-        model.clear_caches()
     return out
 
 
@@ -166,7 +168,7 @@ def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
                         ) -> tuple[Transformer, Tokenizer]:
     """A run directory (its training model and tokenizer.json) or a packed file (its packed
     model and the tokenizer stored in it)."""
-    from hgf.infer.packed import load_packed
+    from hgf.infer.engine import load_for_decode
     from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_trained
 
     path = Path(path)
@@ -179,7 +181,7 @@ def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
         model, cfg = load_trained(path, device)
         tok = check_tokenizer_file(tok_path, cfg.model.vocab_size, path / MODEL_FILE)
         return model.requires_grad_(False), tok
-    model, header = load_packed(path, device)
+    model, header = load_for_decode(path, device)  # the native decoder where it can run
     if header.tokenizer_json is None:
         raise HGFError(f"{path}: the file carries no tokenizer; re-export it with "
                        "`hgf export RUN_DIR -o FILE --tokenizer tokenizer.json`")

@@ -1,8 +1,10 @@
-"""Build and load the C++ CPU kernel (``csrc/ternary_cpu.cpp``) at first use.
+"""Build and load the C++ CPU kernel library (``csrc/ternary_cpu.cpp`` and the native decoder
+``csrc/decode_cpu.cpp``, which includes it: one translation unit) at first use.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` into the torch extensions
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; rebuilt only when the
-source changes) and registers the op ``hgf::ternary_linear_cpu``. Without a compiler (or ninja),
+source changes) and registers the op ``hgf::ternary_linear_cpu`` and the class
+``torch.classes.hgf.Decoder`` (hgf.infer.engine). Without a compiler (or ninja),
 or when the build fails, :func:`load` warns once and returns False, and ``ternary_linear`` uses
 the PyTorch reference. ``HGF_NO_CPU_KERNEL=1`` disables the kernel.
 
@@ -28,7 +30,7 @@ import torch
 from hgf.kernels.reference import ternary_linear_fake
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCE = CSRC / "ternary_cpu.cpp"
+SOURCE = CSRC / "decode_cpu.cpp"  # #includes ternary_cpu.cpp
 ISAS = ("portable", "avx2", "avx512-vnni")
 
 
