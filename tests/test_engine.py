@@ -105,6 +105,7 @@ def _random_packed(tmp_path: Path, overrides: list[str], packing: str = "i2",
     ["--model.mlp=relu2", "--model.tie_embeddings=true"],
     ["--hgf.targets=mlp", "--model.subln=off"],
     ["--hgf.targets=attention", "--model.attention=standard", "--model.n_heads=2"],
+    ["--model.attention=standard", "--model.n_kv_heads=2", "--model.tie_embeddings=true"],  # GQA
     ["--hgf.rank=3", "--model.d_model=80", "--model.d_ff=150"],  # rows not multiples of 4/64
 ])
 @pytest.mark.parametrize("embeddings", ["fp16", "int8"])

@@ -7,8 +7,9 @@ the correction is real work):
     hgf-std      + rank-r correction           hgf i2 | tq1     llama.cpp TQ2_0 | TQ1_0 + LoRA
     hgf-diff     differential attention        hgf i2 | tq1     (no llama.cpp equivalent)
 
-Each hgf model is exported to hgf's packed file and loaded with ``load_packed``; the same
-training model is exported to GGUF (hgf.gguf.export) and loaded in llama.cpp (hgf.gguf.llama).
+Each hgf model is exported to hgf's packed file and loaded with ``load_for_decode`` (the native
+decoder, as ``hgf generate`` runs it); the same training model is exported to GGUF
+(hgf.gguf.export) and loaded in llama.cpp (hgf.gguf.llama).
 Every run is the same work: a fixed random prompt of ``prompt_len`` tokens, then ``tokens``
 greedy tokens (never stopping early), batch 1, the same thread count. hgf runs
 ``hgf.infer.generate_ids``; llama.cpp runs one ``llama_decode`` + one C greedy sampler call per
@@ -36,9 +37,9 @@ import torch
 from hgf.config import Config, config_from_dict
 from hgf.gguf.export import PACKING_TYPES, export_model_gguf
 from hgf.gguf.llama import LlamaCpp, require_llama_cpp
+from hgf.infer.engine import load_for_decode
 from hgf.infer.export import export_model
 from hgf.infer.generate import generate_ids
-from hgf.infer.packed import load_packed
 from hgf.model.transformer import build_model
 
 PEERS = ("llama.cpp",)
@@ -105,8 +106,7 @@ def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
                 for packing in packings:
                     f = Path(tmp) / f"{arm}-{packing}.hgf"
                     export_model(model, cfg, f, packing)
-                    packed, _ = load_packed(f, "cpu")
-                    packed.requires_grad_(False)
+                    packed, _ = load_for_decode(f, "cpu")  # what `hgf generate` runs
                     runs.append(("hgf", arm, packing, lambda m=packed, p=prompt: _hgf_run(
                         m, p, tokens), {"file_bytes": f.stat().st_size}))
                     if cfg.model.attention != "standard":

@@ -6,7 +6,8 @@ Arms (random weights, exported through the real file format; speed does not depe
     bitnet-std   bitlinear projections, standard attention
     hgf-std      HGF rank r (B' != 0, so the correction is real work), standard attention
     hgf-diff     HGF rank r, differential attention (the paper's arm)
-SubLN is on for every arm; the dense rows are the hgf-diff shape with dense projections.
+SubLN, SwiGLU and tied embeddings for every arm (the models of ``--peer llama.cpp``, hgf.gguf.peer);
+the dense rows are the hgf-diff shape with dense projections.
 
 Every variant decodes greedy tokens after the same random prompt, never stopping early, in
 interleaved rounds (every variant once per round, so a change of machine load hits all alike);
@@ -48,7 +49,8 @@ MIB = 2**20
 def arm_config(size: str, arm: str, rank: int = 8) -> Config:
     linear, attention = ARMS.get(arm, ("dense", "differential"))
     return config_from_dict({"model": {"size": size, "linear": linear, "attention": attention,
-                                       "subln": "on"}, "hgf": {"rank": rank}}, "hgf bench infer")
+                                       "subln": "on", "mlp": "swiglu", "tie_embeddings": True},
+                             "hgf": {"rank": rank}}, "hgf bench infer")
 
 
 def decode_record(system: str, arm: str, packing: str, threads: int, cpu_ms_per_token: float,

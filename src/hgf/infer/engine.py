@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from hgf.config import Config, subln_enabled
+from hgf.config import Config, kv_heads, subln_enabled
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, read_header
 from hgf.model.attention import DifferentialAttention, lambda_init_for, rope_cache
@@ -159,7 +159,7 @@ class NativeModel:
             # per layer: 7 s_w (appended by group), then λ and the head-norm factor 1 - λ_init
             floats += [lam(i), 1.0 - lambda_init_for(i)] if diff else [0.0, 1.0]
         ints = [m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, int(diff),
-                int(m.mlp == "relu2"), PER_BYTE[packing], m.max_seq_len]
+                int(m.mlp == "relu2"), PER_BYTE[packing], m.max_seq_len, kv_heads(m)]
         return cls(cfg, packing, slots, ints, floats, source)
 
     @classmethod

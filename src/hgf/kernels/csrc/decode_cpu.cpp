@@ -525,13 +525,14 @@ Mat mat_of(const at::Tensor& t, const at::Tensor& scale, const char* what) {
 //                  A_o, o_w, o_Bt, mlp_norm, A_gu, gate_w, gate_Bt, up_w, up_Bt, mlp_subln,
 //                  A_down, down_w, down_Bt
 // ints:   vocab, d_model, n_layers, n_heads, d_ff, differential (0/1), relu2 (0/1),
-//         codes per byte (4 = i2, 5 = tq1), max_seq_len
+//         codes per byte (4 = i2, 5 = tq1), max_seq_len, n_kv_heads (standard attention: fewer
+//         than n_heads is grouped-query, query head j reads K/V head j / (n_heads / n_kv_heads))
 // floats: norm_eps, act_eps, then per layer s_q, s_k, s_v, s_o, s_gate, s_up, s_down, λ, 1 - λ_init
 constexpr int GLOBAL_SLOTS = 7, LAYER_SLOTS = 23, LAYER_FLOATS = 9;
 
 struct Decoder : torch::CustomClassHolder {
   std::vector<at::Tensor> keep;  // the tensors the pointers below point into
-  int64_t vocab, d, n_layers, n_heads, hd, dff, max_seq;
+  int64_t vocab, d, n_layers, n_heads, n_kv, hd, dff, max_seq;
   bool diff, relu2;
   int per;
   float norm_eps, act_eps;
@@ -551,9 +552,12 @@ struct Decoder : torch::CustomClassHolder {
   Decoder(std::vector<at::Tensor> ts, std::vector<int64_t> ints, std::vector<double> fl)
       : keep(std::move(ts)) {
     using namespace decode;
-    TORCH_CHECK(ints.size() == 9, "Decoder: 9 ints expected");
+    TORCH_CHECK(ints.size() == 10, "Decoder: 10 ints expected");
     vocab = ints[0], d = ints[1], n_layers = ints[2], n_heads = ints[3], dff = ints[4];
     diff = ints[5] != 0, relu2 = ints[6] != 0, per = int(ints[7]), max_seq = ints[8];
+    n_kv = ints[9];
+    TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0 && (!diff || n_kv == n_heads),
+                "Decoder: n_kv_heads must divide n_heads (and equal it for differential attention)");
     TORCH_CHECK(per == 4 || per == 5, "Decoder: codes per byte must be 4 or 5");
     TORCH_CHECK(d % n_heads == 0 && (!diff || n_heads % 2 == 0), "Decoder: bad head count");
     hd = d / n_heads;
@@ -571,8 +575,8 @@ struct Decoder : torch::CustomClassHolder {
     rope_cos = f32_or_null(T[5], max_seq * hd, "rope_cos");
     rope_sin = f32_or_null(T[6], max_seq * hd, "rope_sin");
     TORCH_CHECK(rope_cos && rope_sin, "Decoder: RoPE tables missing");
-    Hk = n_heads, dk = hd;
-    Hv = diff ? n_heads / 2 : n_heads, dv = diff ? 2 * hd : hd;
+    Hk = n_kv, dk = hd;
+    Hv = diff ? n_heads / 2 : n_kv, dv = diff ? 2 * hd : hd;
     layers.resize(n_layers);
     for (int64_t l = 0; l < n_layers; ++l) {
       const at::Tensor* s = &T[GLOBAL_SLOTS + LAYER_SLOTS * l];
@@ -590,8 +594,10 @@ struct Decoder : torch::CustomClassHolder {
       L.down = group(s[20], {{s[21], s[22], f[6]}}, dff);
       L.lam = float(f[7]), L.lam_scale = float(f[8]);
       TORCH_CHECK(L.attn_norm && L.mlp_norm, "Decoder: block norms missing");
-      const int64_t outs[] = {d, d, d};
-      for (int i = 0; i < 3; ++i) TORCH_CHECK(L.qkv.p[i].out == outs[i], "Decoder: q/k/v must be [d, d]");
+      const int64_t outs[] = {d, Hk * dk, Hv * dv};
+      for (int i = 0; i < 3; ++i)
+        TORCH_CHECK(L.qkv.p[i].out == outs[i], "Decoder: q/k/v projection ", i, " has ",
+                    L.qkv.p[i].out, " outputs, the config needs ", outs[i]);
       TORCH_CHECK(L.o.p[0].out == d && L.gu.p[0].out == dff && L.gu.p[1].out == dff &&
                       L.down.p[0].out == d, "Decoder: projection shapes do not match the config");
     }
@@ -770,7 +776,8 @@ struct Decoder : torch::CustomClassHolder {
   // y rows [m, d] = attention of q rows (positions start..start+m-1) over the cache of layer l
   void attention(const decode::Layer& L, int64_t l, int64_t m, int64_t start, int threads) {
     using namespace decode;
-    const int64_t H = Hv;  // output heads
+    const int64_t H = diff ? Hv : n_heads;  // output heads
+    const int64_t group = n_heads / n_kv;   // query heads per K/V head (standard attention)
     const float scale = float(1.0 / std::sqrt(double(hd)));
     const bool two_pass = (opts & OPT_TWO_PASS_DIFF) != 0;
     hgf::Pool::get().run(m * H, threads, [&](int64_t job) {
@@ -781,8 +788,8 @@ struct Decoder : torch::CustomClassHolder {
       std::fill(out, out + dv, 0.f);
       if (!diff) {
         const float* qh = q.data() + i * d + hh * hd;
-        const float* K = kc.data() + ((l * Hk + hh) * cache_len) * dk;
-        const float* V = vc.data() + ((l * Hv + hh) * cache_len) * dv;
+        const float* K = kc.data() + ((l * Hk + hh / group) * cache_len) * dk;
+        const float* V = vc.data() + ((l * Hv + hh / group) * cache_len) * dv;
         for (int64_t j = 0; j < n; ++j) s1[size_t(j)] = dot(K + j * dk, qh, hd) * scale;
         const float inv = 1.f / exp_shift(s1.data(), n);
         for (int64_t j = 0; j < n; ++j) axpy(s1[size_t(j)] * inv, V + j * dv, out, dv);
@@ -835,7 +842,7 @@ struct Decoder : torch::CustomClassHolder {
       for (int64_t i = 0; i < m; ++i) {  // RoPE, then k and v into the cache
         const int64_t pos = start + i;
         rope(q.data() + i * d, n_heads, pos);
-        rope(k.data() + i * d, n_heads, pos);
+        rope(k.data() + i * d, Hk, pos);
         for (int64_t hh = 0; hh < Hk; ++hh)
           std::memcpy(kc.data() + ((l * Hk + hh) * cache_len + pos) * dk, k.data() + i * d + hh * dk,
                       sizeof(float) * size_t(dk));
