@@ -52,6 +52,7 @@ OPT_SPLIT_PROJ = 1  # q, k, v and gate, up: one kernel job (and one quantization
 OPT_SPLIT_CORR = 2  # the correction's B' h as a second pass instead of the GEMV epilogue
 OPT_TWO_PASS_DIFF = 4  # differential attention: o1 and o2 in two passes over V
 OPT_NO_UNPACK = 8  # prompts on AVX2: the packed kernel per token instead of unpacked row blocks
+OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each projection's bytes
 
 PER_BYTE = {"i2": 4, "tq1": 5}
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))

@@ -39,7 +39,9 @@ constexpr int64_t OPT_SPLIT_PROJ = 1;     // q, k, v (gate, up) each quantize an
 constexpr int64_t OPT_SPLIT_CORR = 2;     // the correction B'h as a second pass over the outputs
 constexpr int64_t OPT_TWO_PASS_DIFF = 4;  // differential attention: o1 and o2 in two passes over V
 constexpr int64_t OPT_NO_UNPACK = 8;      // prompts: no unpacking of row blocks (AVX2)
-constexpr int64_t UNPACK_MIN = 4;  // tokens from which a call (a prompt) unpacks weights (AVX2)
+constexpr int64_t OPT_NO_PREFETCH = 16;   // decode: no extra prefetch ahead in the weights
+constexpr int64_t UNPACK_MIN = 4;
+constexpr int64_t PREFETCH = 4096;  // bytes ahead  // tokens from which a call (a prompt) unpacks weights (AVX2)
 
 enum Dt : int { F32 = 0, F16 = 1, I8 = 2 };
 
@@ -698,6 +700,7 @@ struct Decoder : torch::CustomClassHolder {
         chunks.push_back({int(i), b, std::min(nblk, b + per_chunk)});
     }
     const bool fused_corr = !(opts & OPT_SPLIT_CORR);
+    const bool prefetch = m == 1 && !(opts & OPT_NO_PREFETCH);
     hgf::Pool::get().run(int64_t(chunks.size()), threads, [&](int64_t c) {
       const Chunk ch = chunks[size_t(c)];
       const Proj& P = G.p[size_t(ch.p)];
@@ -736,6 +739,14 @@ struct Decoder : torch::CustomClassHolder {
 #endif
       for (int64_t blk = ch.b0; blk < ch.b1; ++blk) {
         const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, P.out - r0);
+#if HGF_X86
+        if (prefetch) {  // the projection's bytes PREFETCH ahead (the kernels' own prefetch runs
+          // two row blocks ahead: < 2 KiB for rows of a few hundred bytes)
+          const uint8_t* ahead = P.w + r0 * P.nbytes + PREFETCH;
+          for (int64_t b = 0; b < ROWS * P.nbytes; b += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + b), _MM_HINT_T1);
+        }
+#endif
         for (int64_t t = 0; t < m; ++t) {  // these rows' weights stay in L1 across tokens
           const int8_t* xt = xq.data() + t * kp;
           if (nr == ROWS)
