@@ -206,7 +206,7 @@ def plan_arms(study: Study, out: Path, kinds: list[str] | None = None,
 
 
 def evaluate_without_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """The no-training arms: the initialised model's full validation (METHOD.md's bits/byte),
+    """The no-training arms: the initialised model's full validation (docs/METHOD.md's bits/byte),
     written as ``result.json`` and a one-record metrics.jsonl."""
     import torch
 
