@@ -1,4 +1,4 @@
-"""Distributed training on CPU (gloo, 2 processes) against one process (STYLE.md §10).
+"""Distributed training on CPU (gloo, 2 processes) against one process (docs/STYLE.md §10).
 
 N processes × batch b must train exactly like 1 process × batch N·b (the sampler deals the same
 rows out, gradients are averaged), up to float summation order. Tolerances (measured differences

@@ -298,3 +298,21 @@ def test_cli_export_and_convert(tmp_path, capsys):
     assert main(["export", str(drun), "-o", str(tmp_path / "d.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no differential attention" in err
+
+
+def test_cli_convert_refuses_other_architectures(tmp_path, capsys):
+    model, cfg = _model("fp16")
+    export_model_gguf(model, cfg, tmp_path / "d.gguf")
+    assert main(["convert", str(tmp_path / "d.gguf"), "--to", "run", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GGUF architecture 'llama' cannot be imported" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_peer_without_llama_cpp_is_one_line(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    assert main(["bench", "infer", "--peer", "llama.cpp", "--size", "small", "--gemv-sizes"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install llama-cpp-python==0.3.36" in err

@@ -4,7 +4,7 @@ Precedence (lowest to highest): dataclass defaults < the named model size (``mod
 the TOML file < command-line overrides. Unknown keys, wrong types and impossible values raise
 :class:`ConfigError` with one line naming the key and the file.
 
-Every project decision the paper leaves open ([D] in METHOD.md) is a field here with its
+Every project decision the paper leaves open ([D] in docs/METHOD.md) is a field here with its
 default documented next to it.
 """
 
@@ -33,7 +33,7 @@ class ConfigError(HGFError, ValueError):
 
 
 # Named model sizes. ``debug`` trains in seconds on a CPU; ``paper`` is the ~25M-parameter model of
-# METHOD.md §2 (with a 4096-token vocabulary); ``base100m`` is the inference benchmark size;
+# docs/METHOD.md §2 (with a 4096-token vocabulary); ``base100m`` is the inference benchmark size;
 # ``1b``/``3b`` are planning sizes for multi-GPU runs.
 SIZES: dict[str, dict[str, int]] = {
     "debug": dict(d_model=64, n_layers=2, n_heads=4, d_ff=192, max_seq_len=128),
@@ -79,7 +79,7 @@ class QuantConfig:
 
 @dataclass
 class HGFConfig:
-    """The gated low-rank correction of HGFLinear. All [D] in METHOD.md unless noted."""
+    """The gated low-rank correction of HGFLinear. All [D] in docs/METHOD.md unless noted."""
 
     rank: int = 8  # low-rank r; ignored when target_overhead > 0
     target_overhead: float = 0.0  # >0: derive r from this overhead fraction (see hgf.memory)

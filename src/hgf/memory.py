@@ -1,4 +1,4 @@
-"""Memory accounting (METHOD.md §5).
+"""Memory accounting (docs/METHOD.md §5).
 
     overhead = bytes(A, B, gates in FP16) / bytes(ternary backbone at its packed bits per weight)
 

@@ -18,6 +18,9 @@ adds ``scale·B(A x)`` to the output of the same matmul, reading the same input 
 normalised, unquantized activations), after the ``.scale`` multiply. So the adapter holds
 ``lora_a = A`` [r, in] and ``lora_b = g·B`` [out, r] (f32, the gate folded) with
 ``adapter.lora.alpha = r`` (LoRA scale alpha/r = 1), and convex fusion folds ``a`` into ``.scale``.
+One exception, checked against the real llama.cpp (tests/test_gguf_llama.py): for ``ffn_gate``
+and ``ffn_up`` llama.cpp's ``build_ffn`` multiplies by ``.scale`` *after* adding the LoRA term,
+so their ``lora_b`` is ``g·B / scale``.
 
 The fp16 arm (dense projections) -> architecture ``llama``: F16 projections, an ``output`` head
 when untied, and Q/K rows permuted from hgf's half-split RoPE to llama.cpp's interleaved (NORM)
@@ -44,7 +47,7 @@ from hgf.gguf import require_gguf
 from hgf.gguf.tokenizer import add_vocab, vocab_from_tokenizer_json
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
-from hgf.model.quant import ternarize
+from hgf.model.quant import BitLinear, ternarize
 from hgf.model.transformer import Transformer
 from hgf.runs import TOKENIZER_FILE, atomic_write, load_trained
 
@@ -57,6 +60,10 @@ GGUF_NAMES = {  # hgf role -> GGUF tensor name in block N
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
 }
+# llama.cpp's build_ffn adds the LoRA term of ffn_gate/ffn_up *before* multiplying by their
+# ``.scale`` ((W_t x + B'(A x))·scale); q/k/v/o and ffn_down get W_t x·scale + B'(A x)
+# (build_lora_mm with the scale). So lora_b of gate/up is divided by the scale.
+LORA_INSIDE_SCALE = ("gate_proj", "up_proj")
 NORM_NAMES = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "attn.subln": "attn_sub_norm",
               "mlp.subln": "ffn_sub_norm"}
 
@@ -93,6 +100,16 @@ def gguf_arch(cfg: Config) -> str:
             raise HGFError(f"{key}={width}: TQ1_0/TQ2_0 store rows in blocks of {QK_K} values; "
                            f"the projection inputs must be multiples of {QK_K}")
     return "bitnet"
+
+
+def ternary_and_scale(mod: BitLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_t, scale)`` of a ternary projection: the TQ values and the ``.scale`` multiplier
+    ``a/s_w`` (``a`` folds convex fusion's 1 - g; 1 otherwise)."""
+    w_t, s_w = ternarize(mod.weight, mod.weight_eps)
+    scale = 1.0 / s_w.float().cpu()
+    if isinstance(mod, HGFLinear):
+        scale = scale * mod.folded_terms()[2]
+    return w_t.cpu(), scale
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -155,10 +172,7 @@ def model_tensors(model: Transformer, cfg: Config, packing: str = "i2",
                     w = _permute_rope(w, m.n_heads)
                 out.add(f"{name}.weight", _np(w), "F16")
                 continue
-            w_t, s_w = ternarize(mod.weight, mod.weight_eps)
-            scale = 1.0 / s_w.float().cpu()
-            if isinstance(mod, HGFLinear):
-                scale = scale * mod.folded_terms()[2]
+            w_t, scale = ternary_and_scale(mod)
             out.add(f"{name}.weight", _np(w_t), PACKING_TYPES[packing])
             out.add(f"{name}.scale", _np(scale.reshape(1)), "F32")
     out.items = {k: (v if t in ("F32",) else _quantize(gguf, v, t), t)
@@ -169,13 +183,15 @@ def model_tensors(model: Transformer, cfg: Config, packing: str = "i2",
 @torch.no_grad()
 def lora_tensors(model: Transformer) -> GGUFTensors:
     """``blk.N.<proj>.weight.lora_a`` = A [r, in] and ``.lora_b`` = g·B [out, r] (f32) of every
-    HGF projection."""
+    HGF projection (g·B / scale for ffn_gate and ffn_up, see LORA_INSIDE_SCALE)."""
     out = GGUFTensors()
     for i in range(model.cfg.model.n_layers):
         for role in ATTENTION_PROJ + MLP_PROJ:
             mod = model.get_submodule(hgf_module(i, role))
             if isinstance(mod, HGFLinear):
                 a, b, _ = mod.folded_terms()
+                if role in LORA_INSIDE_SCALE:  # llama.cpp: (W_t x + B'(A x))·scale, see above
+                    b = b / ternary_and_scale(mod)[1]
                 name = f"blk.{i}.{GGUF_NAMES[role]}.weight"
                 out.add(f"{name}.lora_a", _np(a), "F32")
                 out.add(f"{name}.lora_b", _np(b), "F32")
@@ -236,6 +252,8 @@ def write_model(model: Transformer, cfg: Config, out: str | Path, packing: str =
         _hparams(w, cfg)
         if vocab is not None:
             add_vocab(w, vocab)
+        else:  # llama.cpp then loads vocab_size dummy tokens (it refuses a file without the key)
+            w.add_tokenizer_model("none")
         w.add_string("hgf.version", __version__)
         w.add_string("hgf.arm", f"{cfg.model.linear}/{cfg.model.attention}")
 

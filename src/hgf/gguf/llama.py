@@ -20,6 +20,7 @@ import numpy as np
 from hgf.errors import HGFError
 
 GGML_TYPE_F32 = 0
+FLASH_ATTN_DISABLED = 0  # llama_flash_attn_type: -1 auto (the default), 0 disabled, 1 enabled
 PIP_LINE = "pip install llama-cpp-python==0.3.36"
 _STATE: dict[str, object] = {}
 
@@ -44,10 +45,11 @@ def require_llama_cpp():
 
 
 class LlamaCpp:
-    """One llama.cpp model + context (+ LoRA adapter) on the CPU."""
+    """One llama.cpp model + context (+ LoRA adapter) on the CPU; ``f32_attention`` turns off
+    llama.cpp's f16 KV cache and flash attention (for exact comparisons)."""
 
     def __init__(self, model: str | Path, lora: str | Path | None = None, n_ctx: int = 512,
-                 threads: int = 1, f32_kv: bool = False, lora_scale: float = 1.0) -> None:
+                 threads: int = 1, f32_attention: bool = False, lora_scale: float = 1.0) -> None:
         lc = self.lc = require_llama_cpp()
         self.model = self.ctx = self.adapter = self.sampler = None
         self.batch = None
@@ -60,8 +62,10 @@ class LlamaCpp:
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_ctx, n_ctx
         cp.n_threads = cp.n_threads_batch = threads
         cp.no_perf = True
-        if f32_kv:  # the KV cache in float32, as hgf keeps it on the CPU (default: f16)
+        if f32_attention:  # attention in float32 as hgf runs it on the CPU. llama.cpp's default
+            # is an f16 KV cache and (auto) flash attention, whose CPU kernel rounds to f16 too
             cp.type_k = cp.type_v = GGML_TYPE_F32
+            cp.flash_attn_type = FLASH_ATTN_DISABLED
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             self.close()

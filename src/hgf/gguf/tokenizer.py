@@ -119,7 +119,7 @@ def tokenizer_json_from_fields(model: str, pre: str | None, tokens: list[str], t
                                merges: list[str]) -> tuple[str | None, str]:
     """(tokenizers JSON, how) of a GGUF vocabulary; (None, why) where there is no faithful
     ``tokenizers`` equivalent (hgf then writes the run without a tokenizer and says why)."""
-    if model is None:
+    if model in (None, "none", "no_vocab"):
         return None, "the file carries no tokenizer"
     if model != "gpt2":
         return None, f"tokenizer.ggml.model={model!r} is not a byte-level BPE (gpt2)"

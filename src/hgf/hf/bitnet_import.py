@@ -113,6 +113,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     else:
         files = ["model.safetensors"]
+    return hf_cfg, load_shards(path, files)
+
+
+def load_shards(path: Path, files: list[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors ``files`` in folder ``path``; a missing or corrupt shard
+    is one HGFError line naming it."""
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -121,7 +127,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
             raise HGFError(f"{path / f}: weights file not found") from None
         except Exception as e:  # safetensors raises its own error types
             raise HGFError(f"{path / f}: corrupt weights file: {str(e).splitlines()[0]}") from None
-    return hf_cfg, state
+    return state
 
 
 def config_from_bitnet(hf: dict[str, Any], has_subln: bool, source: str,

@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from hgf.config import Config, TrainConfig, build_config, kv_heads, read_json, subln_enabled
 from hgf.data.sources import EOT
 from hgf.errors import HGFError
-from hgf.hf.bitnet_import import hgf_proj_name, plain_names, proj_name
+from hgf.hf.bitnet_import import hgf_proj_name, load_shards, plain_names, proj_name
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.transformer import Transformer, build_model
 from hgf.runs import MODEL_FILE, TOKENIZER_FILE
@@ -163,14 +163,7 @@ def read_llama(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
                        "save_pretrained(..., safe_serialization=True))")
     else:
         raise HGFError(f"{path / MODEL_FILE}: weights file not found")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            state.update(load_file(str(path / f)))
-        except FileNotFoundError:
-            raise HGFError(f"{path / f}: weights file not found") from None
-        except Exception as e:  # safetensors raises its own error types
-            raise HGFError(f"{path / f}: corrupt weights file: {str(e).splitlines()[0]}") from None
+    state = load_shards(path, files)
     return hf, {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
 
 

@@ -107,10 +107,10 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
           f"{args.prompt_len}-token prompt, batch 1, {args.embeddings} embeddings/head, median of "
           f"{args.rounds} interleaved rounds")
     print(format_decode_records(out["decode"] + out["decode_reference"]))
-    if args.peer:  # records with "system": "hgf" | "llama.cpp" (hgf.gguf.peer)
-        from hgf.gguf.peer import run_from_args
+    if args.peer:  # both systems on the same weights in A B A B rounds (hgf.gguf.peer): these
+        from hgf.gguf.peer import run_from_args  # records, with their ratios, become "decode"
 
-        out["decode"] += run_from_args(args)
+        out["decode_without_peer"], out["decode"] = out["decode"], run_from_args(args)
     out["env"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

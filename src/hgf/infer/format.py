@@ -1,4 +1,4 @@
-"""The packed model file: a safetensors file with a versioned metadata header (STYLE.md §9).
+"""The packed model file: a safetensors file with a versioned metadata header (docs/STYLE.md §9).
 
 Tensors (names are the packed model's ``state_dict`` keys; ``N`` is a ternary projection):
     N.weight_packed   uint8  packed_shape(out, in, packing)   W_t = clamp(round(W·s_w), -1, 1)

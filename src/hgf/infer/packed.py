@@ -7,7 +7,7 @@
 which is the training layer's inference function (BitLinear / HGFLinear, additive fusion; convex
 fusion arrives here already folded, see hgf.infer.format). Nothing is unpacked in ``forward``:
 the kernel reads the packed bytes. ``load_packed`` builds the same ``Transformer`` class on the
-meta device, swaps every BitLinear for a PackedTernaryLinear (STYLE.md §7), then assigns the
+meta device, swaps every BitLinear for a PackedTernaryLinear (docs/STYLE.md §7), then assigns the
 file's tensors as the model's parameters and buffers — one copy of the weights, used for prefill
 and for KV-cached decode alike.
 """

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the packed ternary projection (BitLinear inference, METHOD.md §3).
+"""Pure-PyTorch reference of the packed ternary projection (BitLinear inference, docs/METHOD.md §3).
 
     s_x   = 127 / max(max|x|, eps)                 per token, float32
     x_int = clamp(round(x · s_x), -128, 127)        round half to even

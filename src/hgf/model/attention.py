@@ -5,7 +5,7 @@ Standard attention may be grouped-query (``model.n_kv_heads`` < ``model.n_heads`
 style): ``k_proj``/``v_proj`` map to ``n_kv_heads`` heads and query head j reads K/V head
 ``j // (n_heads / n_kv_heads)``; the cache holds the ``n_kv_heads`` heads.
 
-Differential attention (Ye et al., 2024; METHOD.md §3) with H = n_heads / 2 heads of head dim
+Differential attention (Ye et al., 2024; docs/METHOD.md §3) with H = n_heads / 2 heads of head dim
 d_h = d_model / n_heads. Each head has two query/key halves of size d_h and one value of 2·d_h:
     A_i = softmax(Q_i K_iᵀ / sqrt(d_h) + causal mask),      head = (A_1 − λ A_2) V
     λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init,         λ_init = 0.8 − 0.6·exp(−0.3·layer)

@@ -1,4 +1,4 @@
-"""Which parameters get weight decay, which form the gate group (METHOD.md §3 gate schedule)."""
+"""Which parameters get weight decay, which form the gate group (docs/METHOD.md §3 gate schedule)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where parallelism is applied to a single-device model, from outside (STYLE.md §1).
+"""Where parallelism is applied to a single-device model, from outside (docs/STYLE.md §1).
 
 The trainer starts the process group (:func:`process_group`), calls :func:`parallelize` once after
 building the model, wraps each micro-batch in :func:`gradient_sync`, and guards file writes and

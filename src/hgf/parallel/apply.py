@@ -1,4 +1,4 @@
-"""``parallelize``: wrap a single-device model for ``dist.strategy``, from outside (STYLE.md §1).
+"""``parallelize``: wrap a single-device model for ``dist.strategy``, from outside (docs/STYLE.md §1).
 
 Order (as in torchtitan): activation checkpointing per block → torch.compile → data parallelism.
     none   the model itself (``train.compile``: the whole model compiled)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from typing import Any
 from hgf.config import Config, ConfigError, build_config, read_toml
 from hgf.errors import HGFError
 from hgf.reproduce.grid import DONE_FILE, RunSpec, configs_dir, resolve_preset
+from hgf.reproduce.report import _finite, _mean_std
 from hgf.runs import atomic_write_text
 
 KINDS = ("ptq", "hgf_svd_ptq", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd", "scratch")
@@ -206,7 +206,7 @@ def plan_arms(study: Study, out: Path, kinds: list[str] | None = None,
 
 
 def evaluate_without_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """The no-training arms: the initialised model's full validation (METHOD.md's bits/byte),
+    """The no-training arms: the initialised model's full validation (docs/METHOD.md's bits/byte),
     written as ``result.json`` and a one-record metrics.jsonl."""
     import torch
 
@@ -275,17 +275,6 @@ def run_study(study: Study, out: Path, kinds: list[str] | None = None,
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if _finite(x)]
-    if not xs:
-        return math.nan, math.nan
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def _summary(d: Path) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Ternary-training diagnostics (ANCHORS.md: what nobody ships).
+"""Ternary-training diagnostics (what no other ternary trainer ships).
 
 For every ternary projection (BitLinear, HGFLinear) with ternary weights W_t = ternarize(W):
     zero fraction   mean(W_t == 0)                         per projection

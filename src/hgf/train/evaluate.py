@@ -3,7 +3,7 @@
     loss  = mean next-token cross entropy over all target tokens, in nats/token
     ppl   = exp(loss)
     bpb   = loss · tokens / (ln 2 · bytes) = loss / (ln 2 · bytes_per_token)   (bits per byte;
-            tokenizer-independent, METHOD.md §2), with bytes_per_token measured on the split
+            tokenizer-independent, docs/METHOD.md §2), with bytes_per_token measured on the split
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HGF gate schedule (METHOD.md §3), applied by the trainer each step.
+"""The HGF gate schedule (docs/METHOD.md §3), applied by the trainer each step.
 
 With S = the schedule's length (train.schedule_steps, 0 = train.steps) and the foundation helpers
 of :mod:`hgf.model.hgf_linear`:

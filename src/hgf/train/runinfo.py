@@ -1,4 +1,4 @@
-"""``RUN_DIR/run_info.json``: what is needed to reproduce a run besides its config (STYLE.md §12):
+"""``RUN_DIR/run_info.json``: what is needed to reproduce a run besides its config (docs/STYLE.md §12):
 git commit (and whether the tree was dirty), versions, hardware, seed, number of processes,
 command line; a resumed run appends one entry per restart under ``restarts``."""
 

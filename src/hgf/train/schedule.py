@@ -9,7 +9,7 @@
     constant                 lr_t = lr
     two_stage (BitNet b1.58) lr_t = lr for step < S/2, then lr · two_stage_lr_frac (constant);
                              weight decay is train.weight_decay, then 0 from S/2 on
-                             (METHOD.md §6: 1.5e-3 -> 1e-3 and WD 0.1 -> 0 halfway through)
+                             (docs/METHOD.md §6: 1.5e-3 -> 1e-3 and WD 0.1 -> 0 halfway through)
     past the schedule        for step >= S every schedule holds its final value: cosine lr·f,
                              two_stage lr · two_stage_lr_frac with WD 0, constant lr (a finished
                              run extended to more train.steps keeps S = its old length)
