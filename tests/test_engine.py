@@ -107,6 +107,7 @@ def _random_packed(tmp_path: Path, overrides: list[str], packing: str = "i2",
     ["--hgf.targets=attention", "--model.attention=standard", "--model.n_heads=2"],
     ["--model.attention=standard", "--model.n_kv_heads=2", "--model.tie_embeddings=true"],  # GQA
     ["--hgf.rank=3", "--model.d_model=80", "--model.d_ff=150"],  # rows not multiples of 4/64
+    ["--hgf.rank=5", "--model.d_model=80", "--model.d_ff=150"],  # the same in i2
 ])
 @pytest.mark.parametrize("embeddings", ["fp16", "int8"])
 def test_native_config_variants(variant: list[str], embeddings: str, tmp_path: Path) -> None:

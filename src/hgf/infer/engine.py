@@ -239,7 +239,12 @@ class NativeModel:
         self.max_len = max_len
 
     def clear_caches(self) -> None:
+        """End the sequence; the cache's memory stays for the next one (release_caches frees)."""
         self.decoder.clear()
+        self.max_len = 0
+
+    def release_caches(self) -> None:
+        self.decoder.release()
         self.max_len = 0
 
     def forward(self, ids: list[int], start: int = 0, all_logits: bool = False) -> torch.Tensor:
@@ -256,11 +261,11 @@ class NativeModel:
             return self.forward(ids, start, all_logits=True)[None]
         if start != 0:
             raise ValueError("start > 0 needs setup_caches() first")
-        self.decoder.setup(len(ids))
+        self.setup_caches(len(ids))
         try:
             return self.forward(ids, 0, all_logits=True)[None]
         finally:
-            self.decoder.clear()
+            self.clear_caches()
 
     def set_options(self, options: int) -> None:
         """OPT_* switches (0 = every fusion on)."""

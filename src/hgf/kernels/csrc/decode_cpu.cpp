@@ -29,6 +29,7 @@
 #include <torch/custom_class.h>
 
 #include <limits>
+#include <memory>
 #include <string>
 
 namespace {
@@ -40,7 +41,8 @@ constexpr int64_t OPT_SPLIT_CORR = 2;     // the correction B'h as a second pass
 constexpr int64_t OPT_TWO_PASS_DIFF = 4;  // differential attention: o1 and o2 in two passes over V
 constexpr int64_t OPT_NO_UNPACK = 8;      // prompts: no unpacking of row blocks (AVX2)
 constexpr int64_t OPT_NO_PREFETCH = 16;   // decode: no extra prefetch ahead in the weights
-constexpr int64_t UNPACK_MIN = 4;
+constexpr int64_t UNPACK_MIN = 4;     // prompt tokens from which unpacking pays (AVX2): tq1, 1.3x
+constexpr int64_t UNPACK_MIN_I2 = 8;  // at 4 tokens; i2: even at 8, 1.15x at 16, 1.3x at 32
 constexpr int64_t PREFETCH = 4096;  // bytes ahead  // tokens from which a call (a prompt) unpacks weights (AVX2)
 
 enum Dt : int { F32 = 0, F16 = 1, I8 = 2 };
@@ -255,7 +257,8 @@ HGF_V void quantize_row_avx2(const float* x, int64_t in, int64_t kp, float eps, 
 // order, c = W_t + 1), then every token's dot product is two vpmaddubsw per 64 weights; the
 // packed decode (cheap for i2, ~20 ops per 32 bytes for tq1) is paid once per row, not per token
 
-// codes of one packed row (nbytes bytes, P codes per byte) -> c[0 .. P·nbytes)
+// codes of one packed row (nbytes bytes, P codes per byte) -> c[0 .. P·nbytes); writes up to 64
+// bytes past the end (the tail's spill)
 template <class D>
 HGF_V void unpack_row_avx2(const D& d, const uint8_t* w, int64_t nbytes, uint8_t* c);
 
@@ -290,9 +293,23 @@ HGF_V void unpack_row_avx2(const D& d, const uint8_t* w, int64_t nbytes, uint8_t
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + P * b + k * GROUP + h), v[k]);
     }
   const int64_t g = nbytes - full;  // the tail group of g < 64 bytes: digit k is code P·full + k·g + j
-  for (int64_t j = 0; j < g; ++j) {
-    int v = w[full + j];
-    for (int k = 0; k < P; ++k, v /= (P == 4 ? 4 : 3)) c[P * full + k * g + j] = uint8_t(v % (P == 4 ? 4 : 3));
+  if (g > 0) {  // decoded from a zero-padded copy (byte 0: all codes 0); digit k's 64 codes are
+    // stored at P·full + k·g in increasing k, so digit k + 1 overwrites digit k's lanes j >= g,
+    // and the last digit's spill (< 64 bytes past P·nbytes) lands in the caller's slack
+    alignas(32) uint8_t tail[GROUP] = {};
+    std::memcpy(tail, w + full, size_t(g));
+    __m256i v0[P], v1[P];
+    if constexpr (P == 4) {
+      i2_codes(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), v0);
+      i2_codes(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(tail + 32)), v1);
+    } else {
+      tq1_codes(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(tail)), v0);
+      tq1_codes(d, _mm256_load_si256(reinterpret_cast<const __m256i*>(tail + 32)), v1);
+    }
+    for (int k = 0; k < P; ++k) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + P * full + k * g), v0[k]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + P * full + k * g + 32), v1[k]);
+    }
   }
 }
 
@@ -544,7 +561,10 @@ struct Decoder : torch::CustomClassHolder {
   int64_t opts = 0;
   int64_t Hk, dk, Hv, dv;  // KV cache heads and dims
   int64_t cache_len = 0;
-  std::vector<float> kc, vc;  // [layer][head][cache_len][dim]
+  // [layer][head][cache_len][dim]; kept (uninitialised: only written positions are read) across
+  // sequences while it is big enough, as llama.cpp keeps its context; release() frees it
+  std::unique_ptr<float[]> kc, vc;
+  int64_t kv_capacity = 0;  // floats of kc (and of vc)
   // scratch, sized by the longest call so far
   std::vector<float> x, a, q, k, v, y, g, u, t, h, sx, a32;
   std::vector<int8_t> xq;
@@ -639,20 +659,31 @@ struct Decoder : torch::CustomClassHolder {
     TORCH_CHECK(max_len > 0 && max_len <= max_seq, "Decoder.setup: max_len must be in [1, ",
                 max_seq, "], got ", max_len);
     cache_len = max_len;
-    kc.assign(size_t(n_layers * Hk * cache_len * dk), 0.f);
-    vc.assign(size_t(n_layers * Hv * cache_len * dv), 0.f);
+    const int64_t need = n_layers * std::max(Hk * dk, Hv * dv) * cache_len;
+    if (need > kv_capacity) {
+      kc.reset();
+      vc.reset();
+      kc.reset(new float[size_t(need)]);
+      vc.reset(new float[size_t(need)]);
+      kv_capacity = need;
+    }
   }
 
   void clear() {
     cache_len = 0;
-    std::vector<float>().swap(kc);
-    std::vector<float>().swap(vc);
+  }
+
+  void release() {
+    clear();
+    kc.reset();
+    vc.reset();
+    kv_capacity = 0;
   }
 
   void set_options(int64_t o) { opts = o; }
   int64_t options() { return opts; }
 
-  int64_t cache_bytes() { return int64_t((kc.size() + vc.size()) * sizeof(float)); }
+  int64_t cache_bytes() { return 2 * kv_capacity * int64_t(sizeof(float)); }
 
   // outs[i] = projection i of G applied to the m rows of xin (row stride G.in); out row stride ld[i]
   void run_group(const decode::Group& G, int64_t m, const float* xin, float* const* outs,
@@ -708,10 +739,11 @@ struct Decoder : torch::CustomClassHolder {
       const int64_t ldo = ld[ch.p];
       int32_t acc[ROWS];
 #if HGF_X86
-      if (m >= UNPACK_MIN && isa() == AVX2 && simd() && !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
+      if (m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 && simd() &&
+          !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
         const int64_t nc = per * P.nbytes, ldc = (nc + 63) / 64 * 64;  // x_int rows reach kp >= ldc
         thread_local std::vector<uint8_t> codes;
-        if (int64_t(codes.size()) < ROWS * ldc) codes.resize(size_t(ROWS * ldc));
+        if (int64_t(codes.size()) < ROWS * ldc + GROUP) codes.resize(size_t(ROWS * ldc + GROUP));
         const I2Avx2 di2;
         const Tq1Avx2 dtq1;
         for (int64_t blk = ch.b0; blk < ch.b1; ++blk) {
@@ -799,8 +831,8 @@ struct Decoder : torch::CustomClassHolder {
       std::fill(out, out + dv, 0.f);
       if (!diff) {
         const float* qh = q.data() + i * d + hh * hd;
-        const float* K = kc.data() + ((l * Hk + hh / group) * cache_len) * dk;
-        const float* V = vc.data() + ((l * Hv + hh / group) * cache_len) * dv;
+        const float* K = kc.get() + ((l * Hk + hh / group) * cache_len) * dk;
+        const float* V = vc.get() + ((l * Hv + hh / group) * cache_len) * dv;
         for (int64_t j = 0; j < n; ++j) s1[size_t(j)] = dot(K + j * dk, qh, hd) * scale;
         const float inv = 1.f / exp_shift(s1.data(), n);
         for (int64_t j = 0; j < n; ++j) axpy(s1[size_t(j)] * inv, V + j * dv, out, dv);
@@ -808,9 +840,9 @@ struct Decoder : torch::CustomClassHolder {
       }
       s2.resize(size_t(n));
       const float* qa = q.data() + i * d + 2 * hh * hd;
-      const float* Ka = kc.data() + ((l * Hk + 2 * hh) * cache_len) * dk;
+      const float* Ka = kc.get() + ((l * Hk + 2 * hh) * cache_len) * dk;
       const float* Kb = Ka + cache_len * dk;
-      const float* V = vc.data() + ((l * Hv + hh) * cache_len) * dv;
+      const float* V = vc.get() + ((l * Hv + hh) * cache_len) * dv;
       for (int64_t j = 0; j < n; ++j) {
         s1[size_t(j)] = dot(Ka + j * dk, qa, hd) * scale;
         s2[size_t(j)] = dot(Kb + j * dk, qa + hd, hd) * scale;
@@ -855,10 +887,10 @@ struct Decoder : torch::CustomClassHolder {
         rope(q.data() + i * d, n_heads, pos);
         rope(k.data() + i * d, Hk, pos);
         for (int64_t hh = 0; hh < Hk; ++hh)
-          std::memcpy(kc.data() + ((l * Hk + hh) * cache_len + pos) * dk, k.data() + i * d + hh * dk,
+          std::memcpy(kc.get() + ((l * Hk + hh) * cache_len + pos) * dk, k.data() + i * d + hh * dk,
                       sizeof(float) * size_t(dk));
         for (int64_t hh = 0; hh < Hv; ++hh)
-          std::memcpy(vc.data() + ((l * Hv + hh) * cache_len + pos) * dv, v.data() + i * d + hh * dv,
+          std::memcpy(vc.get() + ((l * Hv + hh) * cache_len + pos) * dv, v.data() + i * d + hh * dv,
                       sizeof(float) * size_t(dv));
       }
       attention(L, l, m, start, threads);
@@ -909,6 +941,7 @@ TORCH_LIBRARY_FRAGMENT(hgf, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<double>>())
       .def("setup", &Decoder::setup)
       .def("clear", &Decoder::clear)
+      .def("release", &Decoder::release)
       .def("run", &Decoder::run)
       .def("set_options", &Decoder::set_options)
       .def("options", &Decoder::options)
