@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     preset = load_preset(args.preset)
     out = Path(args.out or Path("results") / preset.name)
     if args.background:
-        return _detach(out, args.argv)
+        return detach(out, args.argv)
     if args.sweep:
         lrs = args.lrs or preset.lr_sweep
         steps = args.sweep_steps or preset.sweep_steps or min(preset.steps)
@@ -79,12 +79,13 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _detach(out: Path, argv: list[str]) -> int:
+def detach(out: Path, argv: list[str], module: str = "hgf", log_name: str = "reproduce.log") -> int:
+    """Rerun ``python -m module argv`` (less ``--background``) detached, logging to OUT/log_name."""
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "reproduce.log"
+    log = out / log_name
     argv = [a for a in argv if a != "--background"]
     with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "hgf", *argv], stdout=f,
+        proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     print(f"running in the background (pid {proc.pid}); log: {log}")

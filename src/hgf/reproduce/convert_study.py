@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -488,25 +487,16 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 raise HGFError(f"--arms: unknown arm {bad[0]!r} (known: {', '.join(KINDS)})")
         if args.background:
-            return _detach(out, sys.argv[1:] if argv is None else argv)
+            from hgf.commands.reproduce import detach
+
+            return detach(out, sys.argv[1:] if argv is None else argv,
+                          "hgf.reproduce.convert_study", "convert.log")
         if not args.report_only:
             run_study(study, out, args.arms, args.seeds)
         print(f"report: {write_report(study, out, args.preset)}")
     except HGFError as e:
         print(f"hgf: error: {e}", file=sys.stderr)
         return 2
-    return 0
-
-
-def _detach(out: Path, argv: list[str]) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "convert.log"
-    argv = [a for a in argv if a != "--background"]
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "hgf.reproduce.convert_study", *argv],
-                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    print(f"running in the background (pid {proc.pid}); log: {log}")
     return 0
 
 
