@@ -4,7 +4,7 @@
 One subprocess loads the third-party libraries once, then forks a child per module that imports
 ``hgf.<module>`` before anything else of hgf (what ``python -c "import hgf.x"`` does, without
 paying for torch each time), and two more children that import every module in sorted and in
-reverse order.
+reverse order (up to four children at a time).
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ except ImportError:
     pass
 mods = sys.argv[1:]
 jobs = [[m] for m in mods] + [mods, mods[::-1]]  # each module first; then all, in two orders
-failed = []
+running, failed = {}, []
 for job in jobs:
+    if len(running) >= min(4, os.cpu_count() or 1):
+        pid, status = os.wait()
+        if status:
+            failed.append(running[pid])
+        del running[pid]
     pid = os.fork()
     if pid == 0:  # a fresh interpreter as far as hgf is concerned
         try:
@@ -49,9 +54,12 @@ for job in jobs:
             traceback.print_exc()
             os._exit(1)
         os._exit(0)
-    _, status = os.waitpid(pid, 0)
+    running[pid] = job[0] if len(job) == 1 else f"all from {job[0]}"
+while running:
+    pid, status = os.wait()
     if status:
-        failed.append(job[0] if len(job) == 1 else f"all from {job[0]}")
+        failed.append(running[pid])
+    del running[pid]
 print("FAILED:", ", ".join(failed))
 sys.exit(1 if failed else 0)
 """
