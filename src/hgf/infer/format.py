@@ -69,7 +69,7 @@ def _ternary_specs(name: str, mod: nn.Module, cfg: Config, packing: str,
         role = param_role(name, mod, p_name)
         if role == "ternary":  # W_t packed, and its scale
             specs[f"{name}.{p_name}_packed"] = TensorSpec(
-                "U8", packed_shape(mod.out_features, mod.in_features, packing), "ternary")
+                "U8", packed_shape(p.shape[0], p.shape[1], packing), "ternary")
             specs[f"{name}.{p_name}_scale"] = TensorSpec("F32", (), "scale")
         elif role == "correction":
             specs[f"{name}.{p_name}"] = TensorSpec("F16", tuple(p.shape), "correction")
