@@ -37,14 +37,14 @@ import torch
 from hgf.config import Config, config_from_dict
 from hgf.gguf.export import PACKING_TYPES, export_model_gguf
 from hgf.gguf.llama import LlamaCpp, require_llama_cpp
+from hgf.infer.decode_bench import ARMS  # the decode benchmark's arms
 from hgf.infer.engine import load_for_decode
 from hgf.infer.export import export_model
 from hgf.infer.generate import generate_ids
+from hgf.kernels.packing import PACKINGS
 from hgf.model.transformer import build_model
 
 PEERS = ("llama.cpp",)
-ARMS = {"bitnet-std": ("bitlinear", "standard"), "hgf-std": ("hgf", "standard"),
-        "hgf-diff": ("hgf", "differential")}
 
 
 def peer_config(size: str, arm: str, rank: int = 8) -> Config:
@@ -93,7 +93,7 @@ def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
     the type of the tied embedding/head in both files: fp16 (GGUF F16) or int8 (hgf's int8
     rows, GGUF Q8_0), so that both systems stream a head of the same width."""
     require_llama_cpp()
-    packings = packings or ["i2", "tq1"]
+    packings = packings or [p for p in PACKINGS if p in PACKING_TYPES]
     arms = arms or list(ARMS)
     threads = threads or torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
