@@ -24,6 +24,7 @@ from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
 from hgf.model.hgf_linear import HGFLinear
+from hgf.model.ptqtp import PTQTPLinear
 from hgf.model.quant import BitLinear, ternarize
 from hgf.runs import (
     CONFIG_FILE,
@@ -78,6 +79,10 @@ def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
     for name, mod in model.named_modules():
         if isinstance(mod, BitLinear):
             tensors.update({f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()})
+        elif isinstance(mod, PTQTPLinear):
+            from hgf.infer.ptqtp import pack_ptqtp
+
+            tensors.update({f"{name}.{k}": v for k, v in pack_ptqtp(mod, packing, name).items()})
         elif name in ("tok_emb", "lm_head"):
             if name == "lm_head" and cfg.model.tie_embeddings:
                 continue
@@ -196,11 +201,21 @@ def format_breakdown(header: PackedHeader) -> str:
         ("header (config, tokenizer)", b["header_bytes"], None),
         ("file size on disk", b["file_size"], None),
     ]
+    ptqtp = header.config.model.linear == "ptqtp"
+    if ptqtp:  # hgf.memory counts one plane per projection: no prediction for two
+        rows[:2] = [("ternary planes T1, T2", b["ternary"], None),
+                    ("plane scales α (f32)", b["scale"], None)]
     lines = [f"{header.path}: packing {header.packing}, {len(header.tensors)} tensors",
              f"{'component':<30}{'file KiB':>12}{'hgf.memory KiB':>16}"]
     for label, got, pred in rows:
         p = "" if pred is None else f"{pred / kib:.2f}"
         lines.append(f"{label:<30}{got / kib:>12.2f}{p:>16}")
+    if ptqtp:
+        from hgf.infer.ptqtp import stored_bits_per_weight
+
+        lines.append(f"PTQTP: two trit-planes per projection, {stored_bits_per_weight(header):.3f} "
+                     "bits per projection weight as stored (planes + row scales)")
+        return "\n".join(lines)
     if not b["backbone"]:
         lines.append("no ternary projections (a dense model): no correction overhead to report")
         return "\n".join(lines)

@@ -5,6 +5,8 @@ Tensors (names are the packed model's ``state_dict`` keys; ``N`` is a ternary pr
     N.weight_scale    f32    []                               s_w (the divisor: W ≈ W_t / s_w)
     N.A               f16    [r, in]                          HGF correction
     N.B               f16    [out, r]                         B' = g·B (gate folded in)
+    N.planes_packed   uint8  packed_shape(2·out, in, packing)  PTQTP: T₁ and T₂ stacked (rows)
+    N.plane_scale     f32    [2, out]                          PTQTP: α₁, α₂ (hgf.infer.ptqtp)
     tok_emb.weight    f16    [vocab, d]    or int8 with tok_emb.row_scale f32 [vocab]
     lm_head.weight    f16    [vocab, d]    (absent when tied) or int8 with lm_head.row_scale
     other projections f16 (dense arms); norms and λ vectors f32
@@ -35,6 +37,7 @@ from hgf.config import Config, ConfigError, config_from_dict
 from hgf.errors import HGFError
 from hgf.kernels import PACKINGS, packed_shape
 from hgf.model.hgf_linear import HGFLinear
+from hgf.model.ptqtp import PTQTPLinear
 from hgf.model.quant import BitLinear
 
 FORMAT_NAME = "hgf-packed"
@@ -75,6 +78,10 @@ def expected_tensors(model: nn.Module, cfg: Config, packing: str,
             if isinstance(mod, HGFLinear):
                 specs[f"{name}.A"] = TensorSpec("F16", tuple(mod.A.shape), "correction")
                 specs[f"{name}.B"] = TensorSpec("F16", tuple(mod.B.shape), "correction")
+        elif isinstance(mod, PTQTPLinear):
+            from hgf.infer.ptqtp import ptqtp_specs
+
+            specs.update(ptqtp_specs(name, mod, packing))
         elif name == "tok_emb":
             specs.update(_embedding_specs(name, tuple(mod.weight.shape), embeddings, "embedding"))
         elif name == "lm_head":

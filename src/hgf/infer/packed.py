@@ -84,12 +84,19 @@ class PackedTernaryLinear(nn.Module):
 
 
 def swap_packed_layers(model: nn.Module, packing: str) -> None:
-    """Replace every BitLinear/HGFLinear of ``model`` in place by an empty packed layer."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    """Replace every BitLinear/HGFLinear (and PTQTPLinear, hgf.infer.ptqtp) of ``model`` in
+    place by an empty packed layer."""
+    from hgf.infer.ptqtp import PackedPTQTPLinear
+    from hgf.model.ptqtp import PTQTPLinear
+
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (BitLinear, PTQTPLinear))]
     for name, mod in targets:
         parent, _, child = name.rpartition(".")
-        device = mod.weight.device
-        setattr(model.get_submodule(parent), child, PackedTernaryLinear.like(mod, packing, device))
+        if isinstance(mod, PTQTPLinear):
+            new = PackedPTQTPLinear.like(mod, packing, mod.planes.device)
+        else:
+            new = PackedTernaryLinear.like(mod, packing, mod.weight.device)
+        setattr(model.get_submodule(parent), child, new)
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
