@@ -228,3 +228,26 @@ def test_weight_only_model_has_no_packed_form(source: Path, tmp_path: Path) -> N
     with pytest.raises(HGFError, match="int8 activations"):
         export_model(model, cfg, tmp_path / "m.hgf")
     assert not (tmp_path / "m.hgf").exists()
+
+
+def test_llama_folder_converts_like_its_dense_run(tmp_path: Path) -> None:
+    """A Llama-family folder (GQA, tied head) as SRC: the same model as its dense run's PTQTP."""
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    info = convert(tmp_path / "llama", "ptqtp", tmp_path / "pt", overrides=["--ptqtp.iterations=4"])
+    assert info["from"] == "llama" and info["ptqtp"]["projections"] == 14
+    model, pcfg = load_trained(tmp_path / "pt")
+    assert (pcfg.model.linear, pcfg.model.n_kv_heads, pcfg.model.tie_embeddings) == ("ptqtp", 2, True)
+    assert model.lm_head.weight is model.tok_emb.weight
+    convert(tmp_path / "llama", "run", tmp_path / "dense")
+    ref = _hand_built(load_trained(tmp_path / "dense")[0], model, int8=True)
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        got, want = model(x), ref(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()

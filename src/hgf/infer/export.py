@@ -21,6 +21,7 @@ from hgf.config import Config
 from hgf.data.tokenizer import check_tokenizer_file
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
+from hgf.infer.ptqtp import pack_ptqtp, stored_bits_per_weight
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
 from hgf.model.hgf_linear import HGFLinear
@@ -80,8 +81,6 @@ def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
         if isinstance(mod, BitLinear):
             tensors.update({f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()})
         elif isinstance(mod, PTQTPLinear):
-            from hgf.infer.ptqtp import pack_ptqtp
-
             tensors.update({f"{name}.{k}": v for k, v in pack_ptqtp(mod, packing, name).items()})
         elif name in ("tok_emb", "lm_head"):
             if name == "lm_head" and cfg.model.tie_embeddings:
@@ -211,8 +210,6 @@ def format_breakdown(header: PackedHeader) -> str:
         p = "" if pred is None else f"{pred / kib:.2f}"
         lines.append(f"{label:<30}{got / kib:>12.2f}{p:>16}")
     if ptqtp:
-        from hgf.infer.ptqtp import stored_bits_per_weight
-
         lines.append(f"PTQTP: two trit-planes per projection, {stored_bits_per_weight(header):.3f} "
                      "bits per projection weight as stored (planes + row scales)")
         return "\n".join(lines)

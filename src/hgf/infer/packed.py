@@ -23,9 +23,11 @@ from torch import nn
 
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, read_header
+from hgf.infer.ptqtp import PackedPTQTPLinear
 from hgf.kernels import packed_shape, ternary_linear
 from hgf.model.attention import rope_cache
 from hgf.model.hgf_linear import HGFLinear
+from hgf.model.ptqtp import PTQTPLinear
 from hgf.model.quant import BitLinear
 from hgf.model.transformer import Transformer, build_model
 
@@ -86,9 +88,6 @@ class PackedTernaryLinear(nn.Module):
 def swap_packed_layers(model: nn.Module, packing: str) -> None:
     """Replace every BitLinear/HGFLinear (and PTQTPLinear, hgf.infer.ptqtp) of ``model`` in
     place by an empty packed layer."""
-    from hgf.infer.ptqtp import PackedPTQTPLinear
-    from hgf.model.ptqtp import PTQTPLinear
-
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (BitLinear, PTQTPLinear))]
     for name, mod in targets:
         parent, _, child = name.rpartition(".")
