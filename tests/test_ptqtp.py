@@ -251,3 +251,12 @@ def test_llama_folder_converts_like_its_dense_run(tmp_path: Path) -> None:
     with torch.no_grad():
         got, want = model(x), ref(x)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_training_a_ptqtp_config_is_refused(tmp_path: Path) -> None:
+    from hgf.train import train
+
+    cfg = load_config(None, ["--model.linear=ptqtp", f"--train.out_dir={tmp_path / 'r'}"])
+    with pytest.raises(HGFError, match="no trainable projections"):
+        train(cfg)
+    assert not (tmp_path / "r").exists()
