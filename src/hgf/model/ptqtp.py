@@ -85,9 +85,10 @@ def scale_1(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def solve_alpha(w: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
     """The least-squares α [2, out] given the planes (the α-step; see the module docstring)."""
-    w64, p1, p2 = w.double(), t1.double(), t2.double()
-    a, b, c = (p1 * p1).sum(1), (p1 * p2).sum(1), (p2 * p2).sum(1)  # integers, exact in f64
-    r1, r2 = (w64 * p1).sum(1), (w64 * p2).sum(1)
+    # G's entries are integer counts (exact in float32 below 2^24 columns), then float64 so that
+    # det = 0 is exact; r in float32 (pairwise summation), no float64 copy of W
+    a, b, c = (t1.abs().sum(1).double(), (t1 * t2).sum(1).double(), t2.abs().sum(1).double())
+    r1, r2 = (w * t1).sum(1).double(), (w * t2).sum(1).double()
     det = a * c - b * b
     ok = det > 0
     d = torch.where(ok, det, torch.ones_like(det))
