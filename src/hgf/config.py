@@ -86,6 +86,8 @@ class HGFConfig:
     overhead_bits: float = 2.0  # bits/weight of the backbone used for target_overhead
     targets: str = "all"  # attention | mlp | all: which projections carry a correction
     gate: str = "sigmoid"  # sigmoid | raw | tanh parameterization of the per-projection gate
+    gate_mode: str = "scalar"  # scalar (one per projection) | channel (one per output channel)
+    # | input (per token: φ(wᵀ T(x) + α) of the ternary stream's output; cannot be exported)
     gate_init: float = 0.1  # g0; the paper's gates settle near 0.1 [S3]
     fusion: str = "additive"  # additive: T + g·C | convex: (1-g)·T + g·C
     init: str = "kaiming"  # kaiming (A Kaiming-uniform, B zeros) | svd (residual SVD, LoftQ-like)
@@ -207,6 +209,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.subln": ("auto", "on", "off"),
     "hgf.targets": ("attention", "mlp", "all"),
     "hgf.gate": ("sigmoid", "raw", "tanh"),
+    "hgf.gate_mode": ("scalar", "channel", "input"),
     "hgf.fusion": ("additive", "convex"),
     "hgf.init": ("kaiming", "svd"),
     "data.source": ("auto", "local", "hf"),

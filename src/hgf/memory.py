@@ -7,8 +7,9 @@ Packings (exact bytes per tensor ``[out, in]``, packed along the input dim row b
     i2       2 bits/weight, 4 per byte:          out · ceil(in / 4)
     tq1      1.6 bits/weight, 5 trits per byte:  out · ceil(in / 5)
     entropy  log2(3) bits/weight (the limit):    out · in · log2(3) / 8
-The correction (A, B) and the gates are FP16 (2 bytes); embeddings, LM head, norms and the λ
-vectors of differential attention are FP16 too. Counts come from walking a model built on the
+The correction (A, B) and the gates are FP16 (2 bytes): one gate per projection, one per output
+channel (``hgf.gate_mode = channel``) or d_out + 1 (an input gate's projection w and bias α);
+embeddings, LM head, norms and the λ vectors of differential attention are FP16 too. Counts come from walking a model built on the
 meta device, so the report describes exactly the modules the model has.
 """
 
@@ -128,7 +129,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
                 rep.ternary_shapes.append((p.shape[0], p.shape[1]))
             elif isinstance(mod, HGFLinear) and p_name in ("A", "B"):
                 rep.correction_params += n
-            elif isinstance(mod, HGFLinear) and p_name == "gate":
+            elif isinstance(mod, HGFLinear) and p_name in ("gate", "gate_w"):
                 rep.n_gates += n
             elif isinstance(mod, nn.Embedding):
                 rep.embedding_params += n
@@ -156,7 +157,8 @@ def rank_for_overhead(cfg: Config, target: float, bits: float | None = None) -> 
     backbone = m.n_layers * sum(i * o * bits / 8 + SCALE_BYTES for _, i, o in projs)
     targeted = [(i, o) for role, i, o in projs if role in TARGETS[h.targets]]
     per_rank = m.n_layers * FP16 * sum(i + o for i, o in targeted)
-    gates = m.n_layers * FP16 * len(targeted)
+    per_gate = {"scalar": lambda o: 1, "channel": lambda o: o, "input": lambda o: o + 1}
+    gates = m.n_layers * FP16 * sum(per_gate[h.gate_mode](o) for _, o in targeted)
     return max(1, math.floor((target * backbone - gates) / per_rank))
 
 

@@ -34,6 +34,7 @@ def _hgf(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
     q, h = cfg.quant, cfg.hgf
     return HGFLinear(
         i, o, rank=rank, gate=h.gate, gate_init=h.gate_init, fusion=h.fusion,
+        gate_mode=h.gate_mode,
         weight_eps=q.weight_eps, act_eps=q.act_eps, act_bits=q.act_bits,
     )
 

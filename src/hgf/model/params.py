@@ -22,7 +22,7 @@ def param_kind(model: nn.Module) -> dict[str, str]:
     for mod_name, mod in model.named_modules():
         for p_name, _ in mod.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(mod, HGFLinear) and p_name == "gate":
+            if isinstance(mod, HGFLinear) and p_name in ("gate", "gate_w"):
                 kinds[full] = "gate"
             elif isinstance(mod, HGFLinear) and p_name in ("A", "B"):
                 kinds[full] = "correction"
