@@ -9,8 +9,9 @@ Packings (exact bytes per tensor ``[out, in]``, packed along the input dim row b
     entropy  log2(3) bits/weight (the limit):    out · in · log2(3) / 8
 The correction (A, B) and the gates are FP16 (2 bytes): one gate per projection, one per output
 channel (``hgf.gate_mode = channel``) or d_out + 1 (an input gate's projection w and bias α);
-embeddings, LM head, norms and the λ vectors of differential attention are FP16 too. Counts come from walking a model built on the
-meta device, so the report describes exactly the modules the model has.
+embeddings, LM head, norms and the λ vectors of differential attention are FP16 too. Counts come
+from walking a model built on the meta device, so the report describes exactly the modules the
+model has.
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ gate's shape is ``gate_mode`` (docs/METHOD.md §3):
     channel  α ∈ R^{d_out}      one gate per output channel: g broadcasts over B's rows
     input    g(x) = min(φ(wᵀ t + α), g_max) ∈ R per token, t = T(x) ∈ R^{d_out} the ternary
              stream's output; w ∈ R^{d_out} (``gate_w``) starts at 0, so at init g(x) = φ(α) = g0
-             and the layer equals the scalar-gate layer. The gate cannot be folded into B. The correction reads the full-precision
-(normalised, unquantized) input. ``A`` is Kaiming-uniform and ``B`` zero, so at initialisation
-(additive fusion) the layer equals its BitLinear exactly; the ternary weight keeps the name
-``weight`` so BitNet checkpoints load with only ``A``, ``B``, ``gate`` missing.
+             and the layer equals the scalar-gate layer. The gate cannot be folded into B.
+
+The correction reads the full-precision (normalised, unquantized) input. ``A`` is Kaiming-uniform
+and ``B`` zero, so at initialisation (additive fusion) the layer equals its BitLinear exactly; the
+ternary weight keeps the name ``weight`` so BitNet checkpoints load with only the correction
+(``CORRECTION_PARAMS``: ``A``, ``B``, ``gate``, ``gate_w``) missing.
 
 Training speed: the forward runs as one autograd function, ``y = x_q (a·W_q)ᵀ + (x Aᵀ)(g·B)ᵀ`` with
 ``a = 1`` (additive) or ``1 - g`` (convex), so the gate scales the small weights instead of the

@@ -36,8 +36,8 @@ from hgf.config import Config, replace
 from hgf.data.prepare import prepare
 from hgf.errors import HGFError
 from hgf.memory import memory_report
-from hgf.model.hgf_linear import CORRECTION_PARAMS
 from hgf.model import build_model, lm_loss
+from hgf.model.hgf_linear import CORRECTION_PARAMS
 from hgf.runs import MODEL_FILE, atomic_write_text, load_run_config, load_trained
 from hgf.train.batches import BatchSampler
 from hgf.train.evaluate import evaluate_tokens
