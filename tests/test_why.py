@@ -162,3 +162,14 @@ def test_reproduce_preset_convert_dispatches_to_the_conversion_study(study, caps
     assert (out / "convert.md").read_text().startswith("# From a full-precision model")
     assert main(["reproduce", "--preset", "convert", "--variants", "all"]) == 2
     assert "--variants does not apply to the conversion study" in capsys.readouterr().err
+
+
+def test_bad_study_tables_fail_in_one_line(study, capsys):
+    path = study / "configs" / "reproduce" / "why_tokens.toml"
+    text = path.read_text()
+    path.write_text(text.replace('rule = "recovery"', 'rule = "vibes"'))
+    assert main(["reproduce", "--preset", "why_tokens", "--report-only"]) == 2
+    assert "unknown rule 'vibes' (known: recovery" in capsys.readouterr().err
+    path.write_text(text.replace('name = "why"', 'name = "why"\nnmae = 1'))
+    assert main(["reproduce", "--preset", "why_tokens", "--report-only"]) == 2
+    assert "unknown key study.nmae" in capsys.readouterr().err

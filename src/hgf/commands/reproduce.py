@@ -55,12 +55,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return run_conversion_study(args)
     preset = load_preset(args.preset)
     out = Path(args.out or Path("results") / preset.name)
+    if preset.study:
+        from hgf.reproduce.why import experiments, write_why
+
+        experiments(preset)  # a bad [study] fails now, not after the runs
     if args.background:
         return detach(out, args.argv)
     code = _run_preset(args, preset, out)
     if preset.study.get("name"):
-        from hgf.reproduce.why import write_why
-
         path = write_why(preset.study["name"], {preset.name: out} if args.out else None)
         print(f"study report: {path}")
     return code

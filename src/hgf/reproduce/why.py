@@ -88,6 +88,11 @@ def study_presets(name: str) -> list[Preset]:
 
 
 def experiments(preset: Preset) -> list[dict[str, Any]]:
+    """The preset's ``[[study.experiment]]`` tables, checked (unknown keys, rules, variants)."""
+    bad = set(preset.study) - {"name", "experiment"}
+    if bad:
+        raise ConfigError(f"{preset.path}: unknown key study.{sorted(bad)[0]} (known: name, "
+                          "experiment)")
     exps = preset.study.get("experiment", [])
     for e in exps:
         where = f"{preset.path}: [[study.experiment]] {e.get('number', '?')}"
