@@ -86,6 +86,8 @@ class HGFConfig:
     overhead_bits: float = 2.0  # bits/weight of the backbone used for target_overhead
     targets: str = "all"  # attention | mlp | all: which projections carry a correction
     gate: str = "sigmoid"  # sigmoid | raw | tanh parameterization of the per-projection gate
+    gate_mode: str = "scalar"  # scalar (one per projection) | channel (one per output channel)
+    # | input (per token: φ(wᵀ T(x) + α) of the ternary stream's output; cannot be exported)
     gate_init: float = 0.1  # g0; the paper's gates settle near 0.1 [S3]
     fusion: str = "additive"  # additive: T + g·C | convex: (1-g)·T + g·C
     init: str = "kaiming"  # kaiming (A Kaiming-uniform, B zeros) | svd (residual SVD, LoftQ-like)
@@ -388,11 +390,12 @@ def choices() -> dict[str, tuple[str, ...]]:
     modules build on this one, so the registries are read here when a config is validated, never
     when this module is imported."""
     from hgf.model.attention import ATTENTIONS
-    from hgf.model.hgf_linear import GATE_FORWARD
+    from hgf.model.hgf_linear import GATE_FORWARD, GATE_MODES
     from hgf.model.linear import LINEARS, TARGETS
 
     return {"model.linear": tuple(LINEARS), "model.attention": tuple(ATTENTIONS), **CHOICES,
-            "hgf.targets": tuple(TARGETS), "hgf.gate": tuple(GATE_FORWARD)}
+            "hgf.targets": tuple(TARGETS), "hgf.gate": tuple(GATE_FORWARD),
+            "hgf.gate_mode": tuple(GATE_MODES)}
 
 
 # The paper's arms (docs/METHOD.md §4), each a preset file configs/<arm>.toml that sets these

@@ -8,11 +8,12 @@ packed along the input dim row by row):
     i2       2 bits/weight, 4 per byte:          out · ceil(in / 4)
     tq1      1.6 bits/weight, 5 trits per byte:  out · ceil(in / 5)
     entropy  log2(3) bits/weight (the limit):    out · in · log2(3) / 8
-The correction (A, B) and the gates are FP16 (2 bytes); embeddings, LM head, norms and the λ
-vectors of differential attention are FP16 too. Counts come from walking a model built on the
-meta device, by the role each parameter has (hgf.model.roles), so the report describes exactly
-the modules the model has. The rank rule (``hgf.target_overhead``) is beside the projections, in
-hgf.model.linear.
+The correction (A, B) and the gates are FP16 (2 bytes): one gate per projection, one per output
+channel (``hgf.gate_mode = channel``) or d_out + 1 (an input gate's projection w and bias α);
+embeddings, LM head, norms and the λ vectors of differential attention are FP16 too. Counts come
+from walking a model built on the meta device, by the role each parameter has (hgf.model.roles),
+so the report describes exactly the modules the model has. The rank rule
+(``hgf.target_overhead``) is beside the projections, in hgf.model.linear.
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from hgf.config import (
     subln_enabled,
 )
 from hgf.errors import HGFError
+from hgf.model.hgf_linear import CORRECTION_PARAMS
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.transformer import Transformer, build_model
 
@@ -339,7 +340,8 @@ def import_bitnet_state(hf: dict[str, Any], state: dict[str, torch.Tensor], sour
         raise HGFError(f"{path}: tensor shapes do not match the config: "
                        f"{str(e).splitlines()[-1].strip()}") from None
     tied = {"lm_head.weight"} if m.tie_embeddings else set()  # shares tok_emb.weight
-    left = [k for k in missing_keys if not k.endswith((".A", ".B", ".gate")) and k not in tied]
+    left = [k for k in missing_keys if k.rsplit(".", 1)[-1] not in CORRECTION_PARAMS
+            and k not in tied]
     if left:
         raise HGFError(f"{path}: no checkpoint tensor for {left[0]}")
     info = {"scale_convention": scale_convention, "reason": reason,

@@ -6,6 +6,7 @@ from hgf.model.hgf_linear import (
     HGFLinear,
     gate_clamp_at,
     gate_l2_penalty,
+    gate_ranges,
     gate_values,
     gates_frozen_at,
     hgf_layers,
@@ -19,8 +20,8 @@ from hgf.model.transformer import Transformer, build_model, lm_loss
 
 __all__ = [
     "BitLinear", "DifferentialAttention", "HGFLinear", "KVCache", "LINEARS", "StandardAttention",
-    "Transformer", "act_quant", "build_model", "gate_clamp_at", "gate_l2_penalty", "gate_values",
-    "gates_frozen_at", "hgf_layers", "linear_kind", "lm_loss", "make_linear", "modules_with_role",
-    "param_groups", "param_kind", "param_roles", "role_of", "set_gate_max", "ternarize",
-    "weight_scale",
+    "Transformer", "act_quant", "build_model", "gate_clamp_at", "gate_l2_penalty", "gate_ranges",
+    "gate_values", "gates_frozen_at", "hgf_layers", "linear_kind", "lm_loss", "make_linear",
+    "modules_with_role", "param_groups", "param_kind", "param_roles", "role_of", "set_gate_max",
+    "ternarize", "weight_scale",
 ]

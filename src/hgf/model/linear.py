@@ -46,6 +46,7 @@ def _hgf(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
     q, h = cfg.quant, cfg.hgf
     return HGFLinear(
         i, o, rank=rank, gate=h.gate, gate_init=h.gate_init, fusion=h.fusion,
+        gate_mode=h.gate_mode,
         weight_eps=q.weight_eps, act_eps=q.act_eps, act_bits=q.act_bits,
     )
 
@@ -100,14 +101,16 @@ def block_projections(d_model: int, d_ff: int, kv_dim: int | None = None
 
 def rank_for_overhead(cfg: Config, target: float, bits: float | None = None) -> int:
     """Largest rank r whose correction overhead (vs the ternary backbone at ``bits`` per weight,
-    scales included, embeddings excluded) does not exceed ``target``; at least 1."""
+    scales included, embeddings excluded) does not exceed ``target``, the gates paid for (one per
+    projection, per output channel, or d_out + 1 for an input gate); at least 1."""
     m, h = cfg.model, cfg.hgf
     bits = h.overhead_bits if bits is None else bits
     projs = block_projections(m.d_model, m.d_ff, kv_heads(m) * (m.d_model // m.n_heads))
     backbone = m.n_layers * sum(i * o * bits / 8 + SCALE_BYTES for _, i, o in projs)
     targeted = [(i, o) for role, i, o in projs if role in TARGETS[h.targets]]
     per_rank = m.n_layers * FP16 * sum(i + o for i, o in targeted)
-    gates = m.n_layers * FP16 * len(targeted)
+    per_gate = {"scalar": lambda o: 1, "channel": lambda o: o, "input": lambda o: o + 1}
+    gates = m.n_layers * FP16 * sum(per_gate[h.gate_mode](o) for _, o in targeted)
     return max(1, math.floor((target * backbone - gates) / per_rank))
 
 

@@ -98,6 +98,23 @@ def gap_recovery(l_ternary: float, l_hgf: float, l_fp: float) -> float:
     return (l_ternary - l_hgf) / den if _finite(den) and den != 0 else math.nan
 
 
+def gap_recovery_se(ternary: dict[str, Any], arm: dict[str, Any], fp: dict[str, Any]
+                    ) -> float | None:
+    """Standard error of :func:`gap_recovery` from the three arms' rows (``val_loss``,
+    ``val_loss_std`` over ``n`` seeds), to first order (the delta method) with the arms
+    independent; None when an arm has one seed, where the seed noise is unknown. With
+    D = L_t − L_fp:  ∂R/∂L_arm = −1/D,  ∂R/∂L_t = (L_arm − L_fp)/D²,  ∂R/∂L_fp = (L_t − L_arm)/D²."""
+    rows = (ternary, arm, fp)
+    if any(r["n"] < 2 or not _finite(r["val_loss"]) for r in rows):
+        return None
+    lt, la, lf = (r["val_loss"] for r in rows)
+    d = lt - lf
+    if d == 0:
+        return None
+    st, sa, sf = (r["val_loss_std"] / math.sqrt(r["n"]) for r in rows)
+    return math.sqrt((sa / d) ** 2 + (st * (la - lf) / d ** 2) ** 2 + (sf * (lt - la) / d ** 2) ** 2)
+
+
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((s for s, v in curve if v <= target), None)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hgf.model import BitLinear, gate_values, ternarize
+from hgf.model import BitLinear, gate_ranges, gate_values, ternarize
 from hgf.model.roles import modules_with_role
 from hgf.parallel import full_tensor
 
@@ -46,6 +46,9 @@ class TernaryDiagnostics:
         gates = gate_values(model)
         if gates:
             out["gates"] = gates
+        ranges = gate_ranges(model)  # {min, max} of channel and input gates
+        if ranges:
+            out["gate_range"] = ranges
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

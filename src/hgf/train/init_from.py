@@ -52,13 +52,13 @@ from torch import nn
 from hgf.config import Config, build_config, kv_heads, load_config_json, parse_overrides, read_toml
 from hgf.errors import HGFError
 from hgf.infer.load import detect_format
-from hgf.model.hgf_linear import hgf_layers
+from hgf.model.hgf_linear import CORRECTION_PARAMS, hgf_layers
 from hgf.runs import CONFIG_FILE, TOKENIZER_FILE
 
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "attention",
              "mlp", "tie_embeddings", "rope_theta", "norm_eps")
 SOURCE_DEFAULTS = ("max_seq_len",)  # from the source unless set
-CORRECTION = (".A", ".B", ".gate")
+CORRECTION = tuple(f".{p}" for p in CORRECTION_PARAMS)  # .A .B .gate .gate_w
 SUBLN_INPUT = {"attn": "o_proj", "mlp": "down_proj"}  # the projection each SubLN feeds
 
 

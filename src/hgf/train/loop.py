@@ -49,7 +49,7 @@ from hgf.config import Config
 from hgf.data import Prepared, prepare
 from hgf.data.tokenizer import tokenizer_metadata
 from hgf.errors import HGFError
-from hgf.model import build_model, gate_values, lm_loss
+from hgf.model import build_model, gate_ranges, gate_values, lm_loss
 from hgf.parallel import (
     all_mean,
     barrier,
@@ -394,7 +394,10 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
                 if tr.distiller is not None:
                     record |= tr.distiller.record(stats.loss, stats.kd)
                 gates = gate_values(model)
-                logger.log({**record, "gates": gates} if gates else record)
+                if gates:
+                    record["gates"] = gates
+                    record |= {"gate_range": r} if (r := gate_ranges(model)) else {}
+                logger.log(record)
             if ev.every and done % ev.every == 0 and done < t.steps:
                 validate(done)
             timely = t.ckpt_minutes > 0 and time.monotonic() - saved_at >= 60 * t.ckpt_minutes
