@@ -15,16 +15,8 @@ from hgf.config import load_config
 from hgf.model import build_model
 from hgf.model.init import reset_own
 from hgf.model.transformer import materialize
-from trainkit import ROOT
-
-ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff")
-SMALL = ["--model.vocab_size=96", "--model.d_model=32", "--model.n_layers=3",
-         "--model.n_heads=4", "--model.d_ff=72", "--model.max_seq_len=24",
-         "--train.seq_len=16"]
-
-
-def small(arm: str, *over: str):
-    return load_config(ROOT / "configs" / f"{arm}.toml", SMALL + list(over))
+from trainkit import ARMS, ROOT
+from trainkit import small_config as small
 
 
 def assert_bitwise_equal(a: nn.Module, b: nn.Module) -> None:
