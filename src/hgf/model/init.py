@@ -51,11 +51,18 @@ def copy_whole_(t: torch.Tensor, whole: torch.Tensor) -> None:
     if not is_dtensor(t):
         t.copy_(whole)
         return
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    part = distribute_tensor(whole.to(t.to_local()), t.device_mesh, t.placements,
-                             src_data_rank=None)  # each rank slices its own copy: no collective
-    t.to_local().copy_(part.to_local())
+    local, mesh, placements = t.to_local(), t.device_mesh, t.placements
+    whole = whole.to(local)
+    if len(placements) == 1 and type(placements[0]) is Shard and placements[0].dim == 0:
+        # FSDP2's layout, torch.chunk on dim 0: copy from a view (no second copy of the part)
+        rank, parts = mesh.get_local_rank(), whole.chunk(mesh.size(), dim=0)
+        start = sum(len(x) for x in parts[:rank])
+        local.copy_(whole[start:start + len(local)])
+        return
+    part = distribute_tensor(whole, mesh, placements, src_data_rank=None)  # local slicing
+    local.copy_(part.to_local())
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
