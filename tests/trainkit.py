@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from hgf.config import ARMS as CONFIG_ARMS
 from hgf.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def tiny_config(out_dir: Path, dataset: tuple[Path, Path], arm: str = "hgf",
     return load_config(ROOT / "configs" / f"{arm}.toml", base + list(overrides))
 
 
-ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff")
+ARMS = tuple(CONFIG_ARMS)  # every arm's preset name
 
 
 def small_config(arm: str, *overrides: str) -> Config:

@@ -200,13 +200,10 @@ class Config:
         return dump_toml(self.to_dict())
 
 
+# Allowed values of the enumerated keys that no registry owns; see choices() for the others.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.linear": ("dense", "bitlinear", "hgf"),
-    "model.attention": ("standard", "differential"),
     "model.mlp": ("swiglu", "relu2"),
     "model.subln": ("auto", "on", "off"),
-    "hgf.targets": ("attention", "mlp", "all"),
-    "hgf.gate": ("sigmoid", "raw", "tanh"),
     "hgf.fusion": ("additive", "convex"),
     "hgf.init": ("kaiming", "svd"),
     "data.source": ("auto", "local", "hf"),
@@ -372,6 +369,30 @@ def load_config_json(path: str | Path) -> Config:
     return config_from_dict(read_json(path), str(path))
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of every enumerated key: ``CHOICES``, and the keys whose values are the
+    names of a registry (docs/STYLE.md §13): ``model.linear`` (hgf.model.linear.LINEARS),
+    ``model.attention`` (hgf.model.attention.ATTENTIONS), ``hgf.targets``
+    (hgf.model.linear.TARGETS) and ``hgf.gate`` (hgf.model.hgf_linear.GATE_FORWARD). Those
+    modules build on this one, so the registries are read here when a config is validated, never
+    when this module is imported."""
+    from hgf.model.attention import ATTENTIONS
+    from hgf.model.hgf_linear import GATE_FORWARD
+    from hgf.model.linear import LINEARS, TARGETS
+
+    return {"model.linear": tuple(LINEARS), "model.attention": tuple(ATTENTIONS), **CHOICES,
+            "hgf.targets": tuple(TARGETS), "hgf.gate": tuple(GATE_FORWARD)}
+
+
+# The paper's arms (docs/METHOD.md §4), each a preset file configs/<arm>.toml that sets these
+# (model.linear, model.attention); tests/test_presets.py checks the files against this table.
+ARMS: dict[str, tuple[str, str]] = {
+    "fp16": ("dense", "standard"), "bitnet": ("bitlinear", "standard"),
+    "diff_only": ("dense", "differential"), "hgf": ("hgf", "differential"),
+    "hgf_std": ("hgf", "standard"), "bitnet_diff": ("bitlinear", "differential"),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -383,7 +404,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{sources.get(key, 'defaults')}: {key}={_get(cfg, key)!r}: {msg}")
 
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if _get(cfg, key) not in allowed:
             fail(key, f"must be one of {', '.join(allowed)}")
     m, h, t = cfg.model, cfg.hgf, cfg.train
@@ -488,7 +509,7 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 
 __all__ = [
-    "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "DistillConfig",
+    "ARMS", "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "DistillConfig",
     "EvalConfig", "HGFConfig", "InitConfig", "ModelConfig", "QuantConfig", "TrainConfig",
     "build_config", "config_from_dict", "dump_toml", "kv_heads", "load_config",
     "load_config_json", "parse_overrides", "read_toml", "read_json", "replace", "subln_enabled",

@@ -71,8 +71,9 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Packing
 
 
-def pack_ternary(w_t: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` values in {-1, 0, 1} -> uint8 ``[ceil(out/4), in]`` (the layout above)."""
+def pack_ternary_along_out(w_t: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` values in {-1, 0, 1} -> uint8 ``[ceil(out/4), in]`` (the layout above:
+    packed along the *output* dim, unlike hgf's own packings, hgf.kernels.packing)."""
     out, inp = w_t.shape
     rows = math.ceil(out / PER_BYTE)
     codes = torch.zeros(PER_BYTE * rows, inp, dtype=torch.uint8, device=w_t.device)
@@ -81,7 +82,7 @@ def pack_ternary(w_t: torch.Tensor) -> torch.Tensor:
     return codes[0] | codes[1] << 2 | codes[2] << 4 | codes[3] << 6
 
 
-def unpack_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def unpack_ternary_along_out(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """uint8 ``[R, in]`` -> float32 ``[out_features, in]`` in {-1, 0, 1} (code 3 is an error)."""
     shifts = torch.arange(0, 2 * PER_BYTE, 2, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(0) >> shifts.view(-1, 1, 1)) & 3  # [4, R, in]
@@ -225,7 +226,7 @@ def _projection(state: dict[str, torch.Tensor], key: str, shape: tuple[int, int]
             raise HGFError(f"{key}.weight: packed shape {tuple(w.shape)}, expected {want} for a "
                            f"[{out}, {inp}] projection")
         try:
-            w_t = unpack_ternary(w, out)
+            w_t = unpack_ternary_along_out(w, out)
         except ValueError as e:
             raise HGFError(f"{key}.weight: {e}") from None
     elif scale is None:

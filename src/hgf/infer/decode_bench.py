@@ -22,6 +22,8 @@ each metric is the median over rounds. One record per variant (:func:`decode_rec
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import statistics
 import tempfile
@@ -36,9 +38,11 @@ from hgf.infer.engine import NativeModel, unsupported_reason
 from hgf.infer.export import export_model
 from hgf.infer.generate import generate_ids
 from hgf.infer.packed import PackedTernaryLinear, load_packed
+from hgf.kernels.packing import PACKINGS
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.transformer import build_model
 
+# the decode benchmark's arms (hgf bench infer, and its llama.cpp peer): (model.linear, attention)
 ARMS = {"bitnet-std": ("bitlinear", "standard"), "hgf-std": ("hgf", "standard"),
         "hgf-diff": ("hgf", "differential")}
 DENSE_ARM = "dense-diff"
@@ -66,9 +70,15 @@ def decode_record(system: str, arm: str, packing: str, threads: int, cpu_ms_per_
 
 
 def rss_bytes() -> int:
-    from hgf.infer.bench import rss_bytes as current
-
-    return current()
+    """Resident set size of this process (Linux), 0 where unknown. Memory freed earlier is first
+    handed back to the OS (glibc ``malloc_trim``), so a new model cannot hide in it."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def reset_peak_rss() -> bool:
@@ -163,7 +173,7 @@ def run_decode_bench(device: torch.device, size: str = "base100m", arms: list[st
     """(records of what ``hgf generate`` runs: the native decoder on the CPU, else the reference
     path; records of the PyTorch reference path and the dense models, for comparison)."""
     arms = list(ARMS) if arms is None else arms
-    packings = ["i2", "tq1"] if packings is None else packings
+    packings = list(PACKINGS) if packings is None else packings
     dense = list(DENSE_DTYPES) if dense is None else dense
     threads = torch.get_num_threads()
     variants: list[Variant] = []

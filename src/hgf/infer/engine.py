@@ -44,6 +44,7 @@ from torch import nn
 from hgf.config import Config, kv_heads, subln_enabled
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, read_header
+from hgf.kernels.packing import PACKING_REGISTRY
 from hgf.model.attention import DifferentialAttention, lambda_init_for, rope_cache
 from hgf.model.transformer import Transformer
 
@@ -54,7 +55,6 @@ OPT_TWO_PASS_DIFF = 4  # differential attention: o1 and o2 in two passes over V
 OPT_NO_UNPACK = 8  # prompts on AVX2: the packed kernel per token instead of unpacked row blocks
 OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each projection's bytes
 
-PER_BYTE = {"i2": 4, "tq1": 5}
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
 DISABLE_ENV = "HGF_NO_NATIVE_DECODER"
@@ -159,8 +159,9 @@ class NativeModel:
             slots += group(f"{p}.mlp", MLP_GROUPS[1])
             # per layer: 7 s_w (appended by group), then λ and the head-norm factor 1 - λ_init
             floats += [lam(i), 1.0 - lambda_init_for(i)] if diff else [0.0, 1.0]
+        per_byte = PACKING_REGISTRY[packing].codes_per_byte  # the C++ decoder's packing switch
         ints = [m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, int(diff),
-                int(m.mlp == "relu2"), PER_BYTE[packing], m.max_seq_len, kv_heads(m)]
+                int(m.mlp == "relu2"), per_byte, m.max_seq_len, kv_heads(m)]
         return cls(cfg, packing, slots, ints, floats, source)
 
     @classmethod
@@ -302,6 +303,8 @@ def model_reason(model: nn.Module) -> str | None:
                 packings.add(mod.packing)
     if len(packings) != 1:
         return f"mixed packings {sorted(packings)}"
+    if "decoder" not in PACKING_REGISTRY[packings.pop()].kernels:
+        return "the packing has no native decoder path"
     return None
 
 

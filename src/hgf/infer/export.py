@@ -23,8 +23,9 @@ from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
-from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import BitLinear, ternarize
+from hgf.model.roles import role_of
+from hgf.model.transformer import build_model
 from hgf.runs import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -62,12 +63,46 @@ def pack_projection(mod: BitLinear, packing: str, name: str = "projection"
                        f"{mod.act_bits}")
     w_t, s_w = ternarize(mod.weight, mod.weight_eps)
     out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
-    if isinstance(mod, HGFLinear):
-        A, B, a = mod.folded_terms()
-        s_w = s_w.cpu() / a
+    if mod.rank:  # a corrected projection: the folded terms (HGFLinear.folded_terms)
+        A, B, t_mult = mod.folded_terms()
+        s_w = s_w.cpu() / t_mult
         out["A"], out["B"] = _fp16(f"{name}.A", A), _fp16(f"{name}.B", B)
     out["weight_scale"] = s_w.detach().float().cpu().reshape(())
     return out
+
+
+def _ternary(name: str, mod: nn.Module, cfg: Config, packing: str,
+             embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()}
+
+
+def _embedding(name: str, mod: nn.Module, cfg: Config, packing: str,
+               embeddings: str) -> dict[str, torch.Tensor]:
+    if embeddings == "int8":
+        q, scale = _int8_rows(mod.weight)
+        return {f"{name}.weight": q, f"{name}.row_scale": scale}
+    return {f"{name}.weight": _fp16(f"{name}.weight", mod.weight.cpu())}
+
+
+def _head(name: str, mod: nn.Module, cfg: Config, packing: str,
+          embeddings: str) -> dict[str, torch.Tensor]:
+    return {} if cfg.model.tie_embeddings else _embedding(name, mod, cfg, packing, embeddings)
+
+
+def _dense(name: str, mod: nn.Module, cfg: Config, packing: str,
+           embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": _fp16(f"{name}.weight", mod.weight.cpu())}
+
+
+def _rest(name: str, mod: nn.Module, cfg: Config, packing: str,
+          embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{p_name}" if name else p_name: p.detach().float().cpu()
+            for p_name, p in mod.named_parameters(recurse=False)}
+
+
+# how a module of each role (hgf.model.roles) is exported (layout: hgf.infer.format.SPECS_BY_ROLE)
+PACK_BY_ROLE = {"ternary": _ternary, "embedding": _embedding, "head": _head, "dense": _dense,
+                "other": _rest}
 
 
 @torch.no_grad()
@@ -76,20 +111,7 @@ def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
     """The tensors of a packed file, checked against ``expected_tensors``."""
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, BitLinear):
-            tensors.update({f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()})
-        elif name in ("tok_emb", "lm_head"):
-            if name == "lm_head" and cfg.model.tie_embeddings:
-                continue
-            if embeddings == "int8":
-                tensors[f"{name}.weight"], tensors[f"{name}.row_scale"] = _int8_rows(mod.weight)
-            else:
-                tensors[f"{name}.weight"] = _fp16(f"{name}.weight", mod.weight.cpu())
-        elif isinstance(mod, nn.Linear):
-            tensors[f"{name}.weight"] = _fp16(f"{name}.weight", mod.weight.cpu())
-        else:
-            for p_name, p in mod.named_parameters(recurse=False):
-                tensors[f"{name}.{p_name}" if name else p_name] = p.detach().float().cpu()
+        tensors.update(PACK_BY_ROLE[role_of(name, mod)](name, mod, cfg, packing, embeddings))
     expected = expected_tensors(model, cfg, packing, embeddings)
     for name, spec in expected.items():
         t = tensors.get(name)
@@ -162,8 +184,6 @@ def export_run(run_dir: str | Path, out: str | Path, packing: str = "i2",
 def byte_breakdown(header: PackedHeader) -> dict[str, float]:
     """Bytes per component of a packed file, measured from its tensors, and the correction
     overhead measured vs predicted by hgf.memory for the same config and packing."""
-    from hgf.model.transformer import build_model
-
     by_role = header.bytes_by_role()
     backbone = by_role["ternary"] + by_role["scale"]
     predicted = memory_report(build_model(header.config, device="meta"))

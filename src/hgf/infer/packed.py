@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hgf.errors import HGFError
+from hgf.infer.export import pack_projection
 from hgf.infer.format import PackedHeader, read_header
 from hgf.kernels import packed_shape, ternary_linear
 from hgf.model.attention import rope_cache
-from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import BitLinear
+from hgf.model.roles import modules_with_role
 from hgf.model.transformer import Transformer, build_model
 
 
@@ -52,15 +53,13 @@ class PackedTernaryLinear(nn.Module):
     def like(cls, layer: BitLinear, packing: str, device: torch.device | str | None = None
              ) -> PackedTernaryLinear:
         """An empty packed layer with the dims of a training layer."""
-        rank = layer.rank if isinstance(layer, HGFLinear) else 0
-        return cls(layer.in_features, layer.out_features, packing, rank, layer.act_eps, device)
+        return cls(layer.in_features, layer.out_features, packing, layer.rank, layer.act_eps,
+                   device)
 
     @classmethod
     def from_training(cls, layer: BitLinear, packing: str = "i2",
                       dtype: torch.dtype = torch.float32) -> PackedTernaryLinear:
         """Convert one training layer (what export does for every projection of a model)."""
-        from hgf.infer.export import pack_projection
-
         state = pack_projection(layer, packing)
         if "A" in state:
             state["A_t"] = state.pop("A").to(dtype).t().contiguous()  # [in, r]
@@ -85,7 +84,7 @@ class PackedTernaryLinear(nn.Module):
 
 def swap_packed_layers(model: nn.Module, packing: str) -> None:
     """Replace every BitLinear/HGFLinear of ``model`` in place by an empty packed layer."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    targets = list(modules_with_role(model, "ternary"))
     for name, mod in targets:
         parent, _, child = name.rpartition(".")
         device = mod.weight.device

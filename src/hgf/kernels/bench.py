@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from hgf.kernels import cpu
 from hgf.kernels.ops import kernel_for, ternary_linear
-from hgf.kernels.packing import pack_ternary
+from hgf.kernels.packing import PACKINGS, pack_ternary
 
 DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -133,7 +133,7 @@ def _cases(n: int, device: torch.device, dtypes: tuple[str, ...], packings: tupl
         cases.append((f"ternary {packing}", packed.numel(),
                       lambda i, ps=ps, pk=packing: ternary_linear(x32, ps[i % len(ps)], s_w, pk,
                                                                   n, n),
-                      kernel_for(x32, n)))
+                      kernel_for(x32, n, packing)))
     return cases
 
 
@@ -141,7 +141,7 @@ def gemv_table(
     sizes: tuple[int, ...] = (2048, 4096),
     device: str | torch.device = "cpu",
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
-    packings: tuple[str, ...] = ("i2", "tq1"),
+    packings: tuple[str, ...] = PACKINGS,
     iters: int = 100,
     rotate: bool = True,
     seed: int = 0,

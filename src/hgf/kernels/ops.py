@@ -21,7 +21,7 @@ import importlib.util
 import torch
 
 from hgf.kernels import cpu
-from hgf.kernels.packing import packed_shape
+from hgf.kernels.packing import get_packing, packed_shape
 from hgf.kernels.reference import EXACT_F32_IN, ternary_linear_fake, ternary_linear_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,7 +60,7 @@ def ternary_linear(
     """BitLinear inference ``[..., in] -> [..., out]`` with the fastest correct kernel."""
     check_args(x, packed, w_scale, packing, out_features, in_features)
     args = (x, packed, w_scale, packing, out_features, in_features, act_eps)
-    kernel = kernel_for(x, in_features)
+    kernel = kernel_for(x, in_features, packing)
     if kernel == "cpu":
         return torch.ops.hgf.ternary_linear_cpu(*args)
     if kernel == "triton":
@@ -74,11 +74,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernel_for(x: torch.Tensor, in_features: int) -> str:
+def kernel_for(x: torch.Tensor, in_features: int, packing: str | None = None) -> str:
     """Which implementation ``ternary_linear`` runs for this input: "cpu", "triton" or
-    "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``)."""
+    "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``, or a
+    ``packing`` the kernel has no path for)."""
     if in_features > EXACT_F32_IN:
         return "reference"
+    if packing is not None:
+        kernel = kernel_for(x, in_features)
+        return kernel if kernel in get_packing(packing).kernels else "reference"
     if x.device.type == "cpu" and cpu.available():
         return "cpu"
     if x.device.type == "cuda" and triton_available():

@@ -12,9 +12,10 @@ gate warmup (a non-persistent buffer; 1e9 = no clamp). The correction reads the 
 (additive fusion) the layer equals its BitLinear exactly; the ternary weight keeps the name
 ``weight`` so BitNet checkpoints load with only ``A``, ``B``, ``gate`` missing.
 
-Training speed: the forward runs as one autograd function, ``y = x_q (a·W_q)ᵀ + (x Aᵀ)(g·B)ᵀ`` with
-``a = 1`` (additive) or ``1 - g`` (convex), so the gate scales the small weights instead of the
-activations; its backward is the STE written out (see :class:`_HGFLinearFn`).
+Training speed: the forward runs as one autograd function, ``y = x_q (μ·W_q)ᵀ + (x Aᵀ)(g·B)ᵀ`` with
+the ternary stream's multiplier ``μ = 1`` (additive) or ``1 - g`` (convex), so the gate scales the
+small weights instead of the activations; its backward is the STE written out (see
+:class:`_HGFLinearFn`).
 """
 
 from __future__ import annotations
@@ -45,59 +46,63 @@ GATE_INVERSE = {
 
 
 class _HGFLinearFn(torch.autograd.Function):
-    """Fused HGF projection over N tokens, with ``W_a = a·W_q``, ``gy = ∂L/∂y`` and the rank-r
-    activations kept transposed, ``hᵀ = A xᵀ`` (r×N):
-        forward   y = x_q W_aᵀ + h (g·B)ᵀ
-        backward  ∂x = gy (W_a + (g·B) A)           (STE: identity through the quantizer; the
+    """Fused HGF projection over N tokens, with ``W_μ = μ·W_q`` (μ = ``t_mult``, the ternary
+    stream's multiplier), ``gy = ∂L/∂y`` and the rank-r activations kept transposed,
+    ``hᵀ = A xᵀ`` (r×N):
+        forward   y = x_q W_μᵀ + h (g·B)ᵀ
+        backward  ∂x = gy (W_μ + (g·B) A)           (STE: identity through the quantizer; the
                                                      rank-r term is folded into the weight)
-                  ∂W = a · gyᵀ x_q    ∂a = Σ W_q ⊙ gyᵀ x_q
+                  ∂W = μ · gyᵀ x_q    ∂μ = Σ W_q ⊙ gyᵀ x_q
                   ∂A = (g·B)ᵀ gyᵀ x   ∂(g·B) = (hᵀ gy)ᵀ
     The r×N layouts are the ones BLAS runs fast for small r. Autograd carries ∂(g·B) on to g and
-    B, and ∂a to g for convex fusion (``a=None`` means a = 1, additive fusion).
+    B, and ∂μ to g for convex fusion (``t_mult=None`` means μ = 1, additive fusion).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, A: torch.Tensor, g_b: torch.Tensor,
-                a: torch.Tensor | None, weight_eps: float, act_eps: float,
+                t_mult: torch.Tensor | None, weight_eps: float, act_eps: float,
                 act_bits: int) -> torch.Tensor:
         x_q, w_q = quantized_operands(x, w, weight_eps, act_eps, act_bits)
         dt = x_q.dtype
         xq2 = x_q.reshape(-1, x_q.shape[-1])  # [N, in]
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # [N, in]
         A_, g_b_ = A.to(dt), g_b.to(dt)  # [r, in], [out, r]
-        w_a = w_q if a is None else w_q * a.to(dt)  # [out, in]
+        w_mu = w_q if t_mult is None else w_q * t_mult.to(dt)  # [out, in]
         h_t = A_ @ x2.t()  # [r, N]
-        y = F.linear(xq2, w_a).addmm_(h_t.t(), g_b_.t())  # [N, out]
-        ctx.save_for_backward(x2, xq2, w_q, A_, g_b_, h_t, a)
+        y = F.linear(xq2, w_mu).addmm_(h_t.t(), g_b_.t())  # [N, out]
+        ctx.save_for_backward(x2, xq2, w_q, A_, g_b_, h_t, t_mult)
         ctx.grad_dtypes = (x.dtype, w.dtype, A.dtype, g_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2, xq2, w_q, A_, g_b_, h_t, a = ctx.saved_tensors
-        need_x, need_w, need_a_mat, need_gb, need_a = ctx.needs_input_grad[:5]
-        dt_x, dt_w, dt_a, dt_gb = ctx.grad_dtypes
+        x2, xq2, w_q, A_, g_b_, h_t, t_mult = ctx.saved_tensors
+        need_x, need_w, need_A, need_gb, need_mu = ctx.needs_input_grad[:5]
+        dt_x, dt_w, dt_A, dt_gb = ctx.grad_dtypes
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)  # [N, out]
-        w_a = w_q if a is None else w_q * a.to(w_q.dtype)
-        grad_x = grad_w = grad_A = grad_gb = grad_a = None
+        w_mu = w_q if t_mult is None else w_q * t_mult.to(w_q.dtype)
+        grad_x = grad_w = grad_A = grad_gb = grad_mu = None
         if need_x:
-            grad_x = gy @ torch.addmm(w_a, g_b_, A_)  # [N, in]
+            grad_x = gy @ torch.addmm(w_mu, g_b_, A_)  # [N, in]
             grad_x = grad_x.view(*grad_y.shape[:-1], -1).to(dt_x)
-        if need_w or need_a:
-            g_wa = gy.t() @ xq2  # [out, in]
-            if need_a:
-                grad_a = (g_wa * w_q).sum().to(a.dtype)
+        if need_w or need_mu:
+            g_wmu = gy.t() @ xq2  # [out, in]
+            if need_mu:
+                grad_mu = (g_wmu * w_q).sum().to(t_mult.dtype)
             if need_w:
-                grad_w = (g_wa if a is None else g_wa * a.to(g_wa.dtype)).to(dt_w)
-        if need_a_mat:
+                grad_w = (g_wmu if t_mult is None else g_wmu * t_mult.to(g_wmu.dtype)).to(dt_w)
+        if need_A:
             grad_h_t = g_b_.t().contiguous() @ gy.t()  # [r, N]
-            grad_A = (grad_h_t @ x2).to(dt_a)  # [r, in]
+            grad_A = (grad_h_t @ x2).to(dt_A)  # [r, in]
         if need_gb:
             grad_gb = (h_t @ gy).t().to(dt_gb)  # [out, r]
-        return grad_x, grad_w, grad_A, grad_gb, grad_a, None, None, None
+        return grad_x, grad_w, grad_A, grad_gb, grad_mu, None, None, None
 
 
 class HGFLinear(BitLinear):
+    hgf_param_roles = {"weight": "ternary", "A": "correction", "B": "correction",
+                       "gate": "gate"}  # hgf.model.roles
+
     def __init__(
         self,
         in_features: int,
@@ -165,21 +170,22 @@ class HGFLinear(BitLinear):
 
     @torch.no_grad()
     def folded_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The inference terms with the gate folded in, ``(A, B' = g·B, a)`` such that
-        ``y = a·T(x) + B'(A x)`` (float32, on the CPU): ``a = 1`` for additive fusion and ``1 - g``
-        for convex fusion, which every exporter folds into the ternary scale, so it must not be
-        zero. The one fold used by every exporter (packed, BitNet, GGUF)."""
+        """The inference terms with the gate folded in, ``(A, B' = g·B, μ)`` such that
+        ``y = μ·T(x) + B'(A x)`` (float32, on the CPU): the ternary stream's multiplier ``μ = 1``
+        for additive fusion and ``1 - g`` for convex fusion, which every exporter folds into the
+        ternary scale, so it must not be zero. The one fold used by every exporter (packed,
+        BitNet, GGUF)."""
         g = self.gate_value().float().cpu()
-        a = 1 - g if self.fusion == "convex" else torch.ones(())
-        if abs(float(a)) < 1e-6:
+        t_mult = 1 - g if self.fusion == "convex" else torch.ones(())
+        if abs(float(t_mult)) < 1e-6:
             raise HGFError(f"convex fusion with gate g={float(g):.6g} = 1 zeroes the ternary "
                            "stream; it cannot be folded into the ternary scale")
-        return self.A.detach().float().cpu(), g * self.B.detach().float().cpu(), a
+        return self.A.detach().float().cpu(), g * self.B.detach().float().cpu(), t_mult
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_value()
-        a = 1 - g if self.fusion == "convex" else None
-        return _HGFLinearFn.apply(x, self.weight, self.A, g * self.B, a, self.weight_eps,
+        t_mult = 1 - g if self.fusion == "convex" else None
+        return _HGFLinearFn.apply(x, self.weight, self.A, g * self.B, t_mult, self.weight_eps,
                                   self.act_eps, self.act_bits)
 
     def extra_repr(self) -> str:

@@ -90,6 +90,10 @@ class BitLinear(nn.Linear):
     Its input must already be RMS-normalised (the block's pre-norms or SubLN do that).
     """
 
+    hgf_role = "ternary"  # hgf.model.roles
+    hgf_param_roles = {"weight": "ternary"}
+    rank = 0  # rank of the low-rank correction: none
+
     def __init__(
         self,
         in_features: int,

@@ -17,7 +17,7 @@ from hgf.config import Config, subln_enabled
 from hgf.model.attention import ATTENTIONS, rope_cache
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.init import children_first, normal_, reset_own
-from hgf.model.linear import make_linear
+from hgf.model.linear import make_linear, resolve_rank
 
 
 class MLP(nn.Module):
@@ -54,8 +54,6 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        from hgf.memory import resolve_rank  # memory depends on linear, not on this module
-
         self.cfg = cfg
         m = cfg.model
         self.rank = resolve_rank(cfg) if m.linear == "hgf" else 0

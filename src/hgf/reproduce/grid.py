@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import hgf
-from hgf.config import Config, ConfigError, build_config, read_toml
+from hgf.config import ARMS, Config, ConfigError, build_config, read_toml
 
-ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff")
 DONE_FILE = "done.json"
 
 

@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from hgf.kernels.packing import PACKINGS
 from hgf.memory import report_for_config
 from hgf.reproduce.grid import Preset, RunSpec, finished_extras
 from hgf.runs import atomic_write_text
@@ -147,7 +148,7 @@ def aggregate(preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
         rep = report_for_config(hgf_spec.cfg)
         memory = {p: {"overhead": rep.overhead(p), "overhead_with_embeddings": rep.overhead(p, True),
                       "reduction_vs_fp16": 1 - rep.total_bytes(p) / rep.fp16_bytes}
-                  for p in ("i2", "tq1")}
+                  for p in PACKINGS}
         memory["params"] = rep.as_dict()["params"]
     missing = [f"{s.arm} {s.steps} steps seed {s.seed_index}" for s in specs if not s.done]
     commits: dict[str, int] = {}  # the code each finished run ran on (a restart counts too)
@@ -206,7 +207,7 @@ def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
         out += ["## Memory (hgf arm, from hgf.memory)", "",
                 "| packing | correction overhead vs ternary backbone | with embeddings | saving vs FP16 |",
                 "|---|---|---|---|"]
-        for p in ("i2", "tq1"):
+        for p in PACKINGS:
             out.append(f"| {p} | {m[p]['overhead']:.2%} | {m[p]['overhead_with_embeddings']:.2%} | "
                        f"{m[p]['reduction_vs_fp16']:.1%} |")
         out += ["", "Paper: ~12–15% overhead, ~85% reduction vs FP16 (at much larger size, where "

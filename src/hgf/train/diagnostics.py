@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from hgf.model import BitLinear, gate_values, ternarize
+from hgf.model.roles import modules_with_role
 from hgf.parallel import full_tensor
 
 
 def ternary_layers(model: nn.Module) -> dict[str, BitLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+    return dict(modules_with_role(model, "ternary"))
 
 
 class TernaryDiagnostics:
