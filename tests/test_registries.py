@@ -149,7 +149,7 @@ def test_a_new_layer_kind_takes_its_roles_from_its_class():
 
 def test_config_choices_are_the_registries():
     c = choices()
-    assert c["model.linear"] == tuple(LINEARS) == ("dense", "bitlinear", "hgf")
+    assert c["model.linear"] == tuple(LINEARS) == ("dense", "bitlinear", "hgf", "ptqtp")
     assert c["model.attention"] == tuple(ATTENTIONS) == ("standard", "differential")
     assert c["hgf.targets"] == tuple(TARGETS) and c["hgf.gate"] == tuple(GATE_FORWARD)
     assert set(CHOICES) < set(c)

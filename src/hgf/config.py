@@ -58,7 +58,7 @@ class ModelConfig:
     n_kv_heads: int = 0  # key/value heads: 0 = n_heads; fewer = grouped-query (standard attention)
     d_ff: int = 192  # hidden width of the gated MLP
     max_seq_len: int = 128
-    linear: str = "dense"  # dense | bitlinear | hgf
+    linear: str = "dense"  # dense | bitlinear | hgf | ptqtp (made by `hgf convert --to ptqtp`)
     attention: str = "standard"  # standard | differential
     mlp: str = "swiglu"  # swiglu | relu2 (squared-ReLU GLU, BitNet b1.58 2B4T)
     subln: str = "auto"  # auto (on for ternary linears) | on | off
@@ -176,6 +176,15 @@ class DistillConfig:
 
 
 @dataclass
+class PTQTPConfig:
+    """The trit-plane fit of ``hgf convert SRC --to ptqtp`` (hgf.model.ptqtp, docs/METHODS.md)."""
+
+    iterations: int = 50  # most alternating rounds (α-step + T-step) per projection
+    tol: float = 1e-4  # stop when a round lowers ‖W − Ŵ‖² by less than tol × its error before
+    activations: str = "int8"  # int8 (per-token absmax, what the packed kernels run) | fp (paper)
+
+
+@dataclass
 class DistConfig:
     strategy: str = "none"  # none | ddp | fsdp2
     activation_checkpointing: bool = False
@@ -192,6 +201,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    ptqtp: PTQTPConfig = field(default_factory=PTQTPConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {sec: {_key_name(k): v for k, v in body.items()} for sec, body in asdict(self).items()}
@@ -212,6 +222,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.resume": ("auto", "never"),
     "dist.strategy": ("none", "ddp", "fsdp2"),
     "init.subln": ("identity", "ones", "off"),
+    "ptqtp.activations": ("int8", "fp"),
 }
 
 
@@ -463,6 +474,10 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
         fail("distill.teacher", "is set but distill.alpha=0 (no distillation); set distill.alpha")
     if cfg.init.calib_batches <= 0:
         fail("init.calib_batches", "must be > 0")
+    if cfg.ptqtp.iterations < 0:
+        fail("ptqtp.iterations", "must be >= 0 (0 = the init only)")
+    if not (cfg.ptqtp.tol >= 0 and math.isfinite(cfg.ptqtp.tol)):
+        fail("ptqtp.tol", "must be >= 0")
 
 
 def _get(cfg: Config, key: str) -> Any:

@@ -57,6 +57,9 @@ def check_exportable(cfg: Config, drop_correction: bool = False) -> None:
     if m.linear == "dense":
         raise HGFError("model.linear=dense: a dense (fp16) model has no ternary weights to store in "
                        "the bitnet format")
+    if m.linear == "ptqtp":
+        raise HGFError("model.linear=ptqtp: the bitnet format holds one ternary plane per "
+                       "projection, PTQTP two; write it with `hgf export` (the hgf packed file)")
     if m.attention != "standard":
         raise HGFError(f"model.attention={m.attention}: transformers' BitNet has standard attention "
                        "only (differential attention cannot be represented)")

@@ -10,6 +10,8 @@
             (hgf.hf.bitnet_import reads it, hgf.hf.bitnet_export says what can be written)
     llama   a transformers ``LlamaForCausalLM`` folder (Llama 2/3, TinyLlama, SmolLM, ...): read
             into a dense hgf model, written from one (hgf.hf.llama_import)
+    ptqtp   (target only) a run whose projections are two fitted ternary trit-planes with row
+            scales, from a dense source, no training (hgf.hf.ptqtp_convert)
 
 A conversion loads the source as an hgf Transformer + Config (+ tokenizer file, checked to fit the
 model and, for a run, to be the one its weights record) and writes it in the target format; a run
@@ -43,7 +45,7 @@ from hgf.runs import (
 )
 
 SOURCES = ("run", "hf", "bitnet", "llama", "gguf")
-TARGETS = ("run", "hf", "bitnet", "llama")
+TARGETS = ("run", "hf", "bitnet", "llama", "ptqtp")
 
 
 def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
@@ -143,6 +145,12 @@ def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
         raise HGFError(f"{src}: not a folder (convert reads a run, Hugging Face or BitNet folder, "
                        "or a .gguf file)")
     fmt = detect_format(src) if fmt == "auto" else fmt
+    if to == "ptqtp":  # its overrides are the fit's options (--ptqtp.*)
+        from hgf.hf.ptqtp_convert import write_ptqtp
+
+        model, cfg, info = load_source(src, fmt, scale_convention)
+        info |= write_ptqtp(model, cfg, out, info["tokenizer"], overrides, str(src))
+        return {"from": fmt, "to": to, **info}
     model, cfg, info = load_source(src, fmt, scale_convention, overrides)
     if to == "run":
         write_run(model, cfg, out, info["tokenizer"])

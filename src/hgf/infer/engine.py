@@ -70,6 +70,8 @@ def notice(reason: str) -> None:
 def config_reason(cfg: Config) -> str | None:
     """Why a model of this config cannot run natively, or None."""
     m = cfg.model
+    if m.linear == "ptqtp":
+        return "model.linear=ptqtp: two trit-planes per projection run on the reference path only"
     if m.linear not in ("bitlinear", "hgf"):
         return f"model.linear={m.linear}: dense projections"
     if cfg.quant.act_bits != 8:

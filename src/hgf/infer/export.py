@@ -21,6 +21,7 @@ from hgf.config import Config
 from hgf.data.tokenizer import check_tokenizer_file
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
+from hgf.infer.ptqtp import pack_ptqtp, stored_bits_per_weight
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
 from hgf.model.quant import BitLinear, ternarize
@@ -101,8 +102,13 @@ def _rest(name: str, mod: nn.Module, cfg: Config, packing: str,
 
 
 # how a module of each role (hgf.model.roles) is exported (layout: hgf.infer.format.SPECS_BY_ROLE)
-PACK_BY_ROLE = {"ternary": _ternary, "embedding": _embedding, "head": _head, "dense": _dense,
-                "other": _rest}
+def _ptqtp(name: str, mod: nn.Module, cfg: Config, packing: str,
+           embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for k, v in pack_ptqtp(mod, packing, name).items()}
+
+
+PACK_BY_ROLE = {"ternary": _ternary, "ptqtp": _ptqtp, "embedding": _embedding, "head": _head,
+                "dense": _dense, "other": _rest}
 
 
 @torch.no_grad()
@@ -216,11 +222,19 @@ def format_breakdown(header: PackedHeader) -> str:
         ("header (config, tokenizer)", b["header_bytes"], None),
         ("file size on disk", b["file_size"], None),
     ]
+    ptqtp = header.config.model.linear == "ptqtp"
+    if ptqtp:  # hgf.memory counts one plane per projection: no prediction for two
+        rows[:2] = [("ternary planes T1, T2", b["ternary"], None),
+                    ("plane scales α (f32)", b["scale"], None)]
     lines = [f"{header.path}: packing {header.packing}, {len(header.tensors)} tensors",
              f"{'component':<30}{'file KiB':>12}{'hgf.memory KiB':>16}"]
     for label, got, pred in rows:
         p = "" if pred is None else f"{pred / kib:.2f}"
         lines.append(f"{label:<30}{got / kib:>12.2f}{p:>16}")
+    if ptqtp:
+        lines.append(f"PTQTP: two trit-planes per projection, {stored_bits_per_weight(header):.3f} "
+                     "bits per projection weight as stored (planes + row scales)")
+        return "\n".join(lines)
     if not b["backbone"]:
         lines.append("no ternary projections (a dense model): no correction overhead to report")
         return "\n".join(lines)

@@ -5,6 +5,8 @@ Tensors (names are the packed model's ``state_dict`` keys; ``N`` is a ternary pr
     N.weight_scale    f32    []                               s_w (the divisor: W ≈ W_t / s_w)
     N.A               f16    [r, in]                          HGF correction
     N.B               f16    [out, r]                         B' = g·B (gate folded in)
+    N.planes_packed   uint8  packed_shape(2·out, in, packing)  PTQTP: T₁ and T₂ stacked (rows)
+    N.plane_scale     f32    [2, out]                          PTQTP: α₁, α₂ (hgf.infer.ptqtp)
     tok_emb.weight    f16    [vocab, d]    or int8 with tok_emb.row_scale f32 [vocab]
     lm_head.weight    f16    [vocab, d]    (absent when tied) or int8 with lm_head.row_scale
     other projections f16 (dense arms); norms and λ vectors f32
@@ -100,8 +102,15 @@ def _rest(name: str, mod: nn.Module, cfg: Config, packing: str,
 
 
 # the tensors a module of each role (hgf.model.roles) has in the file
-SPECS_BY_ROLE = {"ternary": _ternary_specs, "embedding": _embedding, "head": _head,
-                 "dense": _dense, "other": _rest}
+def _ptqtp(name: str, mod: nn.Module, cfg: Config, packing: str,
+           embeddings: str) -> dict[str, TensorSpec]:
+    from hgf.infer.ptqtp import ptqtp_specs  # it imports this module
+
+    return ptqtp_specs(name, mod, packing)
+
+
+SPECS_BY_ROLE = {"ternary": _ternary_specs, "ptqtp": _ptqtp, "embedding": _embedding,
+                 "head": _head, "dense": _dense, "other": _rest}
 
 
 def expected_tensors(model: nn.Module, cfg: Config, packing: str,

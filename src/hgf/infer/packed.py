@@ -24,10 +24,11 @@ from torch import nn
 from hgf.errors import HGFError
 from hgf.infer.export import pack_projection
 from hgf.infer.format import PackedHeader, read_header
+from hgf.infer.ptqtp import PackedPTQTPLinear
 from hgf.kernels import packed_shape, ternary_linear
 from hgf.model.attention import rope_cache
 from hgf.model.quant import BitLinear
-from hgf.model.roles import modules_with_role
+from hgf.model.roles import modules_with_role, role_of
 from hgf.model.transformer import Transformer, build_model
 
 
@@ -83,12 +84,16 @@ class PackedTernaryLinear(nn.Module):
 
 
 def swap_packed_layers(model: nn.Module, packing: str) -> None:
-    """Replace every BitLinear/HGFLinear of ``model`` in place by an empty packed layer."""
-    targets = list(modules_with_role(model, "ternary"))
+    """Replace every ternary projection (BitLinear/HGFLinear) and two-plane PTQTP projection
+    (hgf.infer.ptqtp) of ``model`` in place by an empty packed layer."""
+    targets = [*modules_with_role(model, "ternary"), *modules_with_role(model, "ptqtp")]
     for name, mod in targets:
         parent, _, child = name.rpartition(".")
-        device = mod.weight.device
-        setattr(model.get_submodule(parent), child, PackedTernaryLinear.like(mod, packing, device))
+        if role_of(name, mod) == "ptqtp":
+            new = PackedPTQTPLinear.like(mod, packing, mod.planes.device)
+        else:
+            new = PackedTernaryLinear.like(mod, packing, mod.weight.device)
+        setattr(model.get_submodule(parent), child, new)
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

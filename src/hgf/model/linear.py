@@ -23,6 +23,7 @@ from torch import nn
 
 from hgf.config import Config, HGFConfig, kv_heads
 from hgf.model.hgf_linear import HGFLinear
+from hgf.model.ptqtp import PTQTPLinear
 from hgf.model.quant import BitLinear
 
 FP16 = 2  # bytes per value of the correction A, B and the gates (and of hgf.memory's FP16 parts)
@@ -49,10 +50,17 @@ def _hgf(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
     )
 
 
+def _ptqtp(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
+    q = cfg.quant
+    return PTQTPLinear(i, o, activations=cfg.ptqtp.activations, act_eps=q.act_eps,
+                       act_bits=q.act_bits)
+
+
 LINEARS: dict[str, Callable[[int, int, Config, int], nn.Module]] = {
     "dense": _dense,
     "bitlinear": _bitlinear,
     "hgf": _hgf,
+    "ptqtp": _ptqtp,  # two fixed trit-planes: made by `hgf convert --to ptqtp`, not trained
 }
 
 

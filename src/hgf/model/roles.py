@@ -8,6 +8,8 @@ the GGUF exporter.
 Module roles (:func:`role_of`):
 
     ternary    a ternary projection (BitLinear and its subclasses): packed at export
+    ptqtp      a two-plane ternary projection fitted without training (PTQTPLinear, no
+               parameters: its planes and row scales are buffers), packed as two planes
     dense      a full-precision block projection (``nn.Linear``; the fp16 / diff_only arms)
     embedding  the token embedding (``nn.Embedding``)
     head       the LM head (the ``lm_head`` linear; tied to the embedding or not)
@@ -43,7 +45,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-MODULE_ROLES = ("ternary", "dense", "embedding", "head", "other")
+MODULE_ROLES = ("ternary", "ptqtp", "dense", "embedding", "head", "other")
 PARAM_ROLES = ("ternary", "correction", "gate", "dense", "embedding", "head", "other")
 HEAD_NAME = "lm_head"
 

@@ -304,6 +304,9 @@ def train(cfg: Config, data: Prepared | None = None, *, overwrite: bool = False)
     defaults to ``hgf.data.prepare(cfg)``. Under torchrun (``dist.strategy`` ddp/fsdp2) every rank
     calls this; see :mod:`hgf.parallel`. A SIGINT/SIGTERM raises :class:`TrainingInterrupted`
     after a checkpoint."""
+    if cfg.model.linear == "ptqtp":  # zero planes until a conversion loads them
+        raise HGFError("model.linear=ptqtp has no trainable projections: it is made from a trained "
+                       "FP model by `hgf convert SRC --to ptqtp OUT` (evaluate it with `hgf eval`)")
     with process_group(cfg, resolve_device(cfg.train.device)) as device:
         return _train(cfg, data, device, overwrite)
 
