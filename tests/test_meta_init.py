@@ -29,13 +29,14 @@ def assert_bitwise_equal(a: nn.Module, b: nn.Module) -> None:
 
 
 def meta_built(cfg, seed: int = 3) -> nn.Module:
-    """Meta build, storage full of NaN (so an init that skips a tensor shows), then init."""
+    """Meta build, storage full of NaN (or 7s) so that an init that skips a tensor shows, then
+    init."""
     torch.manual_seed(seed)
     model = build_model(cfg, device="meta")
     model.to_empty(device="cpu")
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            t.fill_(float("nan"))
+            t.fill_(float("nan") if t.is_floating_point() else 7)
     return materialize(model, "cpu")
 
 
@@ -60,6 +61,7 @@ def test_meta_build_materialised_equals_the_eager_build(arm):
     ("--model.tie_embeddings=true",),
     ("--hgf.init=svd", "--hgf.fusion=convex", "--hgf.gate=tanh"),
     ("--hgf.targets=attention", "--model.mlp=relu2", "--model.subln=off"),
+    ("--model.linear=ptqtp", "--model.attention=standard"),
 ])
 def test_meta_build_equals_eager_for_ties_svd_and_other_options(over):
     cfg = small("hgf", *over)
@@ -77,8 +79,15 @@ def test_a_layer_init_weights_does_not_know_is_an_error():
             super().__init__()
             self.s = nn.Parameter(torch.ones(3))
 
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("t", torch.ones(3))
+
     with pytest.raises(TypeError, match=r"Scale has parameters \(s\) but no reset_own_parameters"):
         reset_own(Scale())
+    with pytest.raises(TypeError, match=r"Table has buffers \(t\) but no reset_own_parameters"):
+        reset_own(Table())
 
 
 def _max_rss_mib() -> float:

@@ -52,6 +52,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(batch, v_heads, max_len, v_dim, dtype=dtype,
                                               device=device), persistent=False)
 
+    @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        """An empty cache (hgf.model.init.reset_own)."""
+        self.k.zero_()
+        self.v.zero_()
+
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
         if end > self.k.shape[2]:

@@ -87,10 +87,16 @@ def _linear_bias_(mod: nn.Linear) -> None:
 
 @torch.no_grad()
 def reset_own(mod: nn.Module) -> None:
-    """Draw ``mod``'s own parameters (not its children's) as its constructor does: the torch base
-    layer's init, then the draws the hgf layer adds (its ``reset_own_parameters``). A layer whose
-    parameters neither knows raises, so that no parameter is left as ``to_empty`` left it."""
+    """Initialise ``mod``'s own parameters and buffers (not its children's) as its constructor
+    does: the torch base layer's init, then what the hgf layer adds (its
+    ``reset_own_parameters``, which also sets its buffers). A layer whose parameters neither
+    knows, or which has buffers but no ``reset_own_parameters``, raises, so that no tensor is
+    left as ``to_empty`` left it."""
     own = dict(mod.named_parameters(recurse=False))
+    buffers = dict(mod.named_buffers(recurse=False))
+    if buffers and not hasattr(mod, "reset_own_parameters"):
+        raise TypeError(f"{type(mod).__name__} has buffers ({', '.join(buffers)}) but no "
+                        "reset_own_parameters(): it cannot be initialised after to_empty")
     if isinstance(mod, nn.Linear):
         kaiming_uniform_(mod.weight)
         if mod.bias is not None:

@@ -80,14 +80,19 @@ class Transformer(nn.Module):
         on the meta device, sharded (FSDP2, every rank seeded alike) or not. The constructors'
         draws are replayed first so that the RNG stands where an eager build's does
         (hgf.model.init)."""
-        for mod in children_first(self):
+        for mod in children_first(self):  # this module last
             reset_own(mod)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        """The RoPE tables (hgf.model.init.reset_own), computed where an eager build computes
+        them."""
         m = self.cfg.model
-        with torch.device(self.rope_cos.device):  # computed where an eager build computes them
+        with torch.device(self.rope_cos.device):
             cos, sin = rope_cache(m.d_model // m.n_heads, m.max_seq_len, m.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
