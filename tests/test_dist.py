@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from hgf.config import Config
 from hgf.data import prepare, write_stories
@@ -32,7 +33,7 @@ from hgf.train import train
 from hgf.train.batches import eval_batches
 from hgf.train.checkpoint import LATEST
 from hgf.train.metrics import read_metrics
-from trainkit import ROOT, make_stories, tiny_config
+from trainkit import ARMS, ROOT, make_stories, small_config, tiny_config
 
 RTOL, FRAC_ATOL, WEIGHT_ATOL = 1e-5, 1e-3, 1e-4
 TIMEOUT = 300  # seconds; a hung collective fails the test instead of hanging the suite
@@ -76,12 +77,17 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
-def _worker(rank: int, world_size: int, port: int, cfgs: list[Config]) -> None:
-    """One rank: join the group (as torchrun would set it up) and train each config in turn."""
+def _join(rank: int, world_size: int, port: int) -> None:
+    """Join the group as torchrun would set it up."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+
+
+def _worker(rank: int, world_size: int, port: int, cfgs: list[Config]) -> None:
+    """One rank: train each config in turn."""
+    _join(rank, world_size, port)
     try:
         for cfg in cfgs:
             train(cfg)
@@ -89,9 +95,44 @@ def _worker(rank: int, world_size: int, port: int, cfgs: list[Config]) -> None:
         dist.destroy_process_group()
 
 
-def spawn(cfgs: list[Config], world_size: int = 2) -> None:
+def _build_worker(rank: int, world_size: int, port: int, cfgs: list[Config], out: Path) -> None:
+    """One rank: build each config as the trainer does (meta → shard → materialise → init; the
+    last one also initialised from a dense source), check that this rank holds only its part, and
+    let rank 0 save the gathered whole model."""
+    from hgf.model import build_model
+    from hgf.parallel import build_parallel, full_tensor
+    from hgf.train.init_from import initialise
+
+    _join(rank, world_size, port)
+    try:
+        for i, cfg in enumerate(cfgs):
+            init = None
+            if cfg.init.from_:
+                source_cfg = small_config("fp16")
+                torch.manual_seed(11)
+                source = build_model(source_cfg, "cpu")
+                init = lambda m, s=source, c=source_cfg, cfg=cfg: initialise(m, cfg, s, c)  # noqa: E731
+            torch.manual_seed(cfg.train.seed)
+            model, _ = build_parallel(cfg, torch.device("cpu"), init)
+            for name, p in model.named_parameters():
+                local = p.to_local() if isinstance(p, DTensor) else p
+                if p.ndim:  # every parameter but the 0-dim gates is sharded on dim 0 (chunks)
+                    parts = torch.arange(p.shape[0]).chunk(world_size)
+                    assert isinstance(p, DTensor), name
+                    assert len(local) == (len(parts[rank]) if rank < len(parts) else 0), name
+            state = {n: full_tensor(t).clone() for n, t in
+                     [*model.named_parameters(), *model.named_buffers()]}
+            if cfg.model.tie_embeddings:
+                assert model.lm_head.weight is model.tok_emb.weight
+            if rank == 0:
+                torch.save(state, out / f"{i}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(cfgs: list[Config], world_size: int = 2, worker=_worker, *args: object) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned interpreters
-    ctx = mp.start_processes(_worker, (world_size, free_port(), cfgs), nprocs=world_size,
+    ctx = mp.start_processes(worker, (world_size, free_port(), cfgs, *args), nprocs=world_size,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT
     while not ctx.join(timeout=5):
@@ -223,3 +264,29 @@ def test_fsdp2_with_channel_gates_equals_one_process(tmp_path, data):
     assert a.keys() == b.keys()
     for name in a:  # each projection's channel gates: min and max
         assert b[name] == pytest.approx(a[name], rel=RTOL), name
+
+
+def test_fsdp2_meta_build_gathers_to_the_one_process_build(tmp_path):
+    """Built on meta, sharded over 2 ranks, materialised and initialised: each rank holds its
+    part, and the gathered model equals the eager one-process build bit for bit (every arm,
+    buffers, tied embeddings, the SVD init, init.from into a sharded model)."""
+    from hgf.model import build_model
+    from hgf.train.init_from import initialise
+
+    fsdp2 = "--dist.strategy=fsdp2"
+    cfgs = [small_config(arm, fsdp2) for arm in ARMS] + [
+        small_config("hgf", fsdp2, "--model.tie_embeddings=true", "--hgf.init=svd"),
+        small_config("hgf_std", fsdp2, "--hgf.init=svd", "--init.subln=ones", "--init.from=src")]
+    spawn(cfgs, 2, _build_worker, tmp_path)
+    for i, cfg in enumerate(cfgs):
+        torch.manual_seed(cfg.train.seed)
+        eager = build_model(cfg, "cpu")
+        if cfg.init.from_:
+            source_cfg = small_config("fp16")
+            torch.manual_seed(11)
+            initialise(eager, cfg, build_model(source_cfg, "cpu"), source_cfg)
+        want = {**dict(eager.named_parameters()), **dict(eager.named_buffers())}
+        got = torch.load(tmp_path / f"{i}.pt")
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (i, k)

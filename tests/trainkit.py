@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from hgf.config import ARMS as CONFIG_ARMS
 from hgf.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,4 +38,14 @@ def tiny_config(out_dir: Path, dataset: tuple[Path, Path], arm: str = "hgf",
             "--train.warmup_steps=2", "--train.log_every=1", "--train.progress=false",
             "--eval.every=4", "--eval.batches=2", f"--train.out_dir={out_dir}",
             f"--data.path={data}", f"--data.cache_dir={cache}"]
+    return load_config(ROOT / "configs" / f"{arm}.toml", base + list(overrides))
+
+
+ARMS = tuple(CONFIG_ARMS)  # every arm's preset name
+
+
+def small_config(arm: str, *overrides: str) -> Config:
+    """The arm's preset at a small size for model-only tests (no data)."""
+    base = ["--model.vocab_size=96", "--model.d_model=32", "--model.n_layers=3",
+            "--model.n_heads=4", "--model.d_ff=72", "--model.max_seq_len=24", "--train.seq_len=16"]
     return load_config(ROOT / "configs" / f"{arm}.toml", base + list(overrides))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgf.config import Config, kv_heads, subln_enabled
+from hgf.model.init import init_
 from hgf.model.linear import make_linear
 
 
@@ -50,6 +51,12 @@ class KVCache(nn.Module):
                                               device=device), persistent=False)
         self.register_buffer("v", torch.zeros(batch, v_heads, max_len, v_dim, dtype=dtype,
                                               device=device), persistent=False)
+
+    @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        """An empty cache (hgf.model.init.reset_own)."""
+        self.k.zero_()
+        self.v.zero_()
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -127,11 +134,18 @@ class DifferentialAttention(_AttentionBase):
         self.n_heads = cfg.model.n_heads // 2  # H differential heads
         d = self.head_dim
         self.lambda_init = lambda_init_for(layer_idx)
-        self.lambda_q1 = nn.Parameter(torch.randn(d) * 0.1)
-        self.lambda_k1 = nn.Parameter(torch.randn(d) * 0.1)
-        self.lambda_q2 = nn.Parameter(torch.randn(d) * 0.1)
-        self.lambda_k2 = nn.Parameter(torch.randn(d) * 0.1)
+        self.lambda_q1 = nn.Parameter(torch.empty(d))
+        self.lambda_k1 = nn.Parameter(torch.empty(d))
+        self.lambda_q2 = nn.Parameter(torch.empty(d))
+        self.lambda_k2 = nn.Parameter(torch.empty(d))
+        self.reset_own_parameters()
         self.head_norm = nn.RMSNorm(2 * d, eps=cfg.model.norm_eps)
+
+    @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        """The λ vectors ~ N(0, 0.1²), drawn as ``randn(d) · 0.1`` (hgf.model.init.reset_own)."""
+        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            init_(p, lambda x: x.normal_().mul_(0.1))
 
     def lambda_full(self) -> torch.Tensor:
         l1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgf.errors import HGFError
+from hgf.model.init import copy_whole_, kaiming_uniform_, whole
 from hgf.model.quant import BitLinear, quantized_operands, ternarize
 
 NO_CLAMP = 1e9
@@ -163,23 +164,30 @@ class HGFLinear(BitLinear):
         self.register_buffer("gate_max", torch.tensor(NO_CLAMP, device=device), persistent=False)
         self.reset_correction()
 
+    @torch.no_grad()
     def reset_correction(self) -> None:
         """LoRA init: A Kaiming-uniform, B zeros, gate at its init value (every channel; an input
-        gate's projection w at 0, so that g(x) = g0)."""
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        nn.init.zeros_(self.B)
-        with torch.no_grad():
-            self.gate.fill_(GATE_INVERSE[self.gate_kind](self.gate_init))
-            if self.gate_mode == "input":
-                self.gate_w.zero_()
-            self.gate_max.fill_(NO_CLAMP)
+        gate's projection w at 0, so that g(x) = g0), no gate clamp."""
+        kaiming_uniform_(self.A)
+        self.B.zero_()
+        self.gate.fill_(GATE_INVERSE[self.gate_kind](self.gate_init))
+        if self.gate_mode == "input":
+            self.gate_w.zero_()
+            self.gate_stats.fill_(float("nan"))
+        self.gate_max.fill_(NO_CLAMP)
+
+    def reset_own_parameters(self) -> None:
+        """What this class's constructor draws beyond BitLinear's (hgf.model.init.reset_own)."""
+        self.reset_correction()
 
     @torch.no_grad()
     def init_from_residual_svd(self) -> None:
         """LoftQ-like init: A, B from the top-r SVD of the residual ``W - W_t/s_w``, divided by g0
-        so that ``g·B A`` starts as the best rank-r fix of the quantization error."""
-        w_t, s = ternarize(self.weight, self.weight_eps)
-        resid = self.weight.float() - w_t / s  # [out, in]
+        so that ``g·B A`` starts as the best rank-r fix of the quantization error. A sharded
+        layer gathers its whole weight (collective) and keeps its part of A and B."""
+        w = whole(self.weight)
+        w_t, s = ternarize(w, self.weight_eps)
+        resid = w.float() - w_t / s  # [out, in]
         u, sv, vh = torch.linalg.svd(resid, full_matrices=False)
         r = self.rank
         root = sv[:r].sqrt()
@@ -188,8 +196,8 @@ class HGFLinear(BitLinear):
             g = torch.where(g == 0, torch.ones_like(g), g)[:, None]
         else:
             g = float(self.gate_value()) or 1.0
-        self.B.copy_((u[:, :r] * root / g).to(self.B.dtype))  # [out, r]
-        self.A.copy_((root[:, None] * vh[:r]).to(self.A.dtype))  # [r, in]
+        copy_whole_(self.B, (u[:, :r] * root / g).to(self.B.dtype))  # [out, r]
+        copy_whole_(self.A, (root[:, None] * vh[:r]).to(self.A.dtype))  # [r, in]
 
     def gate_value(self) -> torch.Tensor:
         """The effective gate ``min(φ(α), g_max)`` in float32: a scalar, one value per output

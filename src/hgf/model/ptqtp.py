@@ -162,6 +162,12 @@ class PTQTPLinear(nn.Module):
                                                   device=device))
 
     @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        """Zero planes and scales, as built (hgf.model.init.reset_own)."""
+        self.planes.zero_()
+        self.alpha.zero_()
+
+    @torch.no_grad()
     def load_fit(self, fit: TritPlaneFit) -> PTQTPLinear:
         self.planes.copy_(fit.planes)
         self.alpha.copy_(fit.alpha)

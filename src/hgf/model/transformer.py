@@ -16,6 +16,7 @@ from torch import nn
 from hgf.config import Config, subln_enabled
 from hgf.model.attention import ATTENTIONS, rope_cache
 from hgf.model.hgf_linear import HGFLinear
+from hgf.model.init import children_first, normal_, reset_own
 from hgf.model.linear import make_linear, resolve_rank
 
 
@@ -60,23 +61,51 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i, self.rank) for i in range(m.n_layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
-        if m.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+        self.tie_weights()
         cos, sin = rope_cache(m.d_model // m.n_heads, m.max_seq_len, m.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    def tie_weights(self) -> None:
+        """With ``model.tie_embeddings`` the LM head shares the embedding's weight (``to_empty``
+        unties them: :func:`materialize` ties them again)."""
+        if self.cfg.model.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer in place from the global RNG, exactly as
+        ``Transformer(cfg)`` does on the device they are on: after ``to_empty`` on a model built
+        on the meta device, sharded (FSDP2, every rank seeded alike) or not. The constructors'
+        draws are replayed first so that the RNG stands where an eager build's does
+        (hgf.model.init)."""
+        for mod in children_first(self):  # this module last
+            reset_own(mod)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_own_parameters(self) -> None:
+        """The RoPE tables (hgf.model.init.reset_own), computed where an eager build computes
+        them."""
+        m = self.cfg.model
+        with torch.device(self.rope_cos.device):
+            cos, sin = rope_cache(m.d_model // m.n_heads, m.max_seq_len, m.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """The model's init: projections and embedding N(0, init_std²) (output projections scaled
+        by 1/√(2L)), then each HGF correction (``hgf.init``). Sharded parameters: hgf.model.init."""
         m = self.cfg.model
         std = m.init_std
         for name, mod in self.named_modules():
             if isinstance(mod, nn.Linear):
                 out_std = std / math.sqrt(2 * m.n_layers) if name.endswith(("o_proj", "down_proj")) else std
-                nn.init.normal_(mod.weight, 0.0, out_std)
+                normal_(mod.weight, out_std)
             elif isinstance(mod, nn.Embedding):
-                nn.init.normal_(mod.weight, 0.0, std)
+                normal_(mod.weight, std)
         for mod in self.modules():
             if isinstance(mod, HGFLinear):
                 mod.reset_correction()
@@ -117,3 +146,13 @@ def build_model(cfg: Config, device: torch.device | str | None = None) -> Transf
         return Transformer(cfg)
     with torch.device(device):
         return Transformer(cfg)
+
+
+def materialize(model: Transformer, device: torch.device | str) -> Transformer:
+    """Allocate a model built on the meta device (and possibly sharded since) on ``device`` and
+    initialise it (docs/STYLE.md §15): under the same seed its weights and buffers equal those of
+    ``build_model(cfg, device)``, bit for bit; a sharded model's ranks hold their parts of them."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights()
+    return model

@@ -33,6 +33,7 @@ so the ternary scale is computed in float32 from the bf16-rounded weight. On CPU
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,12 +47,36 @@ from torch.nn.parallel import DistributedDataParallel
 from hgf.config import Config
 from hgf.errors import HGFError
 from hgf.model.hgf_linear import hgf_layers
+from hgf.model.transformer import Transformer, build_model, materialize
 from hgf.parallel.env import world
 
 
-def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
+def build_parallel(cfg: Config, device: torch.device,
+                   init: Callable[[nn.Module], object] | None = None) -> tuple[Transformer, nn.Module]:
+    """Build ``cfg``'s model for ``cfg.dist.strategy`` on ``device`` (the caller seeds the RNG, alike
+    on every rank); return it and the module to call for training (docs/STYLE.md §15).
+
+    The model is built on the meta device. Under fsdp2 it is sharded there, then materialised and
+    initialised (:func:`hgf.model.transformer.materialize`): each rank allocates its 1/N of every
+    parameter and, while initialising, one whole parameter at a time, never the whole model.
+    Otherwise it is materialised whole, then wrapped. Either way its weights equal
+    ``build_model(cfg, device)``'s under the same seed, bit for bit. ``init`` (init.from) then
+    changes them, before DDP broadcasts them (sharded parameters: hgf.model.init.copy_whole_).
+    """
+    model = build_model(cfg, device="meta")
+    sharded = cfg.dist.strategy == "fsdp2"
+    forward = parallelize(model, cfg, device) if sharded else None
+    materialize(model, device)
+    if init is not None:
+        init(model)
+    return model, forward if sharded else parallelize(model, cfg, device)
+
+
+def parallelize(model: nn.Module, cfg: Config, device: torch.device | None = None) -> nn.Module:
     """Apply activation checkpointing, compile and ``cfg.dist.strategy`` to ``model`` (a
-    :class:`hgf.model.Transformer` on its device); return the module to call for training.
+    :class:`hgf.model.Transformer` on ``device``, default its parameters' device; under fsdp2 it
+    may still be on the meta device, see :func:`build_parallel`); return the module to call for
+    training.
 
     Under fsdp2 ``model`` itself becomes the sharded module (its parameters are DTensors); build
     the optimizer from it afterwards. Under ddp the returned wrapper shares ``model``'s parameters.
@@ -68,7 +93,7 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
     if cfg.train.compile:
         for block in model.layers:
             block.compile()
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     if strategy == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     return _fully_shard(model, device, _bf16(cfg, device))

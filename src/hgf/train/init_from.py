@@ -53,6 +53,7 @@ from hgf.config import Config, build_config, kv_heads, load_config_json, parse_o
 from hgf.errors import HGFError
 from hgf.infer.load import detect_format
 from hgf.model.hgf_linear import CORRECTION_PARAMS, hgf_layers
+from hgf.model.init import copy_whole_
 from hgf.runs import CONFIG_FILE, TOKENIZER_FILE
 
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "attention",
@@ -244,7 +245,7 @@ def initialise(model: nn.Module, cfg: Config, source: nn.Module, source_cfg: Con
             if tuple(theirs[name].shape) != tuple(t.shape):
                 raise HGFError(f"{_where(path)}: {name} has shape {tuple(theirs[name].shape)} in "
                                f"the source, {tuple(t.shape)} here")
-            t.copy_(theirs[name].to(device=t.device, dtype=t.dtype))
+            copy_whole_(t, theirs[name].to(device=t.device, dtype=t.dtype))  # sharded: its part
             copied += 1
         elif name.endswith(CORRECTION):
             corrections.append(name)

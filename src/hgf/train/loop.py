@@ -6,8 +6,10 @@ One update (``step`` = 0-based index of the update, ``k`` = train.grad_accum mic
                            (with distill.alpha > 0, L_i = α·T²·KD + (1 − α)·CE, see distill.py)
     stop with an HGFError if the loss or the gradient norm is not finite (no update is applied)
     clip the global gradient norm to train.grad_clip (0 = off), AdamW step
-Autocast: bf16 on CUDA, float32 on CPU (train.dtype = auto). The model is built on one device and
-handed to :func:`hgf.parallel.parallelize` (checkpointing, compile, DDP/FSDP2). Under torchrun
+Autocast: bf16 on CUDA, float32 on CPU (train.dtype = auto). The model is built on the meta device
+by :func:`hgf.parallel.build_parallel`, which shards it (FSDP2) before allocating and initialising
+it, and applies checkpointing, compile and DDP/FSDP2 (:func:`hgf.parallel.parallelize`); its
+weights are those of a model built eagerly on one device, bit for bit. Under torchrun
 every rank runs this loop on its slice of the global batch: gradients are averaged over the ranks
 on the last micro-batch only, the logged loss is the mean over the ranks, logging and file writes
 happen on rank 0 (sharded checkpoints are written by every rank, see checkpoint.py).
@@ -21,8 +23,8 @@ The run folder (train.out_dir) is never replaced silently. At start-up:
                                           as metrics.jsonl.N
     overwrite=True (hgf train --overwrite) start from step 0, deleting the folder's checkpoints/,
                      model.safetensors, metrics.jsonl and tb/
-A run that starts from step 0 with ``init.from`` set initialises the built model from that source
-(init_from.py) before it is parallelized; a resumed run never reads the source again.
+A run that starts from step 0 with ``init.from`` set initialises the built (and, under FSDP2,
+sharded) model from that source (init_from.py); a resumed run never reads the source again.
 Checkpoints are written every train.ckpt_every steps, every train.ckpt_minutes minutes, at the end
 and at the step boundary after a SIGINT/SIGTERM (then TrainingInterrupted, see guard.py). Before
 the first step a line warns when ``hgf plan``'s memory estimate exceeds the memory available.
@@ -49,14 +51,14 @@ from hgf.config import Config
 from hgf.data import Prepared, prepare
 from hgf.data.tokenizer import tokenizer_metadata
 from hgf.errors import HGFError
-from hgf.model import build_model, gate_ranges, gate_values, lm_loss
+from hgf.model import gate_ranges, gate_values, lm_loss
 from hgf.parallel import (
     all_mean,
     barrier,
+    build_parallel,
     clip_grad_norm_,
     gradient_sync,
     is_main_process,
-    parallelize,
     process_group,
     sync_replicated_grads,
     world,
@@ -117,7 +119,7 @@ class Trainer:
 
     cfg: Config
     model: nn.Module  # the model (parameters, gates, checkpoints; sharded in place by FSDP2)
-    forward: Callable[[torch.Tensor], torch.Tensor]  # what parallelize returned
+    forward: Callable[[torch.Tensor], torch.Tensor]  # what build_parallel returned
     optimizer: Optimizer
     sampler: BatchSampler
     device: torch.device
@@ -185,14 +187,11 @@ def _prepare(cfg: Config, progress: bool) -> Prepared:
 def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device,
                   init: Callable[[nn.Module], object] | None = None) -> Trainer:
     """Seeded model, optimizer and sampler for ``cfg`` on ``device`` (not yet resumed); ``init``
-    (init.from, see hgf.train.init_from) changes the built model's weights before it is
-    parallelized; with distill.alpha > 0 the trainer gets its teacher."""
+    (init.from, see hgf.train.init_from) changes the built model's weights (sharded under
+    FSDP2, before DDP's broadcast); with distill.alpha > 0 the trainer gets its teacher."""
     t, w = cfg.train, world()
     torch.manual_seed(t.seed)
-    model = build_model(cfg, device)
-    if init is not None:
-        init(model)
-    forward = parallelize(model, cfg)  # also compiles (train.compile)
+    model, forward = build_parallel(cfg, device, init)  # meta → shard → materialise, compiled
     sampler = BatchSampler(train_tokens, t.batch_size, t.seq_len, t.seed, w.rank, w.world_size)
     return Trainer(cfg, model, forward, build_optimizer(model, cfg), sampler, device,
                    autocast_for(device, t.dtype), build_distiller(cfg, device))
