@@ -19,6 +19,7 @@ ARMS_AXES = ARMS = {
     "fp16": ("dense", "standard"), "bitnet": ("bitlinear", "standard"),
     "diff_only": ("dense", "differential"), "hgf": ("hgf", "differential"),
     "hgf_std": ("hgf", "standard"), "bitnet_diff": ("bitlinear", "differential"),
+    "tequila": ("tequila", "standard"), "sherry": ("sherry", "standard"),
 }
 
 

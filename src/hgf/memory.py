@@ -6,8 +6,11 @@ The backbone is every ternary projection weight, packed, plus one float32 scale 
 Packings (exact bytes per tensor ``[out, in]``, packed along the input dim row by row):
     i2       2 bits/weight, 4 per byte:          out · ceil(in / 4)
     tq1      1.6 bits/weight, 5 trits per byte:  out · ceil(in / 5)
+    sherry   1.25 bits/weight, 3:4 sparse ternary only (model.linear = sherry), 5 bits per 4
+             weights: out · (20 · (in // 128) + ceil(g / 2) + ceil(g / 8)), g = ceil((in mod 128) / 4)
     entropy  log2(3) bits/weight (the limit):    out · in · log2(3) / 8
-The correction (A, B) and the gates are FP16 (2 bytes); embeddings, LM head, norms and the λ
+Tequila's folded dead-zone bias is float32, one per output row of each projection
+(``bias_bytes``, part of the total). The correction (A, B) and the gates are FP16 (2 bytes); embeddings, LM head, norms and the λ
 vectors of differential attention are FP16 too. Counts come from walking a model built on the
 meta device, so the report describes exactly the modules the model has.
 """
@@ -22,8 +25,8 @@ from torch import nn
 from hgf.config import Config, kv_heads
 from hgf.model.linear import TARGETS, block_projections
 
-PACKINGS = ("i2", "tq1", "entropy")
-BITS = {"i2": 2.0, "tq1": 1.6, "entropy": math.log2(3)}
+PACKINGS = ("i2", "tq1", "sherry", "entropy")
+BITS = {"i2": 2.0, "tq1": 1.6, "sherry": 1.25, "entropy": math.log2(3)}
 FP16 = 2
 SCALE_BYTES = 4
 
@@ -34,6 +37,9 @@ def packed_bytes(out_features: int, in_features: int, packing: str) -> float:
         return out_features * math.ceil(in_features / 4)
     if packing == "tq1":
         return out_features * math.ceil(in_features / 5)
+    if packing == "sherry":
+        g = math.ceil(in_features % 128 / 4)
+        return out_features * (20 * (in_features // 128) + math.ceil(g / 2) + math.ceil(g / 8))
     if packing == "entropy":
         return out_features * in_features * math.log2(3) / 8
     raise ValueError(f"unknown packing {packing!r} (known: {', '.join(PACKINGS)})")
@@ -48,6 +54,7 @@ class MemoryReport:
     embedding_params: int = 0
     head_params: int = 0  # 0 when tied to the embedding
     other_params: int = 0  # norms, λ vectors
+    bias_rows: int = 0  # Tequila: float32 dead-zone bias entries (one per output row)
 
     @property
     def ternary_params(self) -> int:
@@ -79,9 +86,13 @@ class MemoryReport:
         denom = self.backbone_bytes(packing) + (self.embedding_bytes if with_embeddings else 0)
         return self.correction_bytes / denom if self.ternary_shapes else None
 
+    @property
+    def bias_bytes(self) -> int:
+        return SCALE_BYTES * self.bias_rows
+
     def total_bytes(self, packing: str) -> float:
         return (self.backbone_bytes(packing) + self.correction_bytes + self.embedding_bytes
-                + self.fp16_rest_bytes)
+                + self.fp16_rest_bytes + self.bias_bytes)
 
     @property
     def fp16_bytes(self) -> int:
@@ -115,6 +126,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
     """Count the bytes of every component of a built model (meta device is fine)."""
     from hgf.model.hgf_linear import HGFLinear
     from hgf.model.quant import BitLinear
+    from hgf.model.tequila import TequilaLinear
 
     rep = MemoryReport()
     seen: set[int] = set()
@@ -126,6 +138,10 @@ def memory_report(model: nn.Module) -> MemoryReport:
             n = p.numel()
             if isinstance(mod, BitLinear) and p_name == "weight":
                 rep.ternary_shapes.append((p.shape[0], p.shape[1]))
+                if isinstance(mod, TequilaLinear):
+                    rep.bias_rows += p.shape[0]
+            elif isinstance(mod, TequilaLinear) and p_name == "bias_lambda":
+                continue  # folded into the bias at export
             elif isinstance(mod, HGFLinear) and p_name in ("A", "B"):
                 rep.correction_params += n
             elif isinstance(mod, HGFLinear) and p_name == "gate":

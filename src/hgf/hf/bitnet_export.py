@@ -50,6 +50,9 @@ def check_exportable(cfg: Config, drop_correction: bool = False) -> None:
     if m.linear == "dense":
         raise HGFError("model.linear=dense: a dense (fp16) model has no ternary weights to store in "
                        "the bitnet format")
+    if m.linear in ("tequila", "sherry"):
+        raise HGFError(f"model.linear={m.linear}: transformers' BitNet has no dead-zone bias / "
+                       "3:4 rule; export the hgf packed file instead")
     if m.attention != "standard":
         raise HGFError(f"model.attention={m.attention}: transformers' BitNet has standard attention "
                        "only (differential attention cannot be represented)")

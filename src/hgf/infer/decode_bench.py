@@ -40,7 +40,16 @@ from hgf.model.hgf_linear import HGFLinear
 from hgf.model.transformer import build_model
 
 ARMS = {"bitnet-std": ("bitlinear", "standard"), "hgf-std": ("hgf", "standard"),
-        "hgf-diff": ("hgf", "differential")}
+        "hgf-diff": ("hgf", "differential"), "tequila-std": ("tequila", "standard"),
+        "sherry-std": ("sherry", "standard")}
+
+
+def arm_packings(arm: str, packings: list[str]) -> list[str]:
+    """The requested packings that fit ``arm``: sherry (3:4) only for the sherry arm, which gets
+    that one alone; the others every requested packing but sherry."""
+    if ARMS.get(arm, ("dense",))[0] == "sherry":
+        return [p for p in packings if p == "sherry"]
+    return [p for p in packings if p != "sherry"]
 DENSE_ARM = "dense-diff"
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIB = 2**20
@@ -163,13 +172,13 @@ def run_decode_bench(device: torch.device, size: str = "base100m", arms: list[st
     """(records of what ``hgf generate`` runs: the native decoder on the CPU, else the reference
     path; records of the PyTorch reference path and the dense models, for comparison)."""
     arms = list(ARMS) if arms is None else arms
-    packings = ["i2", "tq1"] if packings is None else packings
+    packings = ["i2", "tq1", "sherry"] if packings is None else packings
     dense = list(DENSE_DTYPES) if dense is None else dense
     threads = torch.get_num_threads()
     variants: list[Variant] = []
     with tempfile.TemporaryDirectory(prefix="hgf-bench-") as tmp:
         for arm in arms:
-            files = export_arm(size, arm, rank, packings, embeddings, Path(tmp))
+            files = export_arm(size, arm, rank, arm_packings(arm, packings), embeddings, Path(tmp))
             cfg = arm_config(size, arm, rank)
             native = unsupported_reason(cfg, device) is None
             for packing, path in files.items():

@@ -70,6 +70,8 @@ def notice(reason: str) -> None:
 def config_reason(cfg: Config) -> str | None:
     """Why a model of this config cannot run natively, or None."""
     m = cfg.model
+    if m.linear in ("tequila", "sherry"):  # the decoder has no bias epilogue / sherry kernel yet
+        return f"model.linear={m.linear} is not in the native decoder yet"
     if m.linear not in ("bitlinear", "hgf"):
         return f"model.linear={m.linear}: dense projections"
     if cfg.quant.act_bits != 8:

@@ -5,6 +5,7 @@ Tensors (names are the packed model's ``state_dict`` keys; ``N`` is a ternary pr
     N.weight_scale    f32    []                               s_w (the divisor: W ≈ W_t / s_w)
     N.A               f16    [r, in]                          HGF correction
     N.B               f16    [out, r]                         B' = g·B (gate folded in)
+    N.bias            f32    [out]                            Tequila: b = λ·Σ_dead W (folded)
     tok_emb.weight    f16    [vocab, d]    or int8 with tok_emb.row_scale f32 [vocab]
     lm_head.weight    f16    [vocab, d]    (absent when tied) or int8 with lm_head.row_scale
     other projections f16 (dense arms); norms and λ vectors f32
@@ -36,12 +37,13 @@ from hgf.errors import HGFError
 from hgf.kernels import PACKINGS, packed_shape
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import BitLinear
+from hgf.model.tequila import TequilaLinear
 
 FORMAT_NAME = "hgf-packed"
 FORMAT_VERSION = 1
 EMBEDDINGS = ("fp16", "int8")
 ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
-ROLES = ("ternary", "scale", "correction", "embedding", "dense", "rest")
+ROLES = ("ternary", "scale", "correction", "bias", "embedding", "dense", "rest")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ def expected_tensors(model: nn.Module, cfg: Config, packing: str,
             if isinstance(mod, HGFLinear):
                 specs[f"{name}.A"] = TensorSpec("F16", tuple(mod.A.shape), "correction")
                 specs[f"{name}.B"] = TensorSpec("F16", tuple(mod.B.shape), "correction")
+            if isinstance(mod, TequilaLinear):
+                specs[f"{name}.bias"] = TensorSpec("F32", (mod.out_features,), "bias")
         elif name == "tok_emb":
             specs.update(_embedding_specs(name, tuple(mod.weight.shape), embeddings, "embedding"))
         elif name == "lm_head":

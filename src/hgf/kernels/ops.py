@@ -10,6 +10,7 @@ never wrong. Dispatch (:func:`kernel_for`):
     CPU tensor, C++ kernel built           -> hgf::ternary_linear_cpu (any batch, fp32/bf16/fp16)
     CUDA tensor, triton importable         -> hgf::ternary_linear_triton (GEMV <= 8 tokens, GEMM)
     anything else, or in_features > 2^17   -> ternary_linear_reference
+    packing sherry: hgf::sherry_linear_cpu on the CPU (C++ kernel built), else the reference
 All of them give the same bits as the reference (tests/test_kernels.py checks it).
 """
 
@@ -61,6 +62,10 @@ def ternary_linear(
     check_args(x, packed, w_scale, packing, out_features, in_features)
     args = (x, packed, w_scale, packing, out_features, in_features, act_eps)
     kernel = kernel_for(x, in_features)
+    if packing == "sherry":  # the CPU kernel of csrc/sherry_cpu.cpp; no GPU kernel yet
+        if kernel == "cpu":
+            return torch.ops.hgf.sherry_linear_cpu(*args)
+        return ternary_linear_reference(*args)
     if kernel == "cpu":
         return torch.ops.hgf.ternary_linear_cpu(*args)
     if kernel == "triton":

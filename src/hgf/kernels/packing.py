@@ -1,4 +1,5 @@
-"""Packed ternary weight formats: ``i2`` (2 bits/weight) and ``tq1`` (1.6 bits/weight).
+"""Packed ternary weight formats: ``i2`` (2 bits/weight) and ``tq1`` (1.6 bits/weight), and
+``sherry`` (1.25 bits/weight, 3:4 sparse ternary only; its layout is in hgf.kernels.sherry).
 
 A ternary weight ``W_t ∈ {-1, 0, +1}`` of shape ``[out, in]`` is stored as the *code*
 ``c = W_t + 1 ∈ {0, 1, 2}``, packed row by row along the input dim into a ``uint8`` tensor of
@@ -32,20 +33,24 @@ import math
 
 import torch
 
-PACKINGS = ("i2", "tq1")
+from hgf.kernels.sherry import pack_sherry, sherry_row_bytes, unpack_sherry
+
+PACKINGS = ("i2", "tq1", "sherry")  # sherry: 3:4 sparse ternary, 5 bits / 4 weights (kernels/sherry.py)
 GROUP = 64  # bytes per interleave group
 BASE = {"i2": 4, "tq1": 3}  # digit base
 PER_BYTE = {"i2": 4, "tq1": 5}  # codes per byte
 
 
 def _check_packing(packing: str) -> None:
-    if packing not in BASE:
+    if packing not in PACKINGS:
         raise ValueError(f"unknown packing {packing!r} (known: {', '.join(PACKINGS)})")
 
 
 def row_bytes(in_features: int, packing: str) -> int:
     """Bytes of one packed row: ``ceil(in / 4)`` (i2) or ``ceil(in / 5)`` (tq1)."""
     _check_packing(packing)
+    if packing == "sherry":
+        return sherry_row_bytes(in_features)
     return math.ceil(in_features / PER_BYTE[packing])
 
 
@@ -68,6 +73,8 @@ def pack_ternary(w_t: torch.Tensor, packing: str) -> torch.Tensor:
         raise ValueError("pack_ternary: weights are not integers")
     if w_t.numel() and (w_t.min() < -1 or w_t.max() > 1):
         raise ValueError("pack_ternary: weights must be in {-1, 0, 1}")
+    if packing == "sherry":
+        return pack_sherry(w_t)
     out_f, in_f = w_t.shape
     base, per = BASE[packing], PER_BYTE[packing]
     nbytes = row_bytes(in_f, packing)
@@ -84,6 +91,8 @@ def pack_ternary(w_t: torch.Tensor, packing: str) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, packing: str, in_features: int) -> torch.Tensor:
     """Codes ``W_t + 1`` (uint8, [out, in]) of a packed tensor."""
     _check_packing(packing)
+    if packing == "sherry":
+        return (unpack_sherry(packed, in_features) + 1).to(torch.uint8)
     base, per = BASE[packing], PER_BYTE[packing]
     out_f, nbytes = packed.shape
     if nbytes != row_bytes(in_features, packing):

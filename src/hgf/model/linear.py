@@ -15,6 +15,8 @@ from torch import nn
 from hgf.config import Config, HGFConfig
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import BitLinear
+from hgf.model.sherry import SherryLinear
+from hgf.model.tequila import TequilaLinear
 
 ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -38,10 +40,24 @@ def _hgf(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
     )
 
 
+def _tequila(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
+    q, t = cfg.quant, cfg.tequila
+    return TequilaLinear(i, o, bias_scale=t.bias_scale, learn_scale=t.learn_scale,
+                         weight_eps=q.weight_eps, act_eps=q.act_eps, act_bits=q.act_bits)
+
+
+def _sherry(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
+    q = cfg.quant
+    return SherryLinear(i, o, arenas=cfg.sherry.arenas, weight_eps=q.weight_eps,
+                        act_eps=q.act_eps, act_bits=q.act_bits)
+
+
 LINEARS: dict[str, Callable[[int, int, Config, int], nn.Module]] = {
     "dense": _dense,
     "bitlinear": _bitlinear,
     "hgf": _hgf,
+    "tequila": _tequila,
+    "sherry": _sherry,
 }
 
 

@@ -106,6 +106,10 @@ class BitLinear(nn.Linear):
         self.act_eps = act_eps
         self.act_bits = act_bits
 
+    def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_t, s_w)`` of this projection (export packs these; Sherry overrides the rule)."""
+        return ternarize(self.weight, self.weight_eps)
+
     def quantized_weight(self) -> torch.Tensor:
         """STE-wrapped effective weight ``W_t / s_w``."""
         w_t, s = ternarize(self.weight, self.weight_eps)

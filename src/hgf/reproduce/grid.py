@@ -25,7 +25,7 @@ from typing import Any
 import hgf
 from hgf.config import Config, ConfigError, build_config, read_toml
 
-ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff")
+ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff", "tequila", "sherry")
 DONE_FILE = "done.json"
 
 

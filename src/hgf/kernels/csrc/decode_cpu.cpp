@@ -24,6 +24,7 @@
 // Threads: every op splits into chunks on the work-claiming pool of pool.h (no spin-collapse on an
 // oversubscribed machine); at::get_num_threads() threads.
 #include "ternary_cpu.cpp"  // one translation unit: the ternary kernels, their ops, and this
+#include "sherry_cpu.cpp"   // the sherry packing's kernel and op (reuses ternary_cpu.cpp's parts)
 
 #include <c10/util/Half.h>
 #include <torch/custom_class.h>
