@@ -10,9 +10,10 @@ Packings (exact bytes per tensor ``[out, in]``, packed along the input dim row b
              weights: out · (20 · (in // 128) + ceil(g / 2) + ceil(g / 8)), g = ceil((in mod 128) / 4)
     entropy  log2(3) bits/weight (the limit):    out · in · log2(3) / 8
 Tequila's folded dead-zone bias is float32, one per output row of each projection
-(``bias_bytes``, part of the total). The correction (A, B) and the gates are FP16 (2 bytes); embeddings, LM head, norms and the λ
-vectors of differential attention are FP16 too. Counts come from walking a model built on the
-meta device, so the report describes exactly the modules the model has.
+(``bias_bytes``, part of the total). The correction (A, B) and the gates are FP16 (2 bytes);
+embeddings, LM head, norms and the λ vectors of differential attention are FP16 too. Counts come
+from walking a model built on the meta device, so the report describes exactly the modules the
+model has.
 """
 
 from __future__ import annotations
