@@ -56,6 +56,12 @@ class MemoryReport:
     head_params: int = 0  # 0 when tied to the embedding
     other_params: int = 0  # norms, λ vectors
     bias_rows: int = 0  # Tequila: float32 dead-zone bias entries (one per output row)
+    sparse34: bool = False  # Sherry: the backbone is 3:4 sparse (the sherry packing applies)
+
+    @property
+    def packings(self) -> tuple[str, ...]:
+        """The packings this model can be stored in (sherry: 3:4 sparse models only)."""
+        return PACKINGS if self.sparse34 else tuple(p for p in PACKINGS if p != "sherry")
 
     @property
     def ternary_params(self) -> int:
@@ -112,7 +118,7 @@ class MemoryReport:
             "embedding_bytes": self.embedding_bytes,
             "fp16_bytes": self.fp16_bytes,
         }
-        for p in PACKINGS:
+        for p in self.packings:
             d[p] = {
                 "backbone_bytes": self.backbone_bytes(p),
                 "total_bytes": self.total_bytes(p),
@@ -127,6 +133,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
     """Count the bytes of every component of a built model (meta device is fine)."""
     from hgf.model.hgf_linear import HGFLinear
     from hgf.model.quant import BitLinear
+    from hgf.model.sherry import SherryLinear
     from hgf.model.tequila import TequilaLinear
 
     rep = MemoryReport()
@@ -141,6 +148,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
                 rep.ternary_shapes.append((p.shape[0], p.shape[1]))
                 if isinstance(mod, TequilaLinear):
                     rep.bias_rows += p.shape[0]
+                rep.sparse34 = rep.sparse34 or isinstance(mod, SherryLinear)
             elif isinstance(mod, TequilaLinear) and p_name == "bias_lambda":
                 continue  # folded into the bias at export
             elif isinstance(mod, HGFLinear) and p_name in ("A", "B"):
@@ -202,7 +210,7 @@ def format_report(rep: MemoryReport) -> str:
         f"{'packing':<9}{'bits/w':>7}{'backbone MiB':>14}{'total MiB':>11}{'vs FP16':>9}"
         f"{'overhead':>10}{'w/ emb':>8}",
     ]
-    for p in PACKINGS:
+    for p in rep.packings:
         ov, ove = rep.overhead(p), rep.overhead(p, True)
         lines.append(
             f"{p:<9}{BITS[p]:>7.3f}{rep.backbone_bytes(p) / mib:>14.3f}"
