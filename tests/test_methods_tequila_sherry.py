@@ -21,7 +21,7 @@ from hgf.kernels.reference import ternary_linear_reference
 from hgf.memory import memory_report, packed_bytes
 from hgf.model import build_model
 from hgf.model.linear import make_linear
-from hgf.model.sherry import SherryLinear, arenas_at, set_arenas, sherry_ternarize
+from hgf.model.sherry import SherryLinear, arenas_at, sherry_ternarize
 from hgf.model.tequila import TequilaLinear
 from hgf.train import train
 from infer_utils import make_run, make_tokenizer, train_tiny
