@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hgf.model import BitLinear, gate_values, ternarize
+from hgf.model.sherry import SherryLinear, sherry_ternarize
 from hgf.parallel import full_tensor
 
 
@@ -33,7 +34,8 @@ class TernaryDiagnostics:
         zero, current = {}, {}
         flips, total = 0, 0
         for name, m in ternary_layers(model).items():
-            w_t = ternarize(full_tensor(m.weight), m.weight_eps)[0].to(torch.int8)  # whole W
+            quantize = sherry_ternarize if isinstance(m, SherryLinear) else ternarize  # its rule
+            w_t = quantize(full_tensor(m.weight), m.weight_eps)[0].to(torch.int8)  # whole W
             zero[name] = float((w_t == 0).float().mean())
             prev = self.previous.get(name)
             if prev is not None and prev.shape == w_t.shape:

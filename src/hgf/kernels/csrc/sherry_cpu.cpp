@@ -5,13 +5,14 @@
 // file's per-token int8 quantisation (quantize), ISA selection (isa) and thread pool, so the
 // integers, the float32 scale and the division are those of the reference, bit for bit.
 //
-// AVX2, per block of 32 groups (128 weights, 20 bytes): the 16 index bytes split into low and
-// high nibbles give the 4-bit indices of groups 0..31 in order; vpshufb of a 16-entry table per
-// position k turns them into the sign-less weights u_k in {-1, 0, 1}; the 4 sign bytes expand to
-// ±1 per group; the activations were permuted once per token into planes x_k[g] = x[4g + k], so
-// vpsignb(vpsignb(x_k, sign), u_k) is the product, vpmaddubsw with ones sums pairs into int16
-// (at most 4 · 2 · 127 per lane) and vpmaddwd with ones into int32. The tail block (in mod 128)
-// and non-AVX2 CPUs use the scalar loop.
+// AVX2, per block of 32 groups (128 weights, 20 bytes): the 16 index bytes, loaded into both
+// lanes and shifted by 0 / 4 bits per lane, give the 4-bit indices of groups 0..31 in order;
+// vpshufb of a 16-entry table per position k turns them into the sign-less weights u_k in
+// {-1, 0, 1}; the 4 sign bytes expand to ±1 per group; the activations were permuted once per
+// token into planes x_k[g] = x[4g + k], so vpsignb(vpsignb(x_k, sign), u_k) is the product,
+// vpmaddubsw with ones sums pairs into int16 (16 blocks at most 16 · 4 · 2 · 127 per lane) and
+// vpmaddwd with ones into int32. The tail block (in mod 128) and non-AVX2 CPUs use the scalar
+// loop.
 
 namespace {
 namespace sherry {
@@ -75,7 +76,7 @@ int32_t row_dot_portable(const uint8_t* w, int64_t in, const int8_t* x) {
 
 #if HGF_X86
 struct Avx2Tables {
-  __m256i lut[4], m4, one8, one16, bytesel, bitmask;
+  __m256i lut[4], m4, one8, one16, bytesel, bitmask, nib_shift;
   HGF_AVX2 Avx2Tables() {
     const Patterns& P = patterns();
     for (int k = 0; k < 4; ++k) {
@@ -90,38 +91,51 @@ struct Avx2Tables {
                                2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
     bitmask = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,  //
                                1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+    nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);  // low lane: low nibbles, high: high
   }
 };
 
-// full blocks [0, nfull) of R rows (row stride ld); xp: the token's activation planes
+// full blocks [0, nfull) of R rows (row stride ld); xp: the token's activation planes. A block
+// adds at most 4 · 2 · 127 = 1016 to an int16 lane, so 16 blocks sum in int16 (< 32767) before
+// one vpmaddwd widens them into the int32 accumulators. Prefetch: the bytes two row blocks ahead.
 template <int R>
 HGF_AVX2 void rows_dot_avx2(const Avx2Tables& T, const uint8_t* w, int64_t ld, int64_t nfull,
                             const int8_t* xp, int32_t* out) {
+  constexpr int64_t SPAN = 16;  // blocks per int16 partial sum
   __m256i acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  const __m128i m4 = _mm256_castsi256_si128(T.m4);
-  for (int64_t b = 0; b < nfull; ++b) {
-    __m256i xk[4];
-    for (int k = 0; k < 4; ++k)
-      xk[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + BLOCK * b + 32 * k));
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = w + r * ld + BLOCK_BYTES * b;
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m4),
-                                           _mm_and_si128(v, m4));  // groups 0..15 | 16..31
-      int32_t bits;
-      std::memcpy(&bits, p + 16, 4);
-      __m256i sb = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), T.bytesel);
-      sb = _mm256_cmpeq_epi8(_mm256_and_si256(sb, T.bitmask), T.bitmask);  // -1 where s = 1
-      const __m256i sgn = _mm256_or_si256(sb, T.one8);                    // -1 or +1
-      __m256i s16 = _mm256_setzero_si256();
-      for (int k = 0; k < 4; ++k) {
-        const __m256i u = _mm256_shuffle_epi8(T.lut[k], idx);
-        const __m256i pr = _mm256_sign_epi8(_mm256_sign_epi8(xk[k], sgn), u);
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(T.one8, pr));
+  for (int64_t b0 = 0; b0 < nfull; b0 += SPAN) {
+    __m256i s16[R];
+    for (int r = 0; r < R; ++r) s16[r] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < std::min(nfull, b0 + SPAN); ++b) {
+      if ((b & 3) == 0)
+        for (int r = 0; r < R; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * ld + BLOCK_BYTES * b),
+                       _MM_HINT_T1);
+      __m256i xk[4];
+      for (int k = 0; k < 4; ++k)
+        xk[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + BLOCK * b + 32 * k));
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = w + r * ld + BLOCK_BYTES * b;
+        // the 16 index bytes in both lanes; low lane: low nibbles (groups 0..15), high lane:
+        // high nibbles (groups 16..31)
+        const __m256i v =
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, T.nib_shift), T.m4);
+        int32_t bits;
+        std::memcpy(&bits, p + 16, 4);
+        __m256i sb = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), T.bytesel);
+        sb = _mm256_cmpeq_epi8(_mm256_and_si256(sb, T.bitmask), T.bitmask);  // -1 where s = 1
+        const __m256i sgn = _mm256_or_si256(sb, T.one8);                    // -1 or +1
+        for (int k = 0; k < 4; ++k) {
+          const __m256i u = _mm256_shuffle_epi8(T.lut[k], idx);
+          const __m256i pr = _mm256_sign_epi8(_mm256_sign_epi8(xk[k], sgn), u);
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(T.one8, pr));
+        }
       }
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16, T.one16));
     }
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(s16[r], T.one16));
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
