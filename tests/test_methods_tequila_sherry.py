@@ -21,7 +21,7 @@ from hgf.kernels.reference import ternary_linear_reference
 from hgf.memory import memory_report, packed_bytes
 from hgf.model import build_model
 from hgf.model.linear import make_linear
-from hgf.model.sherry import SherryLinear, arenas_at, sherry_ternarize
+from hgf.model.sherry import SherryLinear, arenas_at, set_arenas, sherry_ternarize
 from hgf.model.tequila import TequilaLinear
 from hgf.train import train
 from infer_utils import make_run, make_tokenizer, train_tiny
@@ -286,3 +286,28 @@ def test_sherry_packing_of_a_bitnet_model_is_a_one_line_error(tmp_path):
     model, cfg, _ = train_tiny("bitnet", 1)
     with pytest.raises(HGFError, match="exactly one zero"):
         export_model(model, cfg, tmp_path / "m.hgf", "sherry")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arm,packing", [("tequila", "i2"), ("sherry", "sherry")])
+def test_train_under_bf16_autocast_and_run_packed_on_cuda(arm, packing, tmp_path):
+    cfg = load_config(ROOT / "configs" / f"{arm}.toml", ["--model.vocab_size=320"])
+    model = build_model(cfg).cuda()
+    set_arenas(model, 0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 320, (4, 33), device="cuda")
+    losses = []
+    for _ in range(5):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    export_model(model.cpu().eval(), cfg, tmp_path / "m.hgf", packing)
+    packed, _ = load_packed(tmp_path / "m.hgf", "cuda")
+    with torch.no_grad():
+        a = model(x[:, :-1].cpu())
+        b = packed(x[:, :-1]).float().cpu()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
