@@ -257,14 +257,14 @@ def _compare(main: list[dict], rest: list[dict]) -> None:
 
 
 def format_decode_records(records: list[dict]) -> str:
-    lines = [f"{'system':<10}{'engine':<10}{'arm':<11}{'packing':<9}{'thr':>4}{'cpu ms/tok':>11}"
+    lines = [f"{'system':<10}{'engine':<10}{'arm':<12}{'packing':<9}{'thr':>4}{'cpu ms/tok':>11}"
              f"{'tok/s':>8}{'prompt tok/s':>13}{'peak RSS MiB':>13}{'file+KV MiB':>12}"
              f"{'vs ref':>8}{'vs f32':>8}"]
     for r in records:
         peak = r.get("peak_rss_delta_bytes")
         fk = (r["file_bytes"] + r["kv_cache_bytes"]) / MIB if r.get("file_bytes") else None
         lines.append(
-            f"{r['system']:<10}{r.get('engine', '-'):<10}{r['arm']:<11}{r['packing']:<9}"
+            f"{r['system']:<10}{r.get('engine', '-'):<10}{r['arm']:<12}{r['packing']:<9}"
             f"{r['threads']:>4}{r['cpu_ms_per_token']:>11.2f}{r['tok_per_s']:>8.1f}"
             f"{r['prompt_tok_per_s']:>13.1f}"
             f"{peak / MIB if peak else float('nan'):>13.1f}"
