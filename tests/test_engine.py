@@ -28,7 +28,8 @@ from infer_utils import ROOT, make_tokenizer, train_tiny
 
 pytestmark = pytest.mark.skipif(not cpu.load(), reason="the C++ kernel library is not built")
 
-ARMS = ["bitnet", "hgf_std", "hgf"]  # bitlinear + standard, HGF + standard, HGF + differential
+# bitlinear + standard, HGF + standard, HGF + differential, Tequila (+ its folded bias) + standard
+ARMS = ["bitnet", "hgf_std", "hgf", "tequila"]
 PROMPTS = ["Once upon a time", "Tom and", "Ça"]
 # Native vs reference logits on the same packed model: the same int8 codes and integer sums, the
 # float parts summed in another order (~3e-7 of max |logit| measured); an activation that lands on

@@ -8,7 +8,9 @@ prompt, as batched GEMMs) in one call, with the fusions that pay: q/k/v and gate
 job each on an input normalised and quantized once, the rank-r correction's ``A x`` in the same
 input stage and ``B' h`` in the GEMV's epilogue, RoPE tables and λ computed once, single-query
 attention straight over the cache (differential attention's two maps in one pass over V), and the
-head in the file's own dtype (fp16, or int8 rows with ``--embeddings int8``).
+head in the file's own dtype (fp16, or int8 rows with ``--embeddings int8``). Tequila's folded
+dead-zone bias is added in the GEMV's epilogue (7 extra slots per layer); a Sherry model (the
+sherry packing) is not native yet.
 
 The PyTorch ``Transformer`` stays the one definition of the model: tests/test_engine.py checks that
 this path produces the same greedy tokens as the reference for every arm and packing. Where the
@@ -57,6 +59,7 @@ OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each project
 PER_BYTE = {"i2": 4, "tq1": 5}
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
+BIAS_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DISABLE_ENV = "HGF_NO_NATIVE_DECODER"
 EMPTY = torch.empty(0)
 
@@ -70,9 +73,9 @@ def notice(reason: str) -> None:
 def config_reason(cfg: Config) -> str | None:
     """Why a model of this config cannot run natively, or None."""
     m = cfg.model
-    if m.linear in ("tequila", "sherry"):  # the decoder has no bias epilogue / sherry kernel yet
+    if m.linear == "sherry":  # the decoder has no sherry GEMV in its fused stages yet
         return f"model.linear={m.linear} is not in the native decoder yet"
-    if m.linear not in ("bitlinear", "hgf"):
+    if m.linear not in ("bitlinear", "hgf", "tequila"):
         return f"model.linear={m.linear}: dense projections"
     if cfg.quant.act_bits != 8:
         return f"quant.act_bits={cfg.quant.act_bits}"
@@ -163,6 +166,11 @@ class NativeModel:
             floats += [lam(i), 1.0 - lambda_init_for(i)] if diff else [0.0, 1.0]
         ints = [m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, int(diff),
                 int(m.mlp == "relu2"), PER_BYTE[packing], m.max_seq_len, kv_heads(m)]
+        biases = [get(f"layers.{i}.{'attn' if n in ATTN_GROUPS[0] + ATTN_GROUPS[1] else 'mlp'}"
+                      f".{n}.bias") for i in range(m.n_layers) for n in BIAS_ORDER]
+        if any(b is not None for b in biases):  # Tequila: 7 bias slots per layer after the layers
+            slots += [_or_empty(None if b is None else b.float().contiguous()) for b in biases]
+            ints.append(1)
         return cls(cfg, packing, slots, ints, floats, source)
 
     @classmethod

@@ -493,6 +493,7 @@ struct Proj {  // a packed ternary projection and its folded correction B' (held
   int64_t out = 0, nbytes = 0, rank = 0, h_off = 0;
   float s_w = 1.f;
   Mat Bt;
+  const float* bias = nullptr;  // Tequila's folded dead-zone bias [out], or none
 };
 
 struct Group {  // projections that read the same input: its codes and A·x are computed once
@@ -544,9 +545,12 @@ Mat mat_of(const at::Tensor& t, const at::Tensor& scale, const char* what) {
 //   23 per layer:  attn_norm, A_qkv, q_w, q_Bt, k_w, k_Bt, v_w, v_Bt, attn_subln, head_norm,
 //                  A_o, o_w, o_Bt, mlp_norm, A_gu, gate_w, gate_Bt, up_w, up_Bt, mlp_subln,
 //                  A_down, down_w, down_Bt
+//   then, when ints[10] = 1 (Tequila), 7 per layer: the biases of q, k, v, o, gate, up, down
+//   (float32 [out] each, empty = none)
 // ints:   vocab, d_model, n_layers, n_heads, d_ff, differential (0/1), relu2 (0/1),
 //         codes per byte (4 = i2, 5 = tq1), max_seq_len, n_kv_heads (standard attention: fewer
-//         than n_heads is grouped-query, query head j reads K/V head j / (n_heads / n_kv_heads))
+//         than n_heads is grouped-query, query head j reads K/V head j / (n_heads / n_kv_heads)),
+//         optionally biases (0/1)
 // floats: norm_eps, act_eps, then per layer s_q, s_k, s_v, s_o, s_gate, s_up, s_down, λ, 1 - λ_init
 constexpr int GLOBAL_SLOTS = 7, LAYER_SLOTS = 23, LAYER_FLOATS = 9;
 
@@ -575,7 +579,8 @@ struct Decoder : torch::CustomClassHolder {
   Decoder(std::vector<at::Tensor> ts, std::vector<int64_t> ints, std::vector<double> fl)
       : keep(std::move(ts)) {
     using namespace decode;
-    TORCH_CHECK(ints.size() == 10, "Decoder: 10 ints expected");
+    TORCH_CHECK(ints.size() == 10 || ints.size() == 11, "Decoder: 10 or 11 ints expected");
+    const bool biases = ints.size() == 11 && ints[10] != 0;
     vocab = ints[0], d = ints[1], n_layers = ints[2], n_heads = ints[3], dff = ints[4];
     diff = ints[5] != 0, relu2 = ints[6] != 0, per = int(ints[7]), max_seq = ints[8];
     n_kv = ints[9];
@@ -585,7 +590,7 @@ struct Decoder : torch::CustomClassHolder {
     TORCH_CHECK(d % n_heads == 0 && (!diff || n_heads % 2 == 0), "Decoder: bad head count");
     hd = d / n_heads;
     TORCH_CHECK(hd % 2 == 0, "Decoder: odd head dim");
-    TORCH_CHECK(int64_t(keep.size()) == GLOBAL_SLOTS + LAYER_SLOTS * n_layers,
+    TORCH_CHECK(int64_t(keep.size()) == GLOBAL_SLOTS + (LAYER_SLOTS + (biases ? 7 : 0)) * n_layers,
                 "Decoder: wrong number of tensors");
     TORCH_CHECK(int64_t(fl.size()) == 2 + LAYER_FLOATS * n_layers, "Decoder: wrong number of floats");
     norm_eps = float(fl[0]), act_eps = float(fl[1]);
@@ -604,17 +609,21 @@ struct Decoder : torch::CustomClassHolder {
     for (int64_t l = 0; l < n_layers; ++l) {
       const at::Tensor* s = &T[GLOBAL_SLOTS + LAYER_SLOTS * l];
       const double* f = &fl[2 + LAYER_FLOATS * l];
+      at::Tensor bz[7];  // the biases (undefined = none)
+      for (int i = 0; biases && i < 7; ++i)
+        bz[i] = T[GLOBAL_SLOTS + LAYER_SLOTS * n_layers + 7 * l + i];
       Layer& L = layers[l];
       L.attn_norm = f32_or_null(s[0], d, "attn_norm");
-      L.qkv = group(s[1], {{s[2], s[3], f[0]}, {s[4], s[5], f[1]}, {s[6], s[7], f[2]}}, d);
+      L.qkv = group(s[1], {{s[2], s[3], f[0], bz[0]}, {s[4], s[5], f[1], bz[1]},
+                           {s[6], s[7], f[2], bz[2]}}, d);
       L.attn_subln = f32_or_null(s[8], d, "attn_subln");
       L.head_norm = f32_or_null(s[9], dv, "head_norm");
       TORCH_CHECK(L.head_norm || !diff, "Decoder: differential attention needs head_norm");
-      L.o = group(s[10], {{s[11], s[12], f[3]}}, d);
+      L.o = group(s[10], {{s[11], s[12], f[3], bz[3]}}, d);
       L.mlp_norm = f32_or_null(s[13], d, "mlp_norm");
-      L.gu = group(s[14], {{s[15], s[16], f[4]}, {s[17], s[18], f[5]}}, d);
+      L.gu = group(s[14], {{s[15], s[16], f[4], bz[4]}, {s[17], s[18], f[5], bz[5]}}, d);
       L.mlp_subln = f32_or_null(s[19], dff, "mlp_subln");
-      L.down = group(s[20], {{s[21], s[22], f[6]}}, dff);
+      L.down = group(s[20], {{s[21], s[22], f[6], bz[6]}}, dff);
       L.lam = float(f[7]), L.lam_scale = float(f[8]);
       TORCH_CHECK(L.attn_norm && L.mlp_norm, "Decoder: block norms missing");
       const int64_t outs[] = {d, Hk * dk, Hv * dv};
@@ -629,6 +638,7 @@ struct Decoder : torch::CustomClassHolder {
   struct ProjArgs {
     at::Tensor w, Bt;
     double s_w;
+    at::Tensor bias;
   };
 
   decode::Group group(const at::Tensor& A, std::initializer_list<ProjArgs> ps, int64_t in) {
@@ -648,6 +658,7 @@ struct Decoder : torch::CustomClassHolder {
       P.out = a.w.size(0), P.nbytes = nbytes, P.s_w = float(a.s_w);
       P.Bt = mat_of(a.Bt, {}, "B'ᵀ");
       P.rank = P.Bt.rows, P.h_off = off;
+      P.bias = f32_or_null(a.bias, P.out, "bias");
       TORCH_CHECK(P.rank == 0 || (P.Bt.cols == P.out && P.Bt.dt != I8), "Decoder: B'ᵀ must be [r, out]");
       off += P.rank;
       G.p.push_back(P);
@@ -791,6 +802,11 @@ struct Decoder : torch::CustomClassHolder {
           float* yt = out + t * ldo;
           for (int64_t r = 0; r < nr; ++r) yt[r0 + r] = float(acc[r] - sumx[size_t(t)]) / denom;
         }
+      }
+      if (P.bias) {  // y[rows] += b[rows] (Tequila), before the correction as in the reference
+        const int64_t o0 = ch.b0 * ROWS, o1 = std::min(P.out, ch.b1 * ROWS);
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t o = o0; o < o1; ++o) out[t * ldo + o] += P.bias[o];
       }
       if (P.rank && fused_corr) {  // epilogue: y[rows] += B'[rows] h, rows still in cache
         const int64_t o0 = ch.b0 * ROWS, o1 = std::min(P.out, ch.b1 * ROWS);
