@@ -9,8 +9,9 @@ job each on an input normalised and quantized once, the rank-r correction's ``A 
 input stage and ``B' h`` in the GEMV's epilogue, RoPE tables and λ computed once, single-query
 attention straight over the cache (differential attention's two maps in one pass over V), and the
 head in the file's own dtype (fp16, or int8 rows with ``--embeddings int8``). Tequila's folded
-dead-zone bias is added in the GEMV's epilogue (7 extra slots per layer); a Sherry model (the
-sherry packing) is not native yet.
+dead-zone bias is added in the GEMV's epilogue (7 extra slots per layer); the sherry packing runs
+its own GEMV (csrc/sherry_cpu.cpp) on activation planes permuted once per token, and prompts
+take it per token (no unpacked-rows path).
 
 The PyTorch ``Transformer`` stays the one definition of the model: tests/test_engine.py checks that
 this path produces the same greedy tokens as the reference for every arm and packing. Where the
@@ -56,7 +57,7 @@ OPT_TWO_PASS_DIFF = 4  # differential attention: o1 and o2 in two passes over V
 OPT_NO_UNPACK = 8  # prompts on AVX2: the packed kernel per token instead of unpacked row blocks
 OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each projection's bytes
 
-PER_BYTE = {"i2": 4, "tq1": 5}
+PER_BYTE = {"i2": 4, "tq1": 5, "sherry": 0}  # Decoder's ints[7]; 0 = the sherry packing
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
 BIAS_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -73,9 +74,7 @@ def notice(reason: str) -> None:
 def config_reason(cfg: Config) -> str | None:
     """Why a model of this config cannot run natively, or None."""
     m = cfg.model
-    if m.linear == "sherry":  # the decoder has no sherry GEMV in its fused stages yet
-        return f"model.linear={m.linear} is not in the native decoder yet"
-    if m.linear not in ("bitlinear", "hgf", "tequila"):
+    if m.linear not in ("bitlinear", "hgf", "tequila", "sherry"):
         return f"model.linear={m.linear}: dense projections"
     if cfg.quant.act_bits != 8:
         return f"quant.act_bits={cfg.quant.act_bits}"

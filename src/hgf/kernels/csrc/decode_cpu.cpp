@@ -553,6 +553,7 @@ Mat mat_of(const at::Tensor& t, const at::Tensor& scale, const char* what) {
 //         optionally biases (0/1)
 // floats: norm_eps, act_eps, then per layer s_q, s_k, s_v, s_o, s_gate, s_up, s_down, λ, 1 - λ_init
 constexpr int GLOBAL_SLOTS = 7, LAYER_SLOTS = 23, LAYER_FLOATS = 9;
+constexpr int SHERRY = 0;  // ints[7] of the sherry packing (3:4 sparse, sherry_cpu.cpp)
 
 struct Decoder : torch::CustomClassHolder {
   std::vector<at::Tensor> keep;  // the tensors the pointers below point into
@@ -572,7 +573,7 @@ struct Decoder : torch::CustomClassHolder {
   int64_t kv_capacity = 0;  // floats of kc (and of vc)
   // scratch, sized by the longest call so far
   std::vector<float> x, a, q, k, v, y, g, u, t, h, sx, a32;
-  std::vector<int8_t> xq;
+  std::vector<int8_t> xq, xp;  // x_int per token; sherry: also its planes (sherry::permute)
   std::vector<int32_t> sumx;
   std::vector<decode::Chunk> chunks;
 
@@ -586,7 +587,8 @@ struct Decoder : torch::CustomClassHolder {
     n_kv = ints[9];
     TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0 && (!diff || n_kv == n_heads),
                 "Decoder: n_kv_heads must divide n_heads (and equal it for differential attention)");
-    TORCH_CHECK(per == 4 || per == 5, "Decoder: codes per byte must be 4 or 5");
+    TORCH_CHECK(per == 4 || per == 5 || per == SHERRY,
+                "Decoder: codes per byte must be 4 or 5 (or 0: the sherry packing)");
     TORCH_CHECK(d % n_heads == 0 && (!diff || n_heads % 2 == 0), "Decoder: bad head count");
     hd = d / n_heads;
     TORCH_CHECK(hd % 2 == 0, "Decoder: odd head dim");
@@ -645,8 +647,9 @@ struct Decoder : torch::CustomClassHolder {
     using namespace decode;
     Group G;
     G.in = in;
-    const int64_t nbytes = (in + per - 1) / per;
-    G.kp = per * nbytes + GROUP;
+    TORCH_CHECK(per != SHERRY || in % 4 == 0, "Decoder: sherry needs inputs in groups of 4");
+    const int64_t nbytes = per == SHERRY ? sherry::row_bytes(in) : (in + per - 1) / per;
+    G.kp = per == SHERRY ? in + GROUP : per * nbytes + GROUP;
     G.A = mat_of(A, {}, "A");
     TORCH_CHECK(G.A.rows == 0 || (G.A.cols == in && G.A.dt != I8), "Decoder: A must be [r, in]");
     int64_t off = 0;
@@ -719,6 +722,7 @@ struct Decoder : torch::CustomClassHolder {
     }
     const int64_t in = G.in, kp = G.kp, R = G.A.rows;
     xq.resize(size_t(m * kp));
+    if (per == SHERRY) xp.resize(size_t(m * kp));
     sx.resize(size_t(m));
     sumx.resize(size_t(m));
     h.resize(size_t(std::max<int64_t>(1, m * R)));
@@ -731,6 +735,7 @@ struct Decoder : torch::CustomClassHolder {
     hgf::Pool::get().run(m, m > 1 ? threads : 1, [&](int64_t t) {  // input stage, per token
       quantize_row(xin + t * in, in, kp, act_eps, xq.data() + t * kp, sx.data() + t,
                    sumx.data() + t);
+      if (per == SHERRY) sherry::permute(xq.data() + t * kp, 1, in, xp.data() + t * kp);
       if (R) A.dot_rows(0, R, xin + t * in, h.data() + t * R);
     });
     chunks.clear();
@@ -751,8 +756,8 @@ struct Decoder : torch::CustomClassHolder {
       const int64_t ldo = ld[ch.p];
       int32_t acc[ROWS];
 #if HGF_X86
-      if (m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 && simd() &&
-          !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
+      if (per != SHERRY && m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 &&
+          simd() && !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
         const int64_t nc = per * P.nbytes, ldc = (nc + 63) / 64 * 64;  // x_int rows reach kp >= ldc
         thread_local std::vector<uint8_t> codes;
         if (int64_t(codes.size()) < ROWS * ldc + GROUP) codes.resize(size_t(ROWS * ldc + GROUP));
@@ -793,6 +798,13 @@ struct Decoder : torch::CustomClassHolder {
 #endif
         for (int64_t t = 0; t < m; ++t) {  // these rows' weights stay in L1 across tokens
           const int8_t* xt = xq.data() + t * kp;
+          if (per == SHERRY) {  // signed weights: no code offset to subtract
+            sherry::rows_dot(P.w + r0 * P.nbytes, P.nbytes, in, nr, xt, xp.data() + t * kp, acc);
+            const float denom = sx[size_t(t)] * P.s_w;
+            float* yt = out + t * ldo;
+            for (int64_t r = 0; r < nr; ++r) yt[r0 + r] = float(acc[r]) / denom;
+            continue;
+          }
           if (nr == ROWS)
             rows_dot<ROWS>(P.w + r0 * P.nbytes, P.nbytes, P.nbytes, xt, per, acc);
           else

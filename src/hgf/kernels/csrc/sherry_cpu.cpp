@@ -158,38 +158,42 @@ void permute(const int8_t* xq, int64_t m, int64_t in, int8_t* xp) {
     }
 }
 
+constexpr int R = 4;  // rows per micro-kernel call
+
+// acc[r] = W_t[r] . x_int for the nr <= R rows at w (row stride nbytes); xt: the token's x_int
+// (original order), xpt: its planes (permute). Also the native decoder's sherry projections.
+void rows_dot(const uint8_t* w, int64_t nbytes, int64_t in, int64_t nr, const int8_t* xt,
+              const int8_t* xpt, int32_t* acc) {
+#if HGF_X86
+  if (isa() >= AVX2) {
+    const int64_t nfull = in / BLOCK, tail_groups = (in / 4) % 32;
+    const Avx2Tables& tb = avx2_tables();
+    if (nr == R)
+      rows_dot_avx2<R>(tb, w, nbytes, nfull, xpt, acc);
+    else
+      for (int64_t r = 0; r < nr; ++r)
+        rows_dot_avx2<1>(tb, w + r * nbytes, nbytes, nfull, xpt, acc + r);
+    if (tail_groups)
+      for (int64_t r = 0; r < nr; ++r)
+        acc[r] += block_dot_portable(w + r * nbytes + nfull * BLOCK_BYTES, tail_groups,
+                                     xt + nfull * BLOCK);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < nr; ++r) acc[r] = row_dot_portable(w + r * nbytes, in, xt);
+}
+
 template <class T>
 void matmul_rows(const uint8_t* w, int64_t nbytes, int64_t in, int64_t out_features, int64_t m,
                  const int8_t* xq, const int8_t* xp, const float* s, float s_w, T* y) {
-  constexpr int R = 4;
-  const int64_t nfull = in / BLOCK, tail_groups = (in / 4) % 32;
   const int64_t nblk = (out_features + R - 1) / R;
   const int64_t per_chunk = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, R * nbytes * m));
-#if HGF_X86
-  const bool avx2 = isa() >= AVX2;
-#endif
   hgf::Pool::get().run((nblk + per_chunk - 1) / per_chunk, at::get_num_threads(), [&](int64_t c) {
     int32_t acc[R];
     for (int64_t blk = c * per_chunk; blk < std::min(nblk, (c + 1) * per_chunk); ++blk) {
       const int64_t r0 = blk * R, nr = std::min<int64_t>(R, out_features - r0);
       for (int64_t t = 0; t < m; ++t) {
-        const int8_t* xt = xq + t * in;
-#if HGF_X86
-        if (avx2) {
-          const Avx2Tables& tb = avx2_tables();
-          if (nr == R)
-            rows_dot_avx2<R>(tb, w + r0 * nbytes, nbytes, nfull, xp + t * in, acc);
-          else
-            for (int64_t r = 0; r < nr; ++r)
-              rows_dot_avx2<1>(tb, w + (r0 + r) * nbytes, nbytes, nfull, xp + t * in, acc + r);
-          if (tail_groups)
-            for (int64_t r = 0; r < nr; ++r)
-              acc[r] += block_dot_portable(w + (r0 + r) * nbytes + nfull * BLOCK_BYTES,
-                                           tail_groups, xt + nfull * BLOCK);
-        } else
-#endif
-          for (int64_t r = 0; r < nr; ++r)
-            acc[r] = row_dot_portable(w + (r0 + r) * nbytes, in, xt);
+        rows_dot(w + r0 * nbytes, nbytes, in, nr, xq + t * in, xp + t * in, acc);
         const float denom = s[t] * s_w;
         for (int64_t r = 0; r < nr; ++r)
           y[t * out_features + r0 + r] = T(float(acc[r]) / denom);
