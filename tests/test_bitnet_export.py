@@ -13,7 +13,7 @@ from hgf.cli import main
 from hgf.config import load_config
 from hgf.errors import HGFError
 from hgf.hf.bitnet_export import bitnet_state_dict
-from hgf.hf.bitnet_import import import_bitnet, unpack_ternary
+from hgf.hf.bitnet_import import import_bitnet, unpack_ternary_along_out
 from hgf.hf.convert import write_bitnet
 from hgf.model import BitLinear, build_model, ternarize
 from hgf.model.hgf_linear import HGFLinear, hgf_layers
@@ -69,7 +69,7 @@ def test_export_import_round_trip(tmp_path, extra):
     assert (q.dtype, tuple(q.shape), s.dtype, tuple(s.shape)) == (torch.uint8, (m.d_ff // 4, m.d_model),
                                                                   torch.float32, (1,))
     w_t, s_w = ternarize(ref.layers[1].mlp.up_proj.weight)
-    assert torch.equal(unpack_ternary(q, m.d_ff), w_t) and torch.equal(s, s_w.reshape(1))
+    assert torch.equal(unpack_ternary_along_out(q, m.d_ff), w_t) and torch.equal(s, s_w.reshape(1))
 
     got, got_cfg, info = import_bitnet(tmp_path / "out")
     assert info["scale_convention"] == "inverse"

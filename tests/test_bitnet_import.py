@@ -16,8 +16,8 @@ from hgf.hf.bitnet_import import (
     detect_scale_convention,
     import_bitnet,
     latent_weight,
-    pack_ternary,
-    unpack_ternary,
+    pack_ternary_along_out,
+    unpack_ternary_along_out,
 )
 from hgf.model import BitLinear, build_model, ternarize
 from hgf.runs import load_trained
@@ -35,18 +35,18 @@ def _ternary(out, inp, zero_frac=0.3):
 def test_pack_layout_by_hand():
     # out = 5 -> R = 2: packed row 0 holds rows 0, 2, 4 (bit pairs 0-1, 2-3, 4-5), row 1 holds 1, 3
     w = torch.tensor([[-1.0], [0.0], [1.0], [-1.0], [0.0]])
-    p = pack_ternary(w)
+    p = pack_ternary_along_out(w)
     assert p.dtype == torch.uint8 and p.shape == (2, 1)
     assert p[0, 0] == (0 | 2 << 2 | 1 << 4) and p[1, 0] == (1 | 0 << 2)  # value + 1, padding 0
-    assert torch.equal(unpack_ternary(p, 5), w)
+    assert torch.equal(unpack_ternary_along_out(p, 5), w)
 
 
 @pytest.mark.parametrize("out", [1, 4, 5, 6, 7, 8, 13])
 def test_pack_round_trip_and_matches_transformers(out):
     w = _ternary(out, 9)
-    p = pack_ternary(w)
+    p = pack_ternary_along_out(w)
     assert p.shape == ((out + 3) // 4, 9)
-    assert torch.equal(unpack_ternary(p, out), w)
+    assert torch.equal(unpack_ternary_along_out(p, out), w)
     bitnet = pytest.importorskip("transformers.integrations.bitnet")
     assert torch.equal(bitnet.pack_weights(w.clone()), p)
     with torch._dynamo.config.patch(disable=True):  # unpack_weights is torch.compile'd
@@ -55,7 +55,7 @@ def test_pack_round_trip_and_matches_transformers(out):
 
 def test_invalid_code_is_refused():
     with pytest.raises(ValueError, match="code 3"):
-        unpack_ternary(torch.full((1, 2), 0b11, dtype=torch.uint8), 4)
+        unpack_ternary_along_out(torch.full((1, 2), 0b11, dtype=torch.uint8), 4)
 
 
 @pytest.mark.parametrize("zero_frac", [0.0, 0.3, 0.7])
@@ -89,7 +89,7 @@ def _write_checkpoint(model, path, convention, linear_class=None, dtype=torch.fl
         sd[p + "mlp.ffn_sub_norm.weight"] = blk.mlp.subln.weight
         for role, parent in ROLES.items():
             w_t, s = ternarize(getattr(blk.attn if parent == "self_attn" else blk.mlp, role).weight)
-            sd[f"{p}{parent}.{role}.weight"] = pack_ternary(w_t)
+            sd[f"{p}{parent}.{role}.weight"] = pack_ternary_along_out(w_t)
             scale = s if convention == "inverse" else 1 / s  # s = 1/mean|W|
             sd[f"{p}{parent}.{role}.weight_scale"] = scale.reshape(1).to(dtype)
     save_file({k: v.detach().contiguous() for k, v in sd.items()}, path / "model.safetensors")
@@ -212,9 +212,9 @@ def test_import_matches_transformers_bitnet(tmp_path, linear_class):
         if isinstance(mod, (TFBitLinear, AutoBitLinear)):
             w_t, m = _ternary(mod.out_features, mod.in_features), 0.01 + 0.05 * float(torch.rand(()))
             scale = torch.tensor([1 / m if linear_class == "bitlinear" else m])
-            mod.weight = pack_ternary(w_t) if linear_class == "bitlinear" else torch.nn.Parameter(w_t)
+            mod.weight = pack_ternary_along_out(w_t) if linear_class == "bitlinear" else torch.nn.Parameter(w_t)
             mod.weight_scale = scale
-            packed[name + ".weight"], packed[name + ".weight_scale"] = pack_ternary(w_t), scale
+            packed[name + ".weight"], packed[name + ".weight_scale"] = pack_ternary_along_out(w_t), scale
     sd = {k: v.contiguous() for k, v in model.state_dict().items()} | packed
     save_file(sd, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(hc.to_dict() | {"quantization_config": qc.to_dict()}))

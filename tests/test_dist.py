@@ -210,3 +210,16 @@ def test_fsdp2_equals_one_process_and_resumes_across_world_sizes(tmp_path, data)
     cut_back(run)  # the sharded step-2 checkpoint resumed by 1 process
     assert train(config(run, data, 4, tied)).resumed_from == 2
     assert_same_run(ref, run)
+
+
+@pytest.mark.dist
+def test_fsdp2_with_channel_gates_equals_one_process(tmp_path, data):
+    """Vector gates (hgf.gate_mode = channel) stay whole under FSDP2, like the scalar ones."""
+    ref, run = tmp_path / "ref", tmp_path / "fsdp2"
+    train(config(ref, data, 4, "--hgf.gate_mode=channel"))
+    spawn([config(run, data, 2, "--hgf.gate_mode=channel", "--dist.strategy=fsdp2")])
+    assert_same_run(ref, run)
+    a, b = (metrics(r, "train")[4]["gate_range"] for r in (ref, run))
+    assert a.keys() == b.keys()
+    for name in a:  # each projection's channel gates: min and max
+        assert b[name] == pytest.approx(a[name], rel=RTOL), name

@@ -174,7 +174,10 @@ def test_fp16_arm_runs_as_llama(tmp_path):
     assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.95
 
 
-def test_bench_peer_smoke(tmp_path):
+@pytest.mark.parametrize("embeddings", ["fp16", "int8"])
+def test_bench_peer_smoke(tmp_path, embeddings):
+    """Both systems decode the same weights; with int8 embeddings hgf streams int8 rows and
+    llama.cpp a Q8_0 head, so that neither reads a wider head than the other."""
     import json
 
     from hgf.infer.bench import main
@@ -182,12 +185,13 @@ def test_bench_peer_smoke(tmp_path):
     out = tmp_path / "bench.json"
     assert main(["--device", "cpu", "--size", "small", "--tokens", "4", "--prompt-len", "4",
                  "--rounds", "1", "--gemv-sizes", "--dense", "float32", "--threads", "1",
-                 "--packings", "tq1", "--peer", "llama.cpp", "--json", str(out)]) == 0
+                 "--packings", "tq1", "--embeddings", embeddings, "--peer", "llama.cpp",
+                 "--json", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["decode"] if "system" in r]
     got = {(r["system"], r["arm"], r["packing"]) for r in rows}
     assert got == {("hgf", a, "tq1") for a in ("bitnet-std", "hgf-std", "hgf-diff")} | {
         ("llama.cpp", a, "tq1_0") for a in ("bitnet-std", "hgf-std")}
     for r in rows:
         assert r["threads"] == 1 and r["cpu_ms_per_token"] > 0 and r["tok_per_s"] > 0
-        assert r["prompt_tok_per_s"] > 0
+        assert r["prompt_tok_per_s"] > 0 and r["embeddings"] == embeddings
     assert all("vs_llama_cpp" in r for r in rows if r["system"] == "hgf" and r["arm"] != "hgf-diff")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # no
 from hgf.cli import main  # noqa: E402
 from hgf.config import load_config  # noqa: E402
 from hgf.errors import HGFError  # noqa: E402
-from hgf.hf.modeling import HGFConfig, HGFForCausalLM  # noqa: E402
+from hgf.hf.modeling import HGFForCausalLM, HGFPreTrainedConfig  # noqa: E402
 from hgf.model import build_model, lm_loss  # noqa: E402
 from hgf.runs import load_trained, save_config, save_weights  # noqa: E402
 
@@ -103,10 +103,10 @@ def test_forward_loss_and_padding_refused():
 
 def test_config_derives_standard_attributes_from_hgf_dict():
     _, cfg = _model("hgf", "--model.n_layers=3")
-    c = HGFConfig.from_hgf(cfg)
+    c = HGFPreTrainedConfig.from_hgf(cfg)
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.max_position_embeddings) == (256, 64, 3, 64)
     with pytest.raises(HGFError, match="model.linear"):
-        HGFConfig(hgf_config={"model": {"linear": "ternary"}})
+        HGFPreTrainedConfig(hgf_config={"model": {"linear": "ternary"}})
 
 
 def test_checkpoint_missing_a_tensor_is_refused(tmp_path):

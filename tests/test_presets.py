@@ -16,7 +16,7 @@ from hgf.model.tequila import TequilaLinear
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.toml") if p.parent.name != "reproduce")
 GRIDS = sorted(p for p in (ROOT / "configs" / "reproduce").glob("*.toml")
-               if "[study]" not in p.read_text(encoding="utf-8"))  # convert studies: own tests
+               if "[grid]" in p.read_text(encoding="utf-8"))  # convert studies: own tests
 ARMS_AXES = ARMS = {
     "fp16": ("dense", "standard"), "bitnet": ("bitlinear", "standard"),
     "diff_only": ("dense", "differential"), "hgf": ("hgf", "differential"),

@@ -58,7 +58,7 @@ class ModelConfig:
     n_kv_heads: int = 0  # key/value heads: 0 = n_heads; fewer = grouped-query (standard attention)
     d_ff: int = 192  # hidden width of the gated MLP
     max_seq_len: int = 128
-    linear: str = "dense"  # dense | bitlinear | hgf | tequila | sherry
+    linear: str = "dense"  # dense | bitlinear | hgf | tequila | sherry | ptqtp (`hgf convert --to ptqtp`)
     attention: str = "standard"  # standard | differential
     mlp: str = "swiglu"  # swiglu | relu2 (squared-ReLU GLU, BitNet b1.58 2B4T)
     subln: str = "auto"  # auto (on for ternary linears) | on | off
@@ -86,6 +86,8 @@ class HGFConfig:
     overhead_bits: float = 2.0  # bits/weight of the backbone used for target_overhead
     targets: str = "all"  # attention | mlp | all: which projections carry a correction
     gate: str = "sigmoid"  # sigmoid | raw | tanh parameterization of the per-projection gate
+    gate_mode: str = "scalar"  # scalar (one per projection) | channel (one per output channel)
+    # | input (per token: φ(wᵀ T(x) + α) of the ternary stream's output; cannot be exported)
     gate_init: float = 0.1  # g0; the paper's gates settle near 0.1 [S3]
     fusion: str = "additive"  # additive: T + g·C | convex: (1-g)·T + g·C
     init: str = "kaiming"  # kaiming (A Kaiming-uniform, B zeros) | svd (residual SVD, LoftQ-like)
@@ -194,6 +196,15 @@ class DistillConfig:
 
 
 @dataclass
+class PTQTPConfig:
+    """The trit-plane fit of ``hgf convert SRC --to ptqtp`` (hgf.model.ptqtp, docs/METHODS.md)."""
+
+    iterations: int = 50  # most alternating rounds (α-step + T-step) per projection
+    tol: float = 1e-4  # stop when a round lowers ‖W − Ŵ‖² by less than tol × its error before
+    activations: str = "int8"  # int8 (per-token absmax, what the packed kernels run) | fp (paper)
+
+
+@dataclass
 class DistConfig:
     strategy: str = "none"  # none | ddp | fsdp2
     activation_checkpointing: bool = False
@@ -212,6 +223,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     init: InitConfig = field(default_factory=InitConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    ptqtp: PTQTPConfig = field(default_factory=PTQTPConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return {sec: {_key_name(k): v for k, v in body.items()} for sec, body in asdict(self).items()}
@@ -220,13 +232,10 @@ class Config:
         return dump_toml(self.to_dict())
 
 
+# Allowed values of the enumerated keys that no registry owns; see choices() for the others.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.linear": ("dense", "bitlinear", "hgf", "tequila", "sherry"),
-    "model.attention": ("standard", "differential"),
     "model.mlp": ("swiglu", "relu2"),
     "model.subln": ("auto", "on", "off"),
-    "hgf.targets": ("attention", "mlp", "all"),
-    "hgf.gate": ("sigmoid", "raw", "tanh"),
     "hgf.fusion": ("additive", "convex"),
     "hgf.init": ("kaiming", "svd"),
     "data.source": ("auto", "local", "hf"),
@@ -235,6 +244,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.resume": ("auto", "never"),
     "dist.strategy": ("none", "ddp", "fsdp2"),
     "init.subln": ("identity", "ones", "off"),
+    "ptqtp.activations": ("int8", "fp"),
 }
 
 
@@ -392,6 +402,32 @@ def load_config_json(path: str | Path) -> Config:
     return config_from_dict(read_json(path), str(path))
 
 
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of every enumerated key: ``CHOICES``, and the keys whose values are the
+    names of a registry (docs/STYLE.md §13): ``model.linear`` (hgf.model.linear.LINEARS),
+    ``model.attention`` (hgf.model.attention.ATTENTIONS), ``hgf.targets``
+    (hgf.model.linear.TARGETS) and ``hgf.gate`` (hgf.model.hgf_linear.GATE_FORWARD). Those
+    modules build on this one, so the registries are read here when a config is validated, never
+    when this module is imported."""
+    from hgf.model.attention import ATTENTIONS
+    from hgf.model.hgf_linear import GATE_FORWARD, GATE_MODES
+    from hgf.model.linear import LINEARS, TARGETS
+
+    return {"model.linear": tuple(LINEARS), "model.attention": tuple(ATTENTIONS), **CHOICES,
+            "hgf.targets": tuple(TARGETS), "hgf.gate": tuple(GATE_FORWARD),
+            "hgf.gate_mode": tuple(GATE_MODES)}
+
+
+# The paper's arms (docs/METHOD.md §4), each a preset file configs/<arm>.toml that sets these
+# (model.linear, model.attention); tests/test_presets.py checks the files against this table.
+ARMS: dict[str, tuple[str, str]] = {
+    "fp16": ("dense", "standard"), "bitnet": ("bitlinear", "standard"),
+    "diff_only": ("dense", "differential"), "hgf": ("hgf", "differential"),
+    "hgf_std": ("hgf", "standard"), "bitnet_diff": ("bitlinear", "differential"),
+    "tequila": ("tequila", "standard"), "sherry": ("sherry", "standard"),  # docs/METHODS.md
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -403,7 +439,7 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
     def fail(key: str, msg: str) -> None:
         raise ConfigError(f"{sources.get(key, 'defaults')}: {key}={_get(cfg, key)!r}: {msg}")
 
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if _get(cfg, key) not in allowed:
             fail(key, f"must be one of {', '.join(allowed)}")
     m, h, t = cfg.model, cfg.hgf, cfg.train
@@ -476,6 +512,10 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
         fail("distill.teacher", "is set but distill.alpha=0 (no distillation); set distill.alpha")
     if cfg.init.calib_batches <= 0:
         fail("init.calib_batches", "must be > 0")
+    if cfg.ptqtp.iterations < 0:
+        fail("ptqtp.iterations", "must be >= 0 (0 = the init only)")
+    if not (cfg.ptqtp.tol >= 0 and math.isfinite(cfg.ptqtp.tol)):
+        fail("ptqtp.tol", "must be >= 0")
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -522,7 +562,7 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 
 __all__ = [
-    "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "DistillConfig",
+    "ARMS", "SIZES", "CHOICES", "Config", "ConfigError", "DataConfig", "DistConfig", "DistillConfig",
     "EvalConfig", "HGFConfig", "InitConfig", "ModelConfig", "QuantConfig", "TrainConfig",
     "build_config", "config_from_dict", "dump_toml", "kv_heads", "load_config",
     "load_config_json", "parse_overrides", "read_toml", "read_json", "replace", "subln_enabled",

@@ -3,47 +3,48 @@
     overhead = bytes(A, B, gates in FP16) / bytes(ternary backbone at its packed bits per weight)
 
 The backbone is every ternary projection weight, packed, plus one float32 scale per tensor.
-Packings (exact bytes per tensor ``[out, in]``, packed along the input dim row by row):
+Packings come from the one registry, hgf.kernels.packing (exact bytes per tensor ``[out, in]``,
+packed along the input dim row by row):
     i2       2 bits/weight, 4 per byte:          out · ceil(in / 4)
     tq1      1.6 bits/weight, 5 trits per byte:  out · ceil(in / 5)
     sherry   1.25 bits/weight, 3:4 sparse ternary only (model.linear = sherry), 5 bits per 4
-             weights: out · (20 · (in // 128) + ceil(g / 2) + ceil(g / 8)), g = ceil((in mod 128) / 4)
+             weights (hgf.kernels.sherry.sherry_row_bytes)
     entropy  log2(3) bits/weight (the limit):    out · in · log2(3) / 8
-Tequila's folded dead-zone bias is float32, one per output row of each projection
-(``bias_bytes``, part of the total). The correction (A, B) and the gates are FP16 (2 bytes);
+The correction (A, B) and the gates are FP16 (2 bytes): one gate per projection, one per output
+channel (``hgf.gate_mode = channel``) or d_out + 1 (an input gate's projection w and bias α);
 embeddings, LM head, norms and the λ vectors of differential attention are FP16 too. Counts come
-from walking a model built on the meta device, so the report describes exactly the modules the
-model has.
+from walking a model built on the meta device, by the role each parameter has (hgf.model.roles),
+so the report describes exactly the modules the model has. Tequila's folded dead-zone bias
+is float32, one per output row of each projection (``bias_bytes``, part of the total); the
+sherry packing is listed for 3:4 sparse models only (``MemoryReport.packings``). The rank rule
+(``hgf.target_overhead``) is beside the projections, in hgf.model.linear.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from hgf.config import Config, kv_heads
-from hgf.model.linear import TARGETS, block_projections
+from hgf.config import Config
+from hgf.kernels.packing import ACCOUNTED, PACKING_REGISTRY
+from hgf.model.linear import FP16, SCALE_BYTES, rank_for_overhead, resolve_rank
+from hgf.model.roles import param_roles
+from hgf.model.transformer import build_model
 
-PACKINGS = ("i2", "tq1", "sherry", "entropy")
-BITS = {"i2": 2.0, "tq1": 1.6, "sherry": 1.25, "entropy": math.log2(3)}
-FP16 = 2
-SCALE_BYTES = 4
+PACKINGS = ACCOUNTED  # every packing of the registry, the entropy limit included
+BITS = {name: p.bits for name, p in PACKING_REGISTRY.items()}
+__all__ = ["BITS", "FP16", "PACKINGS", "SCALE_BYTES", "MemoryReport", "format_report",
+           "memory_report", "packed_bytes", "rank_for_overhead", "report_for_config",
+           "resolve_rank"]
 
 
 def packed_bytes(out_features: int, in_features: int, packing: str) -> float:
     """Bytes of one packed ternary weight ``[out, in]`` (without its scale)."""
-    if packing == "i2":
-        return out_features * math.ceil(in_features / 4)
-    if packing == "tq1":
-        return out_features * math.ceil(in_features / 5)
-    if packing == "sherry":
-        g = math.ceil(in_features % 128 / 4)
-        return out_features * (20 * (in_features // 128) + math.ceil(g / 2) + math.ceil(g / 8))
-    if packing == "entropy":
-        return out_features * in_features * math.log2(3) / 8
-    raise ValueError(f"unknown packing {packing!r} (known: {', '.join(PACKINGS)})")
+    p = PACKING_REGISTRY.get(packing)
+    if p is None:
+        raise ValueError(f"unknown packing {packing!r} (known: {', '.join(PACKINGS)})")
+    return p.tensor_bytes(out_features, in_features)
 
 
 @dataclass
@@ -55,13 +56,16 @@ class MemoryReport:
     embedding_params: int = 0
     head_params: int = 0  # 0 when tied to the embedding
     other_params: int = 0  # norms, λ vectors
+    bias_params: int = 0  # Tequila: its λ (folded into the bias at export)
     bias_rows: int = 0  # Tequila: float32 dead-zone bias entries (one per output row)
-    sparse34: bool = False  # Sherry: the backbone is 3:4 sparse (the sherry packing applies)
+    sparsity: str | None = None  # the backbone's W_t pattern ("3:4": Sherry), None = any
 
     @property
     def packings(self) -> tuple[str, ...]:
-        """The packings this model can be stored in (sherry: 3:4 sparse models only)."""
-        return PACKINGS if self.sparse34 else tuple(p for p in PACKINGS if p != "sherry")
+        """The packings this model can be stored in (a packing with a ``sparsity``, sherry:
+        the models of that pattern only)."""
+        return tuple(p for p in PACKINGS
+                     if PACKING_REGISTRY[p].sparsity in (None, self.sparsity))
 
     @property
     def ternary_params(self) -> int:
@@ -70,7 +74,8 @@ class MemoryReport:
     @property
     def total_params(self) -> int:
         return (self.ternary_params + self.correction_params + self.n_gates + self.dense_params
-                + self.embedding_params + self.head_params + self.other_params)
+                + self.embedding_params + self.head_params + self.other_params
+                + self.bias_params)
 
     def backbone_bytes(self, packing: str) -> float:
         return (sum(packed_bytes(o, i, packing) for o, i in self.ternary_shapes)
@@ -129,65 +134,30 @@ class MemoryReport:
         return d
 
 
-def memory_report(model: nn.Module) -> MemoryReport:
-    """Count the bytes of every component of a built model (meta device is fine)."""
-    from hgf.model.hgf_linear import HGFLinear
-    from hgf.model.quant import BitLinear
-    from hgf.model.sherry import SherryLinear
-    from hgf.model.tequila import TequilaLinear
+# the MemoryReport counter of each parameter role (hgf.model.roles); "ternary" keeps shapes
+COUNTERS = {"correction": "correction_params", "gate": "n_gates", "dense": "dense_params",
+            "embedding": "embedding_params", "head": "head_params", "other": "other_params",
+            "bias": "bias_params"}
 
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Count the bytes of every component of a built model (meta device is fine), by the role
+    of each parameter (hgf.model.roles; tied weights count once)."""
     rep = MemoryReport()
-    seen: set[int] = set()
-    for name, mod in model.named_modules():
-        for p_name, p in mod.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue  # tied weights count once
-            seen.add(id(p))
-            n = p.numel()
-            if isinstance(mod, BitLinear) and p_name == "weight":
-                rep.ternary_shapes.append((p.shape[0], p.shape[1]))
-                if isinstance(mod, TequilaLinear):
-                    rep.bias_rows += p.shape[0]
-                rep.sparse34 = rep.sparse34 or isinstance(mod, SherryLinear)
-            elif isinstance(mod, TequilaLinear) and p_name == "bias_lambda":
-                continue  # folded into the bias at export
-            elif isinstance(mod, HGFLinear) and p_name in ("A", "B"):
-                rep.correction_params += n
-            elif isinstance(mod, HGFLinear) and p_name == "gate":
-                rep.n_gates += n
-            elif isinstance(mod, nn.Embedding):
-                rep.embedding_params += n
-            elif name.endswith("lm_head"):
-                rep.head_params += n
-            elif isinstance(mod, nn.Linear):
-                rep.dense_params += n
-            else:
-                rep.other_params += n
+    for _, mod, _, p, role in param_roles(model):
+        if role == "ternary":
+            rep.ternary_shapes.append((p.shape[0], p.shape[1]))
+            rep.sparsity = getattr(mod, "hgf_sparsity", None) or rep.sparsity
+        else:
+            counter = COUNTERS[role]
+            setattr(rep, counter, getattr(rep, counter) + p.numel())
+            if role == "bias":  # λ stands for the float32 bias [out] it is folded into
+                rep.bias_rows += mod.out_features
     return rep
 
 
 def report_for_config(cfg: Config) -> MemoryReport:
-    from hgf.model.transformer import build_model
-
     return memory_report(build_model(cfg, device="meta"))
-
-
-def rank_for_overhead(cfg: Config, target: float, bits: float | None = None) -> int:
-    """Largest rank r whose correction overhead (vs the ternary backbone at ``bits`` per weight,
-    scales included, embeddings excluded) does not exceed ``target``; at least 1."""
-    m, h = cfg.model, cfg.hgf
-    bits = h.overhead_bits if bits is None else bits
-    projs = block_projections(m.d_model, m.d_ff, kv_heads(m) * (m.d_model // m.n_heads))
-    backbone = m.n_layers * sum(i * o * bits / 8 + SCALE_BYTES for _, i, o in projs)
-    targeted = [(i, o) for role, i, o in projs if role in TARGETS[h.targets]]
-    per_rank = m.n_layers * FP16 * sum(i + o for i, o in targeted)
-    gates = m.n_layers * FP16 * len(targeted)
-    return max(1, math.floor((target * backbone - gates) / per_rank))
-
-
-def resolve_rank(cfg: Config) -> int:
-    h = cfg.hgf
-    return rank_for_overhead(cfg, h.target_overhead) if h.target_overhead > 0 else h.rank
 
 
 def format_report(rep: MemoryReport) -> str:

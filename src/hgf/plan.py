@@ -57,8 +57,9 @@ from dataclasses import dataclass
 
 from hgf.config import Config, kv_heads, subln_enabled
 from hgf.errors import HGFError
-from hgf.memory import FP16, MemoryReport, format_report, memory_report, resolve_rank
-from hgf.model.linear import block_projections, linear_kind
+from hgf.kernels.packing import PACKINGS
+from hgf.memory import MemoryReport, format_report, memory_report
+from hgf.model.linear import FP16, block_projections, linear_kind, resolve_rank
 
 STRATEGIES = ("ddp", "fsdp2")
 GIB = 1024**3
@@ -217,7 +218,7 @@ class Plan:
                 "headroom": self.headroom, "params": self.report.as_dict()["params"],
                 "block_params": self.block_params, "root_params": self.root_params,
                 "block_activations": self.block_activations, "memory": mem,
-                "packed_bytes": {p: self.report.total_bytes(p) for p in ("i2", "tq1")}}
+                "packed_bytes": {p: self.report.total_bytes(p) for p in PACKINGS}}
 
 
 def make_plan(cfg: Config, gpus: int, gpu_mem: int, micro_batch: int, seq_len: int,

@@ -15,8 +15,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -123,3 +125,29 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
     model = build_model(cfg)
     load_weights(model, weights or Path(run_dir) / MODEL_FILE, device)
     return model.to(device).eval(), cfg
+
+
+@contextmanager
+def output_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` when the block succeeds; on failure it is
+    removed and an I/O error (full disk, read-only folder, ...) names ``out``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HGFError(f"{out}: output already exists and is not an empty folder")
+    prefix = out.parent / f".{out.name}."
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix.name, dir=out.parent))
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException as e:
+        err = as_os_error(e, out, prefix)
+        if err is e:
+            raise
+        raise err from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

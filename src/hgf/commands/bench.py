@@ -9,7 +9,7 @@ from hgf.errors import HGFError
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
-    from hgf.train.bench import ARMS
+    from hgf.config import ARMS
 
     p = sub.add_parser("train", help="training step time and tokens/s of every arm at one size")
     p.add_argument("--size", default="tiny", help="model size of every arm (default: tiny)")

@@ -8,6 +8,10 @@
     hgf convert runs/h --to bitnet out/h-bitnet --drop-correction   # HGF: ternary backbone (B := 0)
     hgf convert llama-folder --to run runs/l             # LlamaForCausalLM folder -> dense run
     hgf convert runs/fp --to llama out/fp-llama          # dense run -> LlamaForCausalLM folder
+    hgf convert runs/fp --to ptqtp runs/fp-ptqtp [--ptqtp.iterations=50 --ptqtp.tol=1e-4
+                                                  --ptqtp.activations=int8|fp]
+                                                         # dense run or Llama folder -> two
+                                                         # ternary trit-planes per projection
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="source folder (run, Hugging Face or BitNet checkpoint)")
     p.add_argument("--to", required=True, choices=TARGETS, help="target format (bitnet: a transformers "
                    "BitNetForCausalLM checkpoint, packed ternary weights; llama: a transformers "
-                   "LlamaForCausalLM folder, dense models only)")
+                   "LlamaForCausalLM folder, dense models only; ptqtp: a run of two fitted ternary "
+                   "trit-planes with row scales per projection, from a dense model, no training "
+                   "(options --ptqtp.iterations=50, --ptqtp.tol=1e-4, --ptqtp.activations=int8|fp))")
     p.add_argument("out", help="output folder (must not exist or be empty)")
     p.add_argument("--from", dest="fmt", default="auto", choices=("auto",) + SOURCES,
                    help="source format (default: detected from its config.json)")
@@ -49,6 +55,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"  correction dropped (B := 0): on {d['n_tokens']} random tokens max |dlogit| "
               f"{d['max_abs_logit_diff']:.4g}, mean KL {d['mean_kl']:.4g} nats/token, top-1 "
               f"agreement {d['top1_agreement']:.3f}")
+    if "ptqtp" in info:
+        f = info["ptqtp"]
+        print(f"  ptqtp: {f['projections']} projections fitted (rounds: mean {f['mean_rounds']:.1f}, "
+              f"max {f['max_rounds']} of {f['iterations']}, tol {f['tol']:g}); mean relative "
+              f"error |W-What|^2/|W|^2 {f['mean_rel_error']:.4f} (per-tensor absmean ternary: "
+              f"{f['mean_rel_error_absmean']:.4f}); activations {f['activations']}")
     print(f"  tokenizer: {info['tokenizer'] or 'none'}"
           + (f" ({info['tokenizer_note']})" if "tokenizer_note" in info else ""))
     return 0

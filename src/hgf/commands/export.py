@@ -38,11 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    if args.packing is None:
+    if args.packing is None:  # the packing made for the run's sparsity (sherry: 3:4), else i2
+        from hgf.kernels.packing import PACKING_REGISTRY
+        from hgf.memory import report_for_config
         from hgf.runs import load_run_config
 
-        linear = load_run_config(args.run_dir).model.linear
-        args.packing = "sherry" if linear == "sherry" else "i2"
+        sparsity = report_for_config(load_run_config(args.run_dir)).sparsity
+        args.packing = next((p for p in PACKINGS if sparsity is not None
+                             and PACKING_REGISTRY[p].sparsity == sparsity), "i2")
     if (args.format or ("gguf" if args.output.endswith(".gguf") else "hgf")) == "gguf":
         from hgf.gguf.export import export_run_gguf, format_export
 

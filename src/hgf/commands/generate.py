@@ -11,7 +11,8 @@ import time
 import torch
 
 from hgf.errors import HGFError
-from hgf.infer.generate import check_sampling, generate, load_for_generation, resolve_device
+from hgf.infer.generate import check_sampling, generate
+from hgf.infer.load import load_for_generation, resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:

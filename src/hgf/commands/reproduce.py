@@ -5,7 +5,11 @@ from its checkpoint), then writes ``report.md``, ``results.json``, ``results.csv
 ``--sweep`` runs the preset's LR sweep instead and writes ``sweep.json`` with each arm's best LR.
 ``--variants`` runs the preset's ``[variant.*]`` changes of one arm and writes ``variants.md``,
 comparing each with the grid's arms at the same regime. Reports count every finished grid run in
-OUT, including extra seeds run with ``--seeds``.
+OUT, including extra seeds run with ``--seeds``. A preset with a ``[study]`` table also rebuilds
+that study's report (``results/cpu/why.md`` for ``name = "why"``, :mod:`hgf.reproduce.why`) from
+every run of the study's presets. ``--preset convert`` (a preset with ``[study]`` and no ``[grid]``)
+is the conversion study: it runs :mod:`hgf.reproduce.convert_study` with ``--out``, ``--arms``,
+``--seeds``, ``--report-only`` and ``--background``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ def _ints(s: str) -> list[int]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run the paper's arm comparison and write a report")
-    p.add_argument("--preset", default="smoke", help="smoke | cpu | paper | path to a preset TOML")
+    p.add_argument("--preset", default="smoke",
+                   help="smoke | cpu | paper | why_tokens | why_width | why_lr | convert | path to a "
+                   "preset TOML")
     p.add_argument("--arms", type=lambda s: s.split(","), help="comma-separated subset of arms")
     p.add_argument("--steps", type=_ints, help="step regimes, e.g. 2500,3500")
     p.add_argument("--seeds", type=int, help="number of seeds")
@@ -43,14 +49,58 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from hgf.reproduce.grid import finished_extras, load_preset, plan_grid, plan_sweep, plan_variants
+    from hgf.reproduce.grid import load_preset
+
+    if is_conversion_study(args.preset):
+        return run_conversion_study(args)
+    preset = load_preset(args.preset)
+    out = Path(args.out or Path("results") / preset.name)
+    if preset.study:
+        from hgf.reproduce.why import experiments, write_why
+
+        experiments(preset)  # a bad [study] fails now, not after the runs
+    if args.background:
+        return detach(out, args.argv)
+    code = _run_preset(args, preset, out)
+    if preset.study.get("name"):
+        path = write_why(preset.study["name"], {preset.name: out} if args.out else None)
+        print(f"study report: {path}")
+    return code
+
+
+def is_conversion_study(name_or_path: str) -> bool:
+    """A preset with ``[study]`` and no ``[grid]`` is the conversion study (configs/reproduce/
+    convert.toml), run by :mod:`hgf.reproduce.convert_study`."""
+    from hgf.config import read_toml
+    from hgf.reproduce.grid import resolve_preset
+
+    d = read_toml(resolve_preset(name_or_path))
+    return "study" in d and "grid" not in d
+
+
+def run_conversion_study(args: argparse.Namespace) -> int:
+    """``hgf reproduce --preset convert ...`` = ``python -m hgf.reproduce.convert_study ...``."""
+    from hgf.errors import HGFError
+    from hgf.reproduce import convert_study
+
+    for flag, value in (("--steps", args.steps), ("--sweep", args.sweep), ("--lrs", args.lrs),
+                        ("--sweep-steps", args.sweep_steps), ("--variants", args.variants)):
+        if value:
+            raise HGFError(f"{flag} does not apply to the conversion study {args.preset!r} "
+                           "(it takes --out, --arms, --seeds, --report-only, --background)")
+    argv = ["--preset", args.preset]
+    argv += ["--out", args.out] if args.out else []
+    argv += ["--arms", ",".join(args.arms)] if args.arms else []
+    argv += ["--seeds", str(args.seeds)] if args.seeds else []
+    argv += ["--report-only"] * args.report_only + ["--background"] * args.background
+    return convert_study.main(argv)
+
+
+def _run_preset(args: argparse.Namespace, preset, out: Path) -> int:
+    from hgf.reproduce.grid import finished_extras, plan_grid, plan_sweep, plan_variants
     from hgf.reproduce.report import write_report, write_sweep
     from hgf.reproduce.runner import run_specs
 
-    preset = load_preset(args.preset)
-    out = Path(args.out or Path("results") / preset.name)
-    if args.background:
-        return detach(out, args.argv)
     if args.sweep:
         lrs = args.lrs or preset.lr_sweep
         steps = args.sweep_steps or preset.sweep_steps or min(preset.steps)

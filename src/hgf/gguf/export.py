@@ -13,11 +13,11 @@ llama.cpp quantizes the activations of a TQ matmul to q8_K (int8 with one scale 
 hgf quantizes per token (one scale per row). That is the one arithmetic difference: with
 hgf.gguf.emulate's q8_K quantizer the two agree to float32 rounding (tests/test_gguf_llama.py).
 
-The HGF correction: ``y = a·T(x) + g·B(A x)`` (a = 1 additive, 1 - g convex). llama.cpp's LoRA
+The HGF correction: ``y = μ·T(x) + g·B(A x)`` (μ = 1 additive, 1 - g convex). llama.cpp's LoRA
 adds ``scale·B(A x)`` to the output of the same matmul, reading the same input ``x`` (the
 normalised, unquantized activations), after the ``.scale`` multiply. So the adapter holds
 ``lora_a = A`` [r, in] and ``lora_b = g·B`` [out, r] (f32, the gate folded) with
-``adapter.lora.alpha = r`` (LoRA scale alpha/r = 1), and convex fusion folds ``a`` into ``.scale``.
+``adapter.lora.alpha = r`` (LoRA scale alpha/r = 1), and convex fusion folds ``μ`` into ``.scale``.
 One exception, checked against the real llama.cpp (tests/test_gguf_llama.py): for ``ffn_gate``
 and ``ffn_up`` llama.cpp's ``build_ffn`` multiplies by ``.scale`` *after* adding the LoRA term,
 so their ``lora_b`` is ``g·B / scale``.
@@ -45,14 +45,17 @@ from hgf.config import Config, subln_enabled
 from hgf.errors import HGFError
 from hgf.gguf import require_gguf
 from hgf.gguf.tokenizer import add_vocab, vocab_from_tokenizer_json
-from hgf.model.hgf_linear import HGFLinear
+from hgf.kernels.packing import PACKING_REGISTRY
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.quant import BitLinear, ternarize
 from hgf.model.transformer import Transformer
 from hgf.runs import TOKENIZER_FILE, atomic_write, load_trained
 
 QK_K = 256  # values per TQ1_0 / TQ2_0 / q8_K block
-PACKING_TYPES = {"i2": "TQ2_0", "tq1": "TQ1_0", "tq2_0": "TQ2_0", "tq1_0": "TQ1_0"}
+# hgf packing (or the GGML type's own lower-case name) -> GGML type, from the packing registry
+_GGUF_PACKINGS = [p for p in PACKING_REGISTRY.values() if p.gguf_type]
+PACKING_TYPES = ({p.name: p.gguf_type for p in _GGUF_PACKINGS}
+                 | {p.gguf_type.lower(): p.gguf_type for p in _GGUF_PACKINGS})
 EMBEDDING_TYPES = {"fp16": "F16", "fp32": "F32", "int8": "Q8_0"}
 ARMS_HELP = ("exportable arms: bitnet and hgf_std (ternary, standard attention) and fp16 "
              "(dense, standard attention)")
@@ -107,10 +110,10 @@ def gguf_arch(cfg: Config) -> str:
 
 def ternary_and_scale(mod: BitLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_t, scale)`` of a ternary projection: the TQ values and the ``.scale`` multiplier
-    ``a/s_w`` (``a`` folds convex fusion's 1 - g; 1 otherwise)."""
+    ``μ/s_w`` (``μ`` folds convex fusion's 1 - g; 1 otherwise)."""
     w_t, s_w = ternarize(mod.weight, mod.weight_eps)
     scale = 1.0 / s_w.float().cpu()
-    if isinstance(mod, HGFLinear):
+    if mod.rank:  # a corrected projection (HGFLinear.folded_terms)
         scale = scale * mod.folded_terms()[2]
     return w_t.cpu(), scale
 
@@ -191,7 +194,7 @@ def lora_tensors(model: Transformer) -> GGUFTensors:
     for i in range(model.cfg.model.n_layers):
         for role in ATTENTION_PROJ + MLP_PROJ:
             mod = model.get_submodule(hgf_module(i, role))
-            if isinstance(mod, HGFLinear):
+            if mod.rank:
                 a, b, _ = mod.folded_terms()
                 if role in LORA_INSIDE_SCALE:  # llama.cpp: (W_t x + B'(A x))·scale, see above
                     b = b / ternary_and_scale(mod)[1]

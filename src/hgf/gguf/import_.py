@@ -34,9 +34,12 @@ import torch
 from hgf.errors import HGFError
 from hgf.gguf import require_gguf
 from hgf.gguf.tokenizer import tokenizer_json_from_fields
+from hgf.kernels.packing import PACKING_REGISTRY
 from hgf.runs import TOKENIZER_FILE
 
-TERNARY_TYPES = ("TQ2_0", "TQ1_0", "F32", "F16", "BF16")
+# GGML types a ternary projection may be stored as: the packing registry's, and float types
+TERNARY_TYPES = (*(p.gguf_type for p in PACKING_REGISTRY.values() if p.gguf_type),
+                 "F32", "F16", "BF16")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 NAMES = {  # GGUF name in block N -> transformers bitnet name in layer N
     "attn_norm.weight": "input_layernorm.weight",

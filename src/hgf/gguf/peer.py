@@ -35,16 +35,17 @@ from pathlib import Path
 import torch
 
 from hgf.config import Config, config_from_dict
-from hgf.gguf.export import PACKING_TYPES, export_model_gguf
+from hgf.errors import HGFError
+from hgf.gguf.export import PACKING_TYPES, export_model_gguf, gguf_arch
 from hgf.gguf.llama import LlamaCpp, require_llama_cpp
+from hgf.infer.decode_bench import ARMS  # the decode benchmark's arms
 from hgf.infer.engine import load_for_decode
 from hgf.infer.export import export_model
 from hgf.infer.generate import generate_ids
+from hgf.kernels.packing import PACKINGS
 from hgf.model.transformer import build_model
 
 PEERS = ("llama.cpp",)
-ARMS = {"bitnet-std": ("bitlinear", "standard"), "hgf-std": ("hgf", "standard"),
-        "hgf-diff": ("hgf", "differential")}
 
 
 def peer_config(size: str, arm: str, rank: int = 8) -> Config:
@@ -85,14 +86,28 @@ def _record(prompt_len: int, prefill_s: float, wall_s: float, cpu_s: float, n: i
             "prompt_tok_per_s": prompt_len / prefill_s}
 
 
+def _gguf_exportable(arm: str) -> bool:
+    """Whether llama.cpp has the arm's projections (not Tequila's bias nor Sherry's 3:4 rule;
+    differential attention is run on hgf's side only, as before)."""
+    cfg = peer_config("base100m", arm)
+    cfg.model.attention = "standard"
+    try:
+        gguf_arch(cfg)
+    except HGFError:
+        return False
+    return True
+
+
 def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
              prompt_len: int = 16, packings: list[str] | None = None, threads: int | None = None,
              rounds: int = 3, rank: int = 8, arms: list[str] | None = None,
-             log=print) -> list[dict]:
-    """The ``decode`` records of both systems (see the module docstring)."""
+             log=print, embeddings: str = "fp16") -> list[dict]:
+    """The ``decode`` records of both systems (see the module docstring). ``embeddings`` is
+    the type of the tied embedding/head in both files: fp16 (GGUF F16) or int8 (hgf's int8
+    rows, GGUF Q8_0), so that both systems stream a head of the same width."""
     require_llama_cpp()
-    packings = packings or ["i2", "tq1"]
-    arms = arms or list(ARMS)
+    packings = packings or [p for p in PACKINGS if p in PACKING_TYPES]
+    arms = arms or [a for a in ARMS if _gguf_exportable(a)]
     threads = threads or torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     runs = []  # (system, arm, packing, runner, extra) in the A B A B order
@@ -105,21 +120,23 @@ def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
                 prompt = torch.randint(1, cfg.model.vocab_size, (prompt_len,), generator=g).tolist()
                 for packing in packings:
                     f = Path(tmp) / f"{arm}-{packing}.hgf"
-                    export_model(model, cfg, f, packing)
+                    export_model(model, cfg, f, packing, embeddings=embeddings)
                     packed, _ = load_for_decode(f, "cpu")  # what `hgf generate` runs
                     runs.append(("hgf", arm, packing, lambda m=packed, p=prompt: _hgf_run(
-                        m, p, tokens), {"file_bytes": f.stat().st_size}))
+                        m, p, tokens), {"file_bytes": f.stat().st_size,
+                                        "embeddings": embeddings}))
                     if cfg.model.attention != "standard":
                         continue
                     gf = Path(tmp) / f"{arm}-{packing}.gguf"
-                    info = export_model_gguf(model, cfg, gf, packing, "fp16", force=True)
+                    info = export_model_gguf(model, cfg, gf, packing, embeddings, force=True)
                     lm = LlamaCpp(gf, info.get("adapter"), n_ctx=prompt_len + tokens + 8,
                                   threads=threads)
                     lms.append(lm)
                     size_b = sum(p.stat().st_size for p in info["files"])
                     runs.append((peer, arm, PACKING_TYPES[packing].lower(),
                                  lambda m=lm, p=prompt: _llama_run(m, p, tokens),
-                                 {"file_bytes": size_b, "lora": "adapter" in info}))
+                                 {"file_bytes": size_b, "lora": "adapter" in info,
+                                  "embeddings": embeddings}))
                 log(f"# peer bench: {arm} ready (hgf {', '.join(packings)}"
                     + ("" if cfg.model.attention != "standard" else " + llama.cpp") + ")")
         for _, _, _, run, _ in runs:  # warm-up (kernel builds, thread pools, page faults)
@@ -169,8 +186,10 @@ def format_peer(records: list[dict]) -> str:
 def run_from_args(args) -> list[dict]:
     """The ``--peer`` part of ``hgf bench infer`` (hgf.infer.bench calls this)."""
     records = run_peer(args.peer, args.size, args.tokens, args.prompt_len, list(args.packings),
-                       args.threads, args.rounds, args.rank)
-    print(f"\n# decode vs {args.peer}, model.size={args.size}, tied embeddings, greedy "
+                       args.threads, args.rounds, args.rank,
+                       embeddings=getattr(args, "embeddings", "fp16"))
+    emb = getattr(args, "embeddings", "fp16")
+    print(f"\n# decode vs {args.peer}, model.size={args.size}, tied {emb} embeddings, greedy "
           f"{args.tokens} tokens after a {args.prompt_len}-token prompt, batch 1, median of "
           f"{args.rounds} interleaved rounds; CPU ms/token = process CPU time / decode tokens")
     print(format_peer(records))

@@ -3,7 +3,7 @@
 Every block projection with latent weight ``W`` is stored as hgf's own ternarization of it,
 ``s_w = 1/max(mean|W|, eps)``, ``W_t = clamp(round(W·s_w), -1, 1)``:
 
-    weight        pack_ternary(W_t): uint8 [ceil(out/4), in] (layout in hgf.hf.bitnet_import)
+    weight        pack_ternary_along_out(W_t): uint8 [ceil(out/4), in] (layout in hgf.hf.bitnet_import)
     weight_scale  s_w, float32 [1]: the inverse convention of transformers' ``BitLinear``,
                   y = (x_int @ W_tᵀ) / (s_x · weight_scale), which is hgf's inference form.
 
@@ -19,9 +19,9 @@ transformers' ``BitLinear``); projection widths that are multiples of 4 (``BitLi
 ``out // 4`` packed rows). Dense arms have no ternary weights and differential attention has no
 counterpart; both are refused, as is everything else outside that list.
 
-HGF models. An HGFLinear computes ``y = a·T(x) + g·B(A x)`` (``a = 1`` additive, ``1 - g`` convex
+HGF models. An HGFLinear computes ``y = μ·T(x) + g·B(A x)`` (``μ = 1`` additive, ``1 - g`` convex
 fusion) and the format has no correction path, so an HGF model is refused unless the correction is
-pruned, ``B := 0`` (METHOD §7), which leaves ``a·T(x)``: ``W_t`` unchanged, ``weight_scale = s_w/a``.
+pruned, ``B := 0`` (METHOD §7), which leaves ``μ·T(x)``: ``W_t`` unchanged, ``weight_scale = s_w/μ``.
 :func:`correction_drift` measures what the pruning costs on random token sequences.
 """
 
@@ -33,8 +33,15 @@ import torch
 
 from hgf.config import Config, subln_enabled
 from hgf.errors import HGFError
-from hgf.hf.bitnet_import import MLP_ACT, PER_BYTE, hgf_proj_name, pack_ternary, plain_names, proj_name
-from hgf.model.hgf_linear import HGFLinear, hgf_layers
+from hgf.hf.bitnet_import import (
+    MLP_ACT,
+    PER_BYTE,
+    hgf_proj_name,
+    pack_ternary_along_out,
+    plain_names,
+    proj_name,
+)
+from hgf.model.hgf_linear import hgf_layers
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.quant import BitLinear, ternarize
 from hgf.model.transformer import Transformer
@@ -53,6 +60,9 @@ def check_exportable(cfg: Config, drop_correction: bool = False) -> None:
     if m.linear in ("tequila", "sherry"):
         raise HGFError(f"model.linear={m.linear}: transformers' BitNet has no dead-zone bias / "
                        "3:4 rule; export the hgf packed file instead")
+    if m.linear == "ptqtp":
+        raise HGFError("model.linear=ptqtp: the bitnet format holds one ternary plane per "
+                       "projection, PTQTP two; write it with `hgf export` (the hgf packed file)")
     if m.attention != "standard":
         raise HGFError(f"model.attention={m.attention}: transformers' BitNet has standard attention "
                        "only (differential attention cannot be represented)")
@@ -90,9 +100,9 @@ def bitnet_config(cfg: Config, eos_token_id: int | None = None) -> dict[str, Any
 def _packed(mod: BitLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed W_t, weight_scale [1]) of one projection; an HGFLinear loses its correction."""
     w_t, s = ternarize(mod.weight, mod.weight_eps)
-    if isinstance(mod, HGFLinear):
-        s = s.cpu() / mod.folded_terms()[2]  # convex fusion: (1 - g) folded into the scale
-    return pack_ternary(w_t), s.reshape(1).float()
+    if mod.rank:  # a corrected projection; convex fusion: (1 - g) folded into the scale
+        s = s.cpu() / mod.folded_terms()[2]
+    return pack_ternary_along_out(w_t), s.reshape(1).float()
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ from hgf.config import (
     subln_enabled,
 )
 from hgf.errors import HGFError
+from hgf.model.hgf_linear import CORRECTION_PARAMS
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.transformer import Transformer, build_model
 
@@ -71,8 +72,9 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Packing
 
 
-def pack_ternary(w_t: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` values in {-1, 0, 1} -> uint8 ``[ceil(out/4), in]`` (the layout above)."""
+def pack_ternary_along_out(w_t: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` values in {-1, 0, 1} -> uint8 ``[ceil(out/4), in]`` (the layout above:
+    packed along the *output* dim, unlike hgf's own packings, hgf.kernels.packing)."""
     out, inp = w_t.shape
     rows = math.ceil(out / PER_BYTE)
     codes = torch.zeros(PER_BYTE * rows, inp, dtype=torch.uint8, device=w_t.device)
@@ -81,7 +83,7 @@ def pack_ternary(w_t: torch.Tensor) -> torch.Tensor:
     return codes[0] | codes[1] << 2 | codes[2] << 4 | codes[3] << 6
 
 
-def unpack_ternary(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+def unpack_ternary_along_out(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """uint8 ``[R, in]`` -> float32 ``[out_features, in]`` in {-1, 0, 1} (code 3 is an error)."""
     shifts = torch.arange(0, 2 * PER_BYTE, 2, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(0) >> shifts.view(-1, 1, 1)) & 3  # [4, R, in]
@@ -225,7 +227,7 @@ def _projection(state: dict[str, torch.Tensor], key: str, shape: tuple[int, int]
             raise HGFError(f"{key}.weight: packed shape {tuple(w.shape)}, expected {want} for a "
                            f"[{out}, {inp}] projection")
         try:
-            w_t = unpack_ternary(w, out)
+            w_t = unpack_ternary_along_out(w, out)
         except ValueError as e:
             raise HGFError(f"{key}.weight: {e}") from None
     elif scale is None:
@@ -338,7 +340,8 @@ def import_bitnet_state(hf: dict[str, Any], state: dict[str, torch.Tensor], sour
         raise HGFError(f"{path}: tensor shapes do not match the config: "
                        f"{str(e).splitlines()[-1].strip()}") from None
     tied = {"lm_head.weight"} if m.tie_embeddings else set()  # shares tok_emb.weight
-    left = [k for k in missing_keys if not k.endswith((".A", ".B", ".gate")) and k not in tied]
+    left = [k for k in missing_keys if k.rsplit(".", 1)[-1] not in CORRECTION_PARAMS
+            and k not in tied]
     if left:
         raise HGFError(f"{path}: no checkpoint tensor for {left[0]}")
     info = {"scale_convention": scale_convention, "reason": reason,

@@ -1,8 +1,8 @@
 """Conversions between a run directory, a Hugging Face directory and a BitNet checkpoint.
 
     run     config.json (hgf Config), model.safetensors (hgf state dict), tokenizer.json
-    hf      config.json (HGFConfig, model_type "hgf"), model.safetensors (the same tensors under
-            the prefix ``model.``), generation_config.json, and when there is a tokenizer:
+    hf      config.json (HGFPreTrainedConfig, model_type "hgf"), model.safetensors (the same
+            tensors under the prefix ``model.``), generation_config.json, and when there is a tokenizer:
             tokenizer.json + tokenizer_config.json (a PreTrainedTokenizerFast; eos =
             ``<|endoftext|>`` when the vocabulary has it)
     bitnet  a transformers ``bitnet`` checkpoint: config.json (BitNetConfig + quantization_config),
@@ -10,6 +10,8 @@
             (hgf.hf.bitnet_import reads it, hgf.hf.bitnet_export says what can be written)
     llama   a transformers ``LlamaForCausalLM`` folder (Llama 2/3, TinyLlama, SmolLM, ...): read
             into a dense hgf model, written from one (hgf.hf.llama_import)
+    ptqtp   (target only) a run whose projections are two fitted ternary trit-planes with row
+            scales, from a dense source, no training (hgf.hf.ptqtp_convert)
 
 A conversion loads the source as an hgf Transformer + Config (+ tokenizer file, checked to fit the
 model and, for a run, to be the one its weights record) and writes it in the target format; a run
@@ -21,74 +23,29 @@ half-written; an existing non-empty output is refused, and a source must be a fo
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from hgf.config import Config, read_json
-from hgf.data.sources import EOT
+from hgf.config import Config
 from hgf.data.tokenizer import check_tokenizer_file, tokenizer_metadata
-from hgf.errors import HGFError, as_os_error
+from hgf.errors import HGFError
+from hgf.hf import hf_tokenizer
+from hgf.infer.load import detect_format
 from hgf.model.transformer import Transformer
-from hgf.runs import MODEL_FILE, TOKENIZER_FILE, load_trained, save_config, save_weights
+from hgf.runs import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    load_trained,
+    output_dir,
+    save_config,
+    save_weights,
+)
 
 SOURCES = ("run", "hf", "bitnet", "llama", "gguf")
-TARGETS = ("run", "hf", "bitnet", "llama")
-
-
-def detect_format(path: str | Path) -> str:
-    """run | hf | bitnet | llama, from the folder's config.json (gguf: a .gguf file)."""
-    if str(path).endswith(".gguf"):
-        return "gguf"
-    cfg_file = Path(path) / "config.json"
-    d = read_json(cfg_file, "not found (expected a run, Hugging Face or BitNet folder)")
-    if isinstance(d.get("model"), dict):
-        return "run"
-    if d.get("model_type") == "hgf":
-        return "hf"
-    quant = d.get("quantization_config") or {}
-    if d.get("model_type") == "bitnet" or quant.get("quant_method") == "bitnet":
-        return "bitnet"
-    from hgf.hf.llama_import import is_llama, unsupported_architecture
-
-    if is_llama(d):
-        return "llama"
-    if d.get("model_type"):  # another transformers architecture: name it
-        raise unsupported_architecture(d, str(cfg_file))
-    raise HGFError(f"{cfg_file}: cannot tell the format (not an hgf run, an hgf Hugging Face folder "
-                   "or a bitnet checkpoint); pass --from")
-
-
-@contextmanager
-def output_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``out`` when the block succeeds; on failure it is
-    removed and an I/O error (full disk, read-only folder, ...) names ``out``."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HGFError(f"{out}: output already exists and is not an empty folder")
-    prefix = out.parent / f".{out.name}."
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=prefix.name, dir=out.parent))
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException as e:
-        err = as_os_error(e, out, prefix)
-        if err is e:
-            raise
-        raise err from e
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+TARGETS = ("run", "hf", "bitnet", "llama", "ptqtp")
 
 
 def load_source(path: str | Path, fmt: str, scale_convention: str = "auto",
@@ -144,7 +101,7 @@ def write_hf(model: Transformer, out: str | Path, tokenizer: Path | None) -> Pat
     (after ``import hgf.hf.modeling``, which registers the model type ``hgf``)."""
     from hgf.hf.modeling import HGFForCausalLM
 
-    tok, eos = _hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
+    tok, eos = hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
     hf = HGFForCausalLM.from_transformer(model, eos_token_id=eos)
     hf.generation_config.eos_token_id = eos
     with output_dir(out) as tmp:
@@ -162,7 +119,7 @@ def write_bitnet(model: Transformer, cfg: Config, out: str | Path, tokenizer: Pa
     from hgf.hf.bitnet_export import bitnet_config, bitnet_state_dict, check_exportable, correction_drift
 
     check_exportable(cfg, drop_correction)
-    tok, eos = _hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
+    tok, eos = hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
     state = bitnet_state_dict(model)
     info = {"drift": correction_drift(model)} if cfg.model.linear == "hgf" else {}
     with output_dir(out) as tmp:
@@ -188,6 +145,12 @@ def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
         raise HGFError(f"{src}: not a folder (convert reads a run, Hugging Face or BitNet folder, "
                        "or a .gguf file)")
     fmt = detect_format(src) if fmt == "auto" else fmt
+    if to == "ptqtp":  # its overrides are the fit's options (--ptqtp.*)
+        from hgf.hf.ptqtp_convert import write_ptqtp
+
+        model, cfg, info = load_source(src, fmt, scale_convention)
+        info |= write_ptqtp(model, cfg, out, info["tokenizer"], overrides, str(src))
+        return {"from": fmt, "to": to, **info}
     model, cfg, info = load_source(src, fmt, scale_convention, overrides)
     if to == "run":
         write_run(model, cfg, out, info["tokenizer"])
@@ -200,17 +163,3 @@ def convert(src: str | Path, to: str, out: str | Path, fmt: str = "auto",
     else:
         info |= write_bitnet(model, cfg, out, info["tokenizer"], drop_correction)
     return {"from": fmt, "to": to, **info}
-
-
-def _hf_tokenizer(path: Path):
-    """A PreTrainedTokenizerFast of a ``tokenizers`` file and the id of its end-of-text token."""
-    from transformers import PreTrainedTokenizerFast
-
-    try:
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
-    except Exception as e:  # tokenizers raises bare Exceptions for malformed files
-        raise HGFError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
-    eos = tok.get_vocab().get(EOT)
-    if eos is not None:
-        tok.eos_token = EOT
-    return tok, eos

@@ -52,10 +52,11 @@ from safetensors.torch import save_file
 from hgf.config import Config, TrainConfig, build_config, kv_heads, read_json, subln_enabled
 from hgf.data.sources import EOT
 from hgf.errors import HGFError
+from hgf.hf import hf_tokenizer
 from hgf.hf.bitnet_import import hgf_proj_name, load_shards, plain_names, proj_name
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ
 from hgf.model.transformer import Transformer, build_model
-from hgf.runs import MODEL_FILE, TOKENIZER_FILE
+from hgf.runs import MODEL_FILE, TOKENIZER_FILE, output_dir
 
 MODEL_TYPE, ARCHITECTURE = "llama", "LlamaForCausalLM"
 DEFAULT_EPS = 1e-6  # transformers' LlamaConfig default
@@ -320,10 +321,8 @@ def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def write_llama(model: Transformer, cfg: Config, out: str | Path, tokenizer: Path | None) -> Path:
     """Save a dense hgf model as a transformers ``LlamaForCausalLM`` folder."""
-    from hgf.hf.convert import _hf_tokenizer, output_dir
-
     check_llama_exportable(cfg)
-    tok, eos = _hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
+    tok, eos = hf_tokenizer(tokenizer) if tokenizer is not None else (None, None)
     state = llama_state_dict(model)
     with output_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(llama_config(cfg, eos), indent=2) + "\n",

@@ -1,7 +1,7 @@
 """The hgf Transformer as a Hugging Face transformers model (transformers >= 5.4).
 
-``HGFConfig`` (``model_type = "hgf"``) holds the resolved hgf Config dict (every section; the model
-is built from ``model``, ``quant`` and ``hgf``). The usual transformers attributes (``vocab_size``,
+``HGFPreTrainedConfig`` (``model_type = "hgf"``) holds the resolved hgf Config dict (every section;
+the model is built from ``model``, ``quant`` and ``hgf``). The usual transformers attributes (``vocab_size``,
 ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``max_position_embeddings``,
 ``tie_word_embeddings``) are derived from it and never read back, so the hgf dict is the only
 source of truth.
@@ -61,9 +61,9 @@ MODEL_TYPE = "hgf"
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-class HGFConfig(PreTrainedConfig):
-    """transformers config of an hgf model (not to be confused with ``hgf.config.HGFConfig``, the
-    ``[hgf]`` section): ``hgf_config`` is the hgf Config as a nested dict."""
+class HGFPreTrainedConfig(PreTrainedConfig):
+    """transformers config of an hgf model (``hgf.config.HGFConfig`` is the ``[hgf]`` section of
+    the hgf Config): ``hgf_config`` is the hgf Config as a nested dict."""
 
     model_type = MODEL_TYPE
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -76,7 +76,7 @@ class HGFConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        cfg = config_from_dict(self.hgf_config or {}, "HGFConfig.hgf_config")
+        cfg = config_from_dict(self.hgf_config or {}, "HGFPreTrainedConfig.hgf_config")
         self.hgf_config = cfg.to_dict()
         m = cfg.model
         self.vocab_size = m.vocab_size
@@ -87,11 +87,11 @@ class HGFConfig(PreTrainedConfig):
         self.tie_word_embeddings = m.tie_embeddings
 
     @classmethod
-    def from_hgf(cls, cfg: Config, **kwargs: Any) -> HGFConfig:
+    def from_hgf(cls, cfg: Config, **kwargs: Any) -> HGFPreTrainedConfig:
         return cls(hgf_config=cfg.to_dict(), **kwargs)
 
     def to_hgf(self) -> Config:
-        return config_from_dict(self.hgf_config, "HGFConfig.hgf_config")
+        return config_from_dict(self.hgf_config, "HGFPreTrainedConfig.hgf_config")
 
 
 class _LayerCache(nn.Module):
@@ -108,13 +108,13 @@ class _LayerCache(nn.Module):
 
 
 class HGFForCausalLM(PreTrainedModel, GenerationMixin):
-    config_class = HGFConfig
+    config_class = HGFPreTrainedConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"model.lm_head.weight": "model.tok_emb.weight"}
 
-    def __init__(self, config: HGFConfig) -> None:
+    def __init__(self, config: HGFPreTrainedConfig) -> None:
         super().__init__(config)
         self.model = Transformer(config.to_hgf())
         self.post_init()
@@ -123,7 +123,7 @@ class HGFForCausalLM(PreTrainedModel, GenerationMixin):
     def from_transformer(cls, model: Transformer, **config_kwargs: Any) -> HGFForCausalLM:
         """Wrap an existing hgf Transformer (no copy, no re-initialisation)."""
         with torch.device("meta"):
-            hf = cls(HGFConfig.from_hgf(model.cfg, **config_kwargs))
+            hf = cls(HGFPreTrainedConfig.from_hgf(model.cfg, **config_kwargs))
         hf.model = model
         return hf
 
@@ -193,5 +193,5 @@ class HGFForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
 
 
-AutoConfig.register(MODEL_TYPE, HGFConfig, exist_ok=True)
-AutoModelForCausalLM.register(HGFConfig, HGFForCausalLM, exist_ok=True)
+AutoConfig.register(MODEL_TYPE, HGFPreTrainedConfig, exist_ok=True)
+AutoModelForCausalLM.register(HGFPreTrainedConfig, HGFForCausalLM, exist_ok=True)

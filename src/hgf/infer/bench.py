@@ -24,9 +24,6 @@ from training models through the real file format.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 from pathlib import Path
@@ -35,7 +32,7 @@ import torch
 
 from hgf.infer.decode_bench import ARMS, DENSE_DTYPES, format_decode_records, run_decode_bench
 from hgf.infer.format import EMBEDDINGS
-from hgf.infer.generate import resolve_device
+from hgf.infer.load import resolve_device
 from hgf.kernels import PACKINGS
 from hgf.kernels.bench import (
     copy_bandwidth,
@@ -44,18 +41,6 @@ from hgf.kernels.bench import (
     gemv_table,
     read_bandwidth,
 )
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux), 0 where unknown. Memory freed earlier is first
-    handed back to the OS (glibc ``malloc_trim``), so a new model cannot hide in it."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,8 @@ each metric is the median over rounds. One record per variant (:func:`decode_rec
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import statistics
 import tempfile
@@ -36,20 +38,26 @@ from hgf.infer.engine import NativeModel, unsupported_reason
 from hgf.infer.export import export_model
 from hgf.infer.generate import generate_ids
 from hgf.infer.packed import PackedTernaryLinear, load_packed
+from hgf.kernels.packing import PACKING_REGISTRY, PACKINGS
+from hgf.memory import report_for_config
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.transformer import build_model
 
+# the decode benchmark's arms (hgf bench infer, and its llama.cpp peer): (model.linear, attention)
 ARMS = {"bitnet-std": ("bitlinear", "standard"), "hgf-std": ("hgf", "standard"),
         "hgf-diff": ("hgf", "differential"), "tequila-std": ("tequila", "standard"),
         "sherry-std": ("sherry", "standard")}
 
 
-def arm_packings(arm: str, packings: list[str]) -> list[str]:
-    """The requested packings that fit ``arm``: sherry (3:4) only for the sherry arm, which gets
-    that one alone; the others every requested packing but sherry."""
-    if ARMS.get(arm, ("dense",))[0] == "sherry":
-        return [p for p in packings if p == "sherry"]
-    return [p for p in packings if p != "sherry"]
+
+
+def arm_packings(cfg: Config, packings: list[str]) -> list[str]:
+    """The requested packings made for the arm's model: those of its sparsity (the sherry arm,
+    3:4: sherry alone), or the ones that hold any ternary weight (i2, tq1) for the others."""
+    sparsity = report_for_config(cfg).sparsity
+    return [p for p in packings if PACKING_REGISTRY[p].sparsity == sparsity]
+
+
 DENSE_ARM = "dense-diff"
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIB = 2**20
@@ -75,9 +83,15 @@ def decode_record(system: str, arm: str, packing: str, threads: int, cpu_ms_per_
 
 
 def rss_bytes() -> int:
-    from hgf.infer.bench import rss_bytes as current
-
-    return current()
+    """Resident set size of this process (Linux), 0 where unknown. Memory freed earlier is first
+    handed back to the OS (glibc ``malloc_trim``), so a new model cannot hide in it."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def reset_peak_rss() -> bool:
@@ -172,14 +186,14 @@ def run_decode_bench(device: torch.device, size: str = "base100m", arms: list[st
     """(records of what ``hgf generate`` runs: the native decoder on the CPU, else the reference
     path; records of the PyTorch reference path and the dense models, for comparison)."""
     arms = list(ARMS) if arms is None else arms
-    packings = ["i2", "tq1", "sherry"] if packings is None else packings
+    packings = list(PACKINGS) if packings is None else packings
     dense = list(DENSE_DTYPES) if dense is None else dense
     threads = torch.get_num_threads()
     variants: list[Variant] = []
     with tempfile.TemporaryDirectory(prefix="hgf-bench-") as tmp:
         for arm in arms:
-            files = export_arm(size, arm, rank, arm_packings(arm, packings), embeddings, Path(tmp))
             cfg = arm_config(size, arm, rank)
+            files = export_arm(size, arm, rank, arm_packings(cfg, packings), embeddings, Path(tmp))
             native = unsupported_reason(cfg, device) is None
             for packing, path in files.items():
                 base = dict(file_bytes=path.stat().st_size, embeddings=embeddings)

@@ -47,6 +47,7 @@ from torch import nn
 from hgf.config import Config, kv_heads, subln_enabled
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, read_header
+from hgf.kernels.packing import PACKING_REGISTRY
 from hgf.model.attention import DifferentialAttention, lambda_init_for, rope_cache
 from hgf.model.transformer import Transformer
 
@@ -57,7 +58,6 @@ OPT_TWO_PASS_DIFF = 4  # differential attention: o1 and o2 in two passes over V
 OPT_NO_UNPACK = 8  # prompts on AVX2: the packed kernel per token instead of unpacked row blocks
 OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each projection's bytes
 
-PER_BYTE = {"i2": 4, "tq1": 5, "sherry": 0}  # Decoder's ints[7]; 0 = the sherry packing
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
 BIAS_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,6 +74,8 @@ def notice(reason: str) -> None:
 def config_reason(cfg: Config) -> str | None:
     """Why a model of this config cannot run natively, or None."""
     m = cfg.model
+    if m.linear == "ptqtp":
+        return "model.linear=ptqtp: two trit-planes per projection run on the reference path only"
     if m.linear not in ("bitlinear", "hgf", "tequila", "sherry"):
         return f"model.linear={m.linear}: dense projections"
     if cfg.quant.act_bits != 8:
@@ -163,8 +165,10 @@ class NativeModel:
             slots += group(f"{p}.mlp", MLP_GROUPS[1])
             # per layer: 7 s_w (appended by group), then λ and the head-norm factor 1 - λ_init
             floats += [lam(i), 1.0 - lambda_init_for(i)] if diff else [0.0, 1.0]
+        pk = PACKING_REGISTRY[packing]  # the C++ decoder's packing switch: codes per byte, 0 for
+        per_byte = 0 if pk.codec is not None else pk.codes_per_byte  # sherry (its own layout)
         ints = [m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, int(diff),
-                int(m.mlp == "relu2"), PER_BYTE[packing], m.max_seq_len, kv_heads(m)]
+                int(m.mlp == "relu2"), per_byte, m.max_seq_len, kv_heads(m)]
         biases = [get(f"layers.{i}.{'attn' if n in ATTN_GROUPS[0] + ATTN_GROUPS[1] else 'mlp'}"
                       f".{n}.bias") for i in range(m.n_layers) for n in BIAS_ORDER]
         if any(b is not None for b in biases):  # Tequila: 7 bias slots per layer after the layers
@@ -311,6 +315,8 @@ def model_reason(model: nn.Module) -> str | None:
                 packings.add(mod.packing)
     if len(packings) != 1:
         return f"mixed packings {sorted(packings)}"
+    if "decoder" not in PACKING_REGISTRY[packings.pop()].kernels:
+        return "the packing has no native decoder path"
     return None
 
 

@@ -23,11 +23,12 @@ from hgf.config import Config
 from hgf.data.tokenizer import check_tokenizer_file
 from hgf.errors import HGFError
 from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
+from hgf.infer.ptqtp import pack_ptqtp, stored_bits_per_weight
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
-from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import BitLinear
-from hgf.model.tequila import TequilaLinear
+from hgf.model.roles import param_role, role_of
+from hgf.model.transformer import build_model
 from hgf.runs import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -64,19 +65,59 @@ def pack_projection(mod: BitLinear, packing: str, name: str = "projection"
     if mod.act_bits != 8:
         raise HGFError(f"{name}: the packed runtime needs quant.act_bits=8, the model uses "
                        f"{mod.act_bits}")
-    w_t, s_w = mod.ternary()  # BitNet's rule; Sherry's 3:4 rule for a SherryLinear
+    w_t, s_w = mod.ternary()  # the layer's rule: BitNet's; Sherry's 3:4 rule for a SherryLinear
     try:
         out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
     except ValueError as e:  # e.g. sherry packing of a model that is not 3:4 sparse
         raise HGFError(f"{name}: {e}") from None
-    if isinstance(mod, TequilaLinear):  # the dead-zone bias, computed once: b = λ·Σ_dead W
-        out["bias"] = mod.dead_bias().detach().float().cpu()
-    if isinstance(mod, HGFLinear):
-        A, B, a = mod.folded_terms()
-        s_w = s_w.cpu() / a
+    for p_name, _ in mod.named_parameters(recurse=False):
+        if param_role(name, mod, p_name) == "bias":  # Tequila's dead-zone bias, b = λ·Σ_dead W
+            out["bias"] = mod.dead_bias().detach().float().cpu()
+    if mod.rank:  # a corrected projection: the folded terms (HGFLinear.folded_terms)
+        A, B, t_mult = mod.folded_terms()
+        s_w = s_w.cpu() / t_mult
         out["A"], out["B"] = _fp16(f"{name}.A", A), _fp16(f"{name}.B", B)
     out["weight_scale"] = s_w.detach().float().cpu().reshape(())
     return out
+
+
+def _ternary(name: str, mod: nn.Module, cfg: Config, packing: str,
+             embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()}
+
+
+def _embedding(name: str, mod: nn.Module, cfg: Config, packing: str,
+               embeddings: str) -> dict[str, torch.Tensor]:
+    if embeddings == "int8":
+        q, scale = _int8_rows(mod.weight)
+        return {f"{name}.weight": q, f"{name}.row_scale": scale}
+    return {f"{name}.weight": _fp16(f"{name}.weight", mod.weight.cpu())}
+
+
+def _head(name: str, mod: nn.Module, cfg: Config, packing: str,
+          embeddings: str) -> dict[str, torch.Tensor]:
+    return {} if cfg.model.tie_embeddings else _embedding(name, mod, cfg, packing, embeddings)
+
+
+def _dense(name: str, mod: nn.Module, cfg: Config, packing: str,
+           embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": _fp16(f"{name}.weight", mod.weight.cpu())}
+
+
+def _rest(name: str, mod: nn.Module, cfg: Config, packing: str,
+          embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{p_name}" if name else p_name: p.detach().float().cpu()
+            for p_name, p in mod.named_parameters(recurse=False)}
+
+
+# how a module of each role (hgf.model.roles) is exported (layout: hgf.infer.format.SPECS_BY_ROLE)
+def _ptqtp(name: str, mod: nn.Module, cfg: Config, packing: str,
+           embeddings: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for k, v in pack_ptqtp(mod, packing, name).items()}
+
+
+PACK_BY_ROLE = {"ternary": _ternary, "ptqtp": _ptqtp, "embedding": _embedding, "head": _head,
+                "dense": _dense, "other": _rest}
 
 
 @torch.no_grad()
@@ -85,20 +126,7 @@ def pack_model(model: nn.Module, cfg: Config, packing: str = "i2",
     """The tensors of a packed file, checked against ``expected_tensors``."""
     tensors: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, BitLinear):
-            tensors.update({f"{name}.{k}": v for k, v in pack_projection(mod, packing, name).items()})
-        elif name in ("tok_emb", "lm_head"):
-            if name == "lm_head" and cfg.model.tie_embeddings:
-                continue
-            if embeddings == "int8":
-                tensors[f"{name}.weight"], tensors[f"{name}.row_scale"] = _int8_rows(mod.weight)
-            else:
-                tensors[f"{name}.weight"] = _fp16(f"{name}.weight", mod.weight.cpu())
-        elif isinstance(mod, nn.Linear):
-            tensors[f"{name}.weight"] = _fp16(f"{name}.weight", mod.weight.cpu())
-        else:
-            for p_name, p in mod.named_parameters(recurse=False):
-                tensors[f"{name}.{p_name}" if name else p_name] = p.detach().float().cpu()
+        tensors.update(PACK_BY_ROLE[role_of(name, mod)](name, mod, cfg, packing, embeddings))
     expected = expected_tensors(model, cfg, packing, embeddings)
     for name, spec in expected.items():
         t = tensors.get(name)
@@ -171,8 +199,6 @@ def export_run(run_dir: str | Path, out: str | Path, packing: str = "i2",
 def byte_breakdown(header: PackedHeader) -> dict[str, float]:
     """Bytes per component of a packed file, measured from its tensors, and the correction
     overhead measured vs predicted by hgf.memory for the same config and packing."""
-    from hgf.model.transformer import build_model
-
     by_role = header.bytes_by_role()
     backbone = by_role["ternary"] + by_role["scale"]
     predicted = memory_report(build_model(header.config, device="meta"))
@@ -207,11 +233,19 @@ def format_breakdown(header: PackedHeader) -> str:
         ("header (config, tokenizer)", b["header_bytes"], None),
         ("file size on disk", b["file_size"], None),
     ]
+    ptqtp = header.config.model.linear == "ptqtp"
+    if ptqtp:  # hgf.memory counts one plane per projection: no prediction for two
+        rows[:2] = [("ternary planes T1, T2", b["ternary"], None),
+                    ("plane scales α (f32)", b["scale"], None)]
     lines = [f"{header.path}: packing {header.packing}, {len(header.tensors)} tensors",
              f"{'component':<30}{'file KiB':>12}{'hgf.memory KiB':>16}"]
     for label, got, pred in rows:
         p = "" if pred is None else f"{pred / kib:.2f}"
         lines.append(f"{label:<30}{got / kib:>12.2f}{p:>16}")
+    if ptqtp:
+        lines.append(f"PTQTP: two trit-planes per projection, {stored_bits_per_weight(header):.3f} "
+                     "bits per projection weight as stored (planes + row scales)")
+        return "\n".join(lines)
     if not b["backbone"]:
         lines.append("no ternary projections (a dense model): no correction overhead to report")
         return "\n".join(lines)

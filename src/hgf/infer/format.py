@@ -6,6 +6,8 @@ Tensors (names are the packed model's ``state_dict`` keys; ``N`` is a ternary pr
     N.A               f16    [r, in]                          HGF correction
     N.B               f16    [out, r]                         B' = g·B (gate folded in)
     N.bias            f32    [out]                            Tequila: b = λ·Σ_dead W (folded)
+    N.planes_packed   uint8  packed_shape(2·out, in, packing)  PTQTP: T₁ and T₂ stacked (rows)
+    N.plane_scale     f32    [2, out]                          PTQTP: α₁, α₂ (hgf.infer.ptqtp)
     tok_emb.weight    f16    [vocab, d]    or int8 with tok_emb.row_scale f32 [vocab]
     lm_head.weight    f16    [vocab, d]    (absent when tied) or int8 with lm_head.row_scale
     other projections f16 (dense arms); norms and λ vectors f32
@@ -35,9 +37,7 @@ from torch import nn
 from hgf.config import Config, ConfigError, config_from_dict
 from hgf.errors import HGFError
 from hgf.kernels import PACKINGS, packed_shape
-from hgf.model.hgf_linear import HGFLinear
-from hgf.model.quant import BitLinear
-from hgf.model.tequila import TequilaLinear
+from hgf.model.roles import modules_with_role, param_role, role_of
 
 FORMAT_NAME = "hgf-packed"
 FORMAT_VERSION = 1
@@ -65,38 +65,70 @@ def _embedding_specs(name: str, shape: tuple[int, ...], embeddings: str,
     return {f"{name}.weight": TensorSpec("F16", shape, role)}
 
 
+def _ternary_specs(name: str, mod: nn.Module, cfg: Config, packing: str,
+                   embeddings: str) -> dict[str, TensorSpec]:
+    specs = {}
+    for p_name, p in mod.named_parameters(recurse=False):
+        role = param_role(name, mod, p_name)
+        if role == "ternary":  # W_t packed, and its scale
+            specs[f"{name}.{p_name}_packed"] = TensorSpec(
+                "U8", packed_shape(p.shape[0], p.shape[1], packing), "ternary")
+            specs[f"{name}.{p_name}_scale"] = TensorSpec("F32", (), "scale")
+        elif role == "correction":
+            specs[f"{name}.{p_name}"] = TensorSpec("F16", tuple(p.shape), "correction")
+        elif role == "bias":  # Tequila's λ: the folded dead-zone bias b = λ·Σ_dead W
+            specs[f"{name}.bias"] = TensorSpec("F32", (mod.out_features,), "bias")
+        elif role != "gate":  # gates are folded into B
+            raise KeyError(f"{name}.{p_name}: no packed layout for parameter role {role!r}")
+    return specs
+
+
+def _embedding(name: str, mod: nn.Module, cfg: Config, packing: str,
+               embeddings: str) -> dict[str, TensorSpec]:
+    return _embedding_specs(name, tuple(mod.weight.shape), embeddings, "embedding")
+
+
+def _head(name: str, mod: nn.Module, cfg: Config, packing: str,
+          embeddings: str) -> dict[str, TensorSpec]:
+    return {} if cfg.model.tie_embeddings else _embedding(name, mod, cfg, packing, embeddings)
+
+
+def _dense(name: str, mod: nn.Module, cfg: Config, packing: str,
+           embeddings: str) -> dict[str, TensorSpec]:
+    return {f"{name}.weight": TensorSpec("F16", tuple(mod.weight.shape), "dense")}
+
+
+def _rest(name: str, mod: nn.Module, cfg: Config, packing: str,
+          embeddings: str) -> dict[str, TensorSpec]:
+    return {f"{name}.{p_name}" if name else p_name: TensorSpec("F32", tuple(p.shape), "rest")
+            for p_name, p in mod.named_parameters(recurse=False)}
+
+
+# the tensors a module of each role (hgf.model.roles) has in the file
+def _ptqtp(name: str, mod: nn.Module, cfg: Config, packing: str,
+           embeddings: str) -> dict[str, TensorSpec]:
+    from hgf.infer.ptqtp import ptqtp_specs  # it imports this module
+
+    return ptqtp_specs(name, mod, packing)
+
+
+SPECS_BY_ROLE = {"ternary": _ternary_specs, "ptqtp": _ptqtp, "embedding": _embedding,
+                 "head": _head, "dense": _dense, "other": _rest}
+
+
 def expected_tensors(model: nn.Module, cfg: Config, packing: str,
                      embeddings: str) -> dict[str, TensorSpec]:
     """Every tensor a packed file of this (training-layout, meta is fine) model must hold."""
     specs: dict[str, TensorSpec] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, BitLinear):
-            specs[f"{name}.weight_packed"] = TensorSpec(
-                "U8", packed_shape(mod.out_features, mod.in_features, packing), "ternary")
-            specs[f"{name}.weight_scale"] = TensorSpec("F32", (), "scale")
-            if isinstance(mod, HGFLinear):
-                specs[f"{name}.A"] = TensorSpec("F16", tuple(mod.A.shape), "correction")
-                specs[f"{name}.B"] = TensorSpec("F16", tuple(mod.B.shape), "correction")
-            if isinstance(mod, TequilaLinear):
-                specs[f"{name}.bias"] = TensorSpec("F32", (mod.out_features,), "bias")
-        elif name == "tok_emb":
-            specs.update(_embedding_specs(name, tuple(mod.weight.shape), embeddings, "embedding"))
-        elif name == "lm_head":
-            if not cfg.model.tie_embeddings:
-                specs.update(_embedding_specs(name, tuple(mod.weight.shape), embeddings, "embedding"))
-        elif isinstance(mod, nn.Linear):
-            specs[f"{name}.weight"] = TensorSpec("F16", tuple(mod.weight.shape), "dense")
-        else:
-            for p_name, p in mod.named_parameters(recurse=False):
-                specs[f"{name}.{p_name}" if name else p_name] = TensorSpec(
-                    "F32", tuple(p.shape), "rest")
+        specs.update(SPECS_BY_ROLE[role_of(name, mod)](name, mod, cfg, packing, embeddings))
     return specs
 
 
 def ternary_layers(model: nn.Module) -> dict[str, list[int]]:
     """{N: [out, in, rank]} of every ternary projection (rank 0 = no correction)."""
-    return {name: [m.out_features, m.in_features, m.rank if isinstance(m, HGFLinear) else 0]
-            for name, m in model.named_modules() if isinstance(m, BitLinear)}
+    return {name: [m.out_features, m.in_features, m.rank]
+            for name, m in modules_with_role(model, "ternary")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,21 +11,21 @@ Generation stops at the end-of-text token, after ``max_new_tokens``, or when the
 pass ``model.max_seq_len``. Text is streamed as it is produced: the generated ids are decoded
 again after every token and only the new, complete characters are written (a multi-byte
 character split over tokens waits until its last byte arrives).
+
+What to generate with (a run directory or a packed file) is loaded by hgf.infer.load.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from hgf.data.tokenizer import check_tokenizer, check_tokenizer_file
 from hgf.errors import HGFError
+from hgf.infer.engine import decode_runner
 from hgf.model.transformer import Transformer
-from hgf.train.device import resolve_device as _resolve_device
 
 EOT = "<|endoftext|>"
 
@@ -78,8 +78,6 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int 
     """Prefill + KV-cached decode; ``on_token`` sees every generated id as it comes. ``native``:
     the native decoder (hgf.infer.engine) for a packed model where it can run (None), always
     (True) or never (False: the PyTorch Transformer)."""
-    from hgf.infer.engine import decode_runner
-
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     max_len = model.cfg.model.max_seq_len
     n = len(prompt_ids)
@@ -154,36 +152,3 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
                        eot_id, streamer.push)
     out.text = streamer.finish()
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading what to generate with: a run directory or a packed file
-
-
-def resolve_device(device: str) -> torch.device:
-    return _resolve_device(device, "--device")
-
-
-def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
-                        ) -> tuple[Transformer, Tokenizer]:
-    """A run directory (its training model and tokenizer.json) or a packed file (its packed
-    model and the tokenizer stored in it)."""
-    from hgf.infer.engine import load_for_decode
-    from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, load_trained
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
-            raise HGFError(f"{path}: not a run directory (no {CONFIG_FILE})")
-        tok_path = path / TOKENIZER_FILE
-        if not tok_path.is_file():
-            raise HGFError(f"{tok_path}: the run has no tokenizer")
-        model, cfg = load_trained(path, device)
-        tok = check_tokenizer_file(tok_path, cfg.model.vocab_size, path / MODEL_FILE)
-        return model.requires_grad_(False), tok
-    model, header = load_for_decode(path, device)  # the native decoder where it can run
-    if header.tokenizer_json is None:
-        raise HGFError(f"{path}: the file carries no tokenizer; re-export it with "
-                       "`hgf export RUN_DIR -o FILE --tokenizer tokenizer.json`")
-    return model, check_tokenizer(header.tokenizer_json.encode("utf-8"), f"{path} (tokenizer)",
-                                  header.config.model.vocab_size)

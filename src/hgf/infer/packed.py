@@ -23,12 +23,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hgf.errors import HGFError
+from hgf.infer.export import pack_projection
 from hgf.infer.format import PackedHeader, read_header
+from hgf.infer.ptqtp import PackedPTQTPLinear
 from hgf.kernels import packed_shape, ternary_linear
 from hgf.model.attention import rope_cache
-from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import BitLinear
-from hgf.model.tequila import TequilaLinear
+from hgf.model.roles import modules_with_role, param_roles, role_of
 from hgf.model.transformer import Transformer, build_model
 
 
@@ -58,16 +59,14 @@ class PackedTernaryLinear(nn.Module):
     def like(cls, layer: BitLinear, packing: str, device: torch.device | str | None = None
              ) -> PackedTernaryLinear:
         """An empty packed layer with the dims of a training layer."""
-        rank = layer.rank if isinstance(layer, HGFLinear) else 0
-        return cls(layer.in_features, layer.out_features, packing, rank, layer.act_eps, device,
-                   bias=isinstance(layer, TequilaLinear))
+        bias = any(role == "bias" for *_, role in param_roles(layer))  # Tequila's folded bias
+        return cls(layer.in_features, layer.out_features, packing, layer.rank, layer.act_eps,
+                   device, bias=bias)
 
     @classmethod
     def from_training(cls, layer: BitLinear, packing: str = "i2",
                       dtype: torch.dtype = torch.float32) -> PackedTernaryLinear:
         """Convert one training layer (what export does for every projection of a model)."""
-        from hgf.infer.export import pack_projection
-
         state = pack_projection(layer, packing)
         if "A" in state:
             state["A_t"] = state.pop("A").to(dtype).t().contiguous()  # [in, r]
@@ -95,12 +94,16 @@ class PackedTernaryLinear(nn.Module):
 
 
 def swap_packed_layers(model: nn.Module, packing: str) -> None:
-    """Replace every BitLinear/HGFLinear of ``model`` in place by an empty packed layer."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+    """Replace every ternary projection (BitLinear/HGFLinear) and two-plane PTQTP projection
+    (hgf.infer.ptqtp) of ``model`` in place by an empty packed layer."""
+    targets = [*modules_with_role(model, "ternary"), *modules_with_role(model, "ptqtp")]
     for name, mod in targets:
         parent, _, child = name.rpartition(".")
-        device = mod.weight.device
-        setattr(model.get_submodule(parent), child, PackedTernaryLinear.like(mod, packing, device))
+        if role_of(name, mod) == "ptqtp":
+            new = PackedPTQTPLinear.like(mod, packing, mod.planes.device)
+        else:
+            new = PackedTernaryLinear.like(mod, packing, mod.weight.device)
+        setattr(model.get_submodule(parent), child, new)
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from hgf.kernels import cpu
 from hgf.kernels.ops import kernel_for, ternary_linear
-from hgf.kernels.packing import pack_ternary
+from hgf.kernels.packing import PACKING_REGISTRY, PACKINGS, pack_ternary
 from hgf.model.sherry import sherry_ternarize
 
 DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -130,16 +130,19 @@ def _cases(n: int, device: torch.device, dtypes: tuple[str, ...], packings: tupl
         x = x32.to(dt)
         cases.append((name, n * n * dt.itemsize,
                       lambda i, ws=ws, x=x: F.linear(x, ws[i % len(ws)]), "torch"))
-    if n % 4:  # the sherry packing needs groups of 4 weights
-        packings = tuple(p for p in packings if p != "sherry")
-    w_sherry = sherry_ternarize(w32)[0] if "sherry" in packings else None  # 3:4 sparse
+    w34 = None  # a 3:4 sparse ternary weight, for the packings that hold only those (sherry)
     for packing in packings:
-        packed = pack_ternary(w_sherry if packing == "sherry" else w_t, packing).to(device)
+        if PACKING_REGISTRY[packing].sparsity == "3:4":
+            if n % 4:  # groups of 4 weights
+                continue
+            w34 = sherry_ternarize(w32)[0] if w34 is None else w34
+        packed = pack_ternary(w_t if PACKING_REGISTRY[packing].sparsity is None else w34,
+                              packing).to(device)
         ps = _copies(packed.clone, packed.numel(), budget)
         cases.append((f"ternary {packing}", packed.numel(),
                       lambda i, ps=ps, pk=packing: ternary_linear(x32, ps[i % len(ps)], s_w, pk,
                                                                   n, n),
-                      kernel_for(x32, n)))
+                      kernel_for(x32, n, packing)))
     return cases
 
 
@@ -147,7 +150,7 @@ def gemv_table(
     sizes: tuple[int, ...] = (2048, 4096),
     device: str | torch.device = "cpu",
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
-    packings: tuple[str, ...] = ("i2", "tq1", "sherry"),
+    packings: tuple[str, ...] = PACKINGS,
     iters: int = 100,
     rotate: bool = True,
     seed: int = 0,

@@ -10,7 +10,8 @@ never wrong. Dispatch (:func:`kernel_for`):
     CPU tensor, C++ kernel built           -> hgf::ternary_linear_cpu (any batch, fp32/bf16/fp16)
     CUDA tensor, triton importable         -> hgf::ternary_linear_triton (GEMV <= 8 tokens, GEMM)
     anything else, or in_features > 2^17   -> ternary_linear_reference
-    packing sherry: hgf::sherry_linear_cpu on the CPU (C++ kernel built), else the reference
+    a packing without that kernel in its registry entry (``Packing.kernels``) -> the reference
+    (sherry: hgf::sherry_linear_cpu on the CPU, its ``Packing.cpu_op``; no GPU kernel)
 All of them give the same bits as the reference (tests/test_kernels.py checks it).
 """
 
@@ -22,7 +23,7 @@ import importlib.util
 import torch
 
 from hgf.kernels import cpu
-from hgf.kernels.packing import packed_shape
+from hgf.kernels.packing import get_packing, packed_shape
 from hgf.kernels.reference import EXACT_F32_IN, ternary_linear_fake, ternary_linear_reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,13 +62,9 @@ def ternary_linear(
     """BitLinear inference ``[..., in] -> [..., out]`` with the fastest correct kernel."""
     check_args(x, packed, w_scale, packing, out_features, in_features)
     args = (x, packed, w_scale, packing, out_features, in_features, act_eps)
-    kernel = kernel_for(x, in_features)
-    if packing == "sherry":  # the CPU kernel of csrc/sherry_cpu.cpp; no GPU kernel yet
-        if kernel == "cpu":
-            return torch.ops.hgf.sherry_linear_cpu(*args)
-        return ternary_linear_reference(*args)
-    if kernel == "cpu":
-        return torch.ops.hgf.ternary_linear_cpu(*args)
+    kernel = kernel_for(x, in_features, packing)
+    if kernel == "cpu":  # the packing's C++ op (hgf::sherry_linear_cpu for sherry)
+        return getattr(torch.ops.hgf, get_packing(packing).cpu_op)(*args)
     if kernel == "triton":
         return torch.ops.hgf.ternary_linear_triton(*args)
     return ternary_linear_reference(*args)
@@ -79,11 +76,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernel_for(x: torch.Tensor, in_features: int) -> str:
+def kernel_for(x: torch.Tensor, in_features: int, packing: str | None = None) -> str:
     """Which implementation ``ternary_linear`` runs for this input: "cpu", "triton" or
-    "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``)."""
+    "reference" (other devices, or kernels unavailable, or ``in_features > 2^17``, or a
+    ``packing`` the kernel has no path for)."""
     if in_features > EXACT_F32_IN:
         return "reference"
+    if packing is not None:
+        kernel = kernel_for(x, in_features)
+        return kernel if kernel in get_packing(packing).kernels else "reference"
     if x.device.type == "cpu" and cpu.available():
         return "cpu"
     if x.device.type == "cuda" and triton_available():

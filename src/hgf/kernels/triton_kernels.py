@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from hgf.kernels.packing import BASE, GROUP, PER_BYTE, row_bytes
+from hgf.kernels.packing import GROUP, get_packing
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 GEMV_MAX_TOKENS = 8  # up to this many tokens: GEMV kernel (one program per token and row block)
@@ -119,8 +119,9 @@ def ternary_linear_triton(
     block_b: int = 256,
 ) -> torch.Tensor:
     """Launch the two kernels; ``x: [..., in]`` on the GPU (or CPU under TRITON_INTERPRET)."""
-    per, base = PER_BYTE[packing], BASE[packing]
-    nbytes = row_bytes(in_features, packing)
+    pk = get_packing(packing)
+    per, base = pk.codes_per_byte, pk.base
+    nbytes = pk.row_bytes(in_features)
     x2 = x.reshape(-1, in_features).contiguous()  # [M, in]
     m, kp = x2.shape[0], per * nbytes
     xq = torch.empty(m, kp, dtype=torch.int8, device=x.device)

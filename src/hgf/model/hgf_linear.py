@@ -5,16 +5,25 @@
     additive fusion:  y = T(x) + g · C(x)    (default)
     convex fusion:    y = (1 - g) · T(x) + g · C(x)
 
-``g`` is one learned scalar per projection, ``g = min(φ(α), g_max)`` with φ the gate
-parameterization (sigmoid | raw | tanh) and ``g_max`` an upper clamp the trainer ramps during
-gate warmup (a non-persistent buffer; 1e9 = no clamp). The correction reads the full-precision
-(normalised, unquantized) input. ``A`` is Kaiming-uniform and ``B`` zero, so at initialisation
-(additive fusion) the layer equals its BitLinear exactly; the ternary weight keeps the name
-``weight`` so BitNet checkpoints load with only ``A``, ``B``, ``gate`` missing.
+``g = min(φ(α), g_max)`` with φ the gate parameterization (sigmoid | raw | tanh) and ``g_max`` an
+upper clamp the trainer ramps during gate warmup (a non-persistent buffer; 1e9 = no clamp). The
+gate's shape is ``gate_mode`` (docs/METHOD.md §3):
 
-Training speed: the forward runs as one autograd function, ``y = x_q (a·W_q)ᵀ + (x Aᵀ)(g·B)ᵀ`` with
-``a = 1`` (additive) or ``1 - g`` (convex), so the gate scales the small weights instead of the
-activations; its backward is the STE written out (see :class:`_HGFLinearFn`).
+    scalar   α ∈ R              one gate per projection (the paper's, the default)
+    channel  α ∈ R^{d_out}      one gate per output channel: g broadcasts over B's rows
+    input    g(x) = min(φ(wᵀ t + α), g_max) ∈ R per token, t = T(x) ∈ R^{d_out} the ternary
+             stream's output; w ∈ R^{d_out} (``gate_w``) starts at 0, so at init g(x) = φ(α) = g0
+             and the layer equals the scalar-gate layer. The gate cannot be folded into B.
+
+The correction reads the full-precision (normalised, unquantized) input. ``A`` is Kaiming-uniform
+and ``B`` zero, so at initialisation (additive fusion) the layer equals its BitLinear exactly; the
+ternary weight keeps the name ``weight`` so BitNet checkpoints load with only the correction
+(``CORRECTION_PARAMS``: ``A``, ``B``, ``gate``, ``gate_w``) missing.
+
+Training speed: the forward runs as one autograd function, ``y = x_q (μ·W_q)ᵀ + (x Aᵀ)(g·B)ᵀ`` with
+the ternary stream's multiplier ``μ = 1`` (additive) or ``1 - g`` (convex), so the gate scales the
+small weights instead of the activations; its backward is the STE written out (see
+:class:`_HGFLinearFn`).
 """
 
 from __future__ import annotations
@@ -43,60 +52,76 @@ GATE_INVERSE = {
 }
 
 
+GATE_MODES = ("scalar", "channel", "input")
+# the parameters an HGFLinear adds to its BitLinear (missing when a BitNet checkpoint is loaded)
+CORRECTION_PARAMS = ("A", "B", "gate", "gate_w")
+
+
+def _rows(a: torch.Tensor) -> torch.Tensor:
+    """A per-row factor ``[out]`` as a column ``[out, 1]``; a scalar as it is."""
+    return a[:, None] if a.dim() else a
+
+
 class _HGFLinearFn(torch.autograd.Function):
-    """Fused HGF projection over N tokens, with ``W_a = a·W_q``, ``gy = ∂L/∂y`` and the rank-r
-    activations kept transposed, ``hᵀ = A xᵀ`` (r×N):
-        forward   y = x_q W_aᵀ + h (g·B)ᵀ
-        backward  ∂x = gy (W_a + (g·B) A)           (STE: identity through the quantizer; the
+    """Fused HGF projection over N tokens, with ``W_μ = μ·W_q`` (μ = ``t_mult``, the ternary
+    stream's multiplier), ``gy = ∂L/∂y`` and the rank-r activations kept transposed,
+    ``hᵀ = A xᵀ`` (r×N):
+        forward   y = x_q W_μᵀ + h (g·B)ᵀ
+        backward  ∂x = gy (W_μ + (g·B) A)           (STE: identity through the quantizer; the
                                                      rank-r term is folded into the weight)
-                  ∂W = a · gyᵀ x_q    ∂a = Σ W_q ⊙ gyᵀ x_q
+                  ∂W = μ · gyᵀ x_q    ∂μ = Σ W_q ⊙ gyᵀ x_q
                   ∂A = (g·B)ᵀ gyᵀ x   ∂(g·B) = (hᵀ gy)ᵀ
     The r×N layouts are the ones BLAS runs fast for small r. Autograd carries ∂(g·B) on to g and
-    B, and ∂a to g for convex fusion (``a=None`` means a = 1, additive fusion).
+    B, and ∂μ to g for convex fusion (``t_mult=None`` means μ = 1, additive fusion). μ is a
+    scalar, or one value per output row (channel gates: ``W_μ = diag(μ) W_q``, ∂μ summed per row).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, A: torch.Tensor, g_b: torch.Tensor,
-                a: torch.Tensor | None, weight_eps: float, act_eps: float,
+                t_mult: torch.Tensor | None, weight_eps: float, act_eps: float,
                 act_bits: int) -> torch.Tensor:
         x_q, w_q = quantized_operands(x, w, weight_eps, act_eps, act_bits)
         dt = x_q.dtype
         xq2 = x_q.reshape(-1, x_q.shape[-1])  # [N, in]
         x2 = x.reshape(-1, x.shape[-1]).to(dt)  # [N, in]
         A_, g_b_ = A.to(dt), g_b.to(dt)  # [r, in], [out, r]
-        w_a = w_q if a is None else w_q * a.to(dt)  # [out, in]
+        w_mu = w_q if t_mult is None else w_q * _rows(t_mult).to(dt)  # [out, in]
         h_t = A_ @ x2.t()  # [r, N]
-        y = F.linear(xq2, w_a).addmm_(h_t.t(), g_b_.t())  # [N, out]
-        ctx.save_for_backward(x2, xq2, w_q, A_, g_b_, h_t, a)
+        y = F.linear(xq2, w_mu).addmm_(h_t.t(), g_b_.t())  # [N, out]
+        ctx.save_for_backward(x2, xq2, w_q, A_, g_b_, h_t, t_mult)
         ctx.grad_dtypes = (x.dtype, w.dtype, A.dtype, g_b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2, xq2, w_q, A_, g_b_, h_t, a = ctx.saved_tensors
-        need_x, need_w, need_a_mat, need_gb, need_a = ctx.needs_input_grad[:5]
-        dt_x, dt_w, dt_a, dt_gb = ctx.grad_dtypes
+        x2, xq2, w_q, A_, g_b_, h_t, t_mult = ctx.saved_tensors
+        need_x, need_w, need_A, need_gb, need_mu = ctx.needs_input_grad[:5]
+        dt_x, dt_w, dt_A, dt_gb = ctx.grad_dtypes
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)  # [N, out]
-        w_a = w_q if a is None else w_q * a.to(w_q.dtype)
-        grad_x = grad_w = grad_A = grad_gb = grad_a = None
+        w_mu = w_q if t_mult is None else w_q * _rows(t_mult).to(w_q.dtype)
+        grad_x = grad_w = grad_A = grad_gb = grad_mu = None
         if need_x:
-            grad_x = gy @ torch.addmm(w_a, g_b_, A_)  # [N, in]
+            grad_x = gy @ torch.addmm(w_mu, g_b_, A_)  # [N, in]
             grad_x = grad_x.view(*grad_y.shape[:-1], -1).to(dt_x)
-        if need_w or need_a:
-            g_wa = gy.t() @ xq2  # [out, in]
-            if need_a:
-                grad_a = (g_wa * w_q).sum().to(a.dtype)
+        if need_w or need_mu:
+            g_wmu = gy.t() @ xq2  # [out, in]
+            if need_mu:  # a scalar or per output row (channel gates)
+                grad_mu = (g_wmu * w_q).sum(dim=(1,) if t_mult.dim() else None).to(t_mult.dtype)
             if need_w:
-                grad_w = (g_wa if a is None else g_wa * a.to(g_wa.dtype)).to(dt_w)
-        if need_a_mat:
+                grad_w = (g_wmu if t_mult is None
+                          else g_wmu * _rows(t_mult).to(g_wmu.dtype)).to(dt_w)
+        if need_A:
             grad_h_t = g_b_.t().contiguous() @ gy.t()  # [r, N]
-            grad_A = (grad_h_t @ x2).to(dt_a)  # [r, in]
+            grad_A = (grad_h_t @ x2).to(dt_A)  # [r, in]
         if need_gb:
             grad_gb = (h_t @ gy).t().to(dt_gb)  # [out, r]
-        return grad_x, grad_w, grad_A, grad_gb, grad_a, None, None, None
+        return grad_x, grad_w, grad_A, grad_gb, grad_mu, None, None, None
 
 
 class HGFLinear(BitLinear):
+    hgf_param_roles = {"weight": "ternary", "A": "correction", "B": "correction",
+                       "gate": "gate", "gate_w": "gate"}  # hgf.model.roles
+
     def __init__(
         self,
         in_features: int,
@@ -106,6 +131,7 @@ class HGFLinear(BitLinear):
         gate: str = "sigmoid",
         gate_init: float = 0.1,
         fusion: str = "additive",
+        gate_mode: str = "scalar",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **bitlinear_kwargs: float,
@@ -117,22 +143,35 @@ class HGFLinear(BitLinear):
             raise ValueError(f"unknown gate parameterization {gate!r}")
         if fusion not in ("additive", "convex"):
             raise ValueError(f"unknown fusion {fusion!r}")
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"unknown gate mode {gate_mode!r} (known: {', '.join(GATE_MODES)})")
         self.rank = rank
         self.gate_kind = gate
         self.gate_init = gate_init
         self.fusion = fusion
+        self.gate_mode = gate_mode
         self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
-        self.gate = nn.Parameter(torch.empty((), device=device, dtype=torch.float32))
+        shape = (out_features,) if gate_mode == "channel" else ()
+        self.gate = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
+        if gate_mode == "input":  # w of g(x) = φ(wᵀ T(x) + α); α is ``gate``
+            self.gate_w = nn.Parameter(torch.empty(out_features, device=device,
+                                                   dtype=torch.float32))
+            # mean, min, max of the per-token gates of the last forward (for the logs)
+            self.register_buffer("gate_stats", torch.full((3,), float("nan"), device=device),
+                                 persistent=False)
         self.register_buffer("gate_max", torch.tensor(NO_CLAMP, device=device), persistent=False)
         self.reset_correction()
 
     def reset_correction(self) -> None:
-        """LoRA init: A Kaiming-uniform, B zeros, gate at its init value."""
+        """LoRA init: A Kaiming-uniform, B zeros, gate at its init value (every channel; an input
+        gate's projection w at 0, so that g(x) = g0)."""
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.zeros_(self.B)
         with torch.no_grad():
             self.gate.fill_(GATE_INVERSE[self.gate_kind](self.gate_init))
+            if self.gate_mode == "input":
+                self.gate_w.zero_()
             self.gate_max.fill_(NO_CLAMP)
 
     @torch.no_grad()
@@ -144,39 +183,82 @@ class HGFLinear(BitLinear):
         u, sv, vh = torch.linalg.svd(resid, full_matrices=False)
         r = self.rank
         root = sv[:r].sqrt()
-        g = float(self.gate_value()) or 1.0
+        if self.gate_mode == "channel":
+            g = self.gate_value().float()  # [out]
+            g = torch.where(g == 0, torch.ones_like(g), g)[:, None]
+        else:
+            g = float(self.gate_value()) or 1.0
         self.B.copy_((u[:, :r] * root / g).to(self.B.dtype))  # [out, r]
         self.A.copy_((root[:, None] * vh[:r]).to(self.A.dtype))  # [r, in]
 
     def gate_value(self) -> torch.Tensor:
-        """The effective gate ``min(φ(α), g_max)`` as a float32 scalar tensor."""
+        """The effective gate ``min(φ(α), g_max)`` in float32: a scalar, one value per output
+        channel (``gate_mode = channel``), or for an input gate its value at ``wᵀ t = 0`` (the
+        per-token gate needs the input: :meth:`input_gate`)."""
         g = GATE_FORWARD[self.gate_kind](self.gate.float())
         return torch.minimum(g, self.gate_max)
+
+    def input_gate(self, t: torch.Tensor) -> torch.Tensor:
+        """The per-token gate ``min(φ(wᵀ t + α), g_max)`` ``[..., 1]`` of an input gate, from the
+        ternary stream's output ``t [..., out]``."""
+        z = F.linear(t, self.gate_w.to(t.dtype)[None]) + self.gate.to(t.dtype)  # [..., 1]
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 → float32, like α
+        return torch.minimum(GATE_FORWARD[self.gate_kind](z), self.gate_max)
 
     def correction(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.A), self.B)
 
     @torch.no_grad()
     def folded_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The inference terms with the gate folded in, ``(A, B' = g·B, a)`` such that
-        ``y = a·T(x) + B'(A x)`` (float32, on the CPU): ``a = 1`` for additive fusion and ``1 - g``
-        for convex fusion, which every exporter folds into the ternary scale, so it must not be
-        zero. The one fold used by every exporter (packed, BitNet, GGUF)."""
-        g = self.gate_value().float().cpu()
-        a = 1 - g if self.fusion == "convex" else torch.ones(())
-        if abs(float(a)) < 1e-6:
-            raise HGFError(f"convex fusion with gate g={float(g):.6g} = 1 zeroes the ternary "
+        """The inference terms with the gate folded in, ``(A, B' = g·B, μ)`` such that
+        ``y = μ·T(x) + B'(A x)`` (float32, on the CPU): the ternary stream's multiplier ``μ = 1``
+        for additive fusion and ``1 - g`` for convex fusion, which every exporter folds into the
+        ternary scale, so it must not be zero. The one fold used by every exporter (packed, BitNet,
+        GGUF). Channel gates fold into B's rows (``B' = diag(g) B``); under convex fusion their
+        ``1 - g`` is one scale per row, which the one-scale-per-tensor formats hold only when every
+        channel has the same gate. An input gate depends on each token, so it cannot be folded:
+        refused."""
+        if self.gate_mode == "input":
+            raise HGFError("hgf.gate_mode=input: the gate depends on each token's ternary output, "
+                           "so it cannot be folded into B and the export formats have no gate "
+                           "projection; export refuses it (train with gate_mode scalar or channel)")
+        g = self.gate_value().float().cpu()  # [] or [out]
+        if self.fusion == "convex" and g.dim():
+            if not bool((g == g[0]).all()):
+                raise HGFError("convex fusion with per-channel gates scales each ternary row by "
+                               "its own 1 - g; the export formats hold one scale per tensor")
+            g_a = g[0]
+        else:
+            g_a = g
+        t_mult = 1 - g_a if self.fusion == "convex" else torch.ones(())
+        if abs(float(t_mult)) < 1e-6:
+            raise HGFError(f"convex fusion with gate g={float(g_a):.6g} = 1 zeroes the ternary "
                            "stream; it cannot be folded into the ternary scale")
-        return self.A.detach().float().cpu(), g * self.B.detach().float().cpu(), a
+        return self.A.detach().float().cpu(), _rows(g) * self.B.detach().float().cpu(), t_mult
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_mode == "input":
+            return self._forward_input_gate(x)
         g = self.gate_value()
-        a = 1 - g if self.fusion == "convex" else None
-        return _HGFLinearFn.apply(x, self.weight, self.A, g * self.B, a, self.weight_eps,
+        t_mult = 1 - g if self.fusion == "convex" else None
+        return _HGFLinearFn.apply(x, self.weight, self.A, _rows(g) * self.B, t_mult, self.weight_eps,
                                   self.act_eps, self.act_bits)
 
+    def _forward_input_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """``y = a(x)·t + g(x)·C(x)``, ``t = T(x)``, g(x) per token (the fused function needs a
+        gate shared by the tokens, so the two streams run separately here)."""
+        t = super().forward(x)  # [..., out]
+        g = self.input_gate(t)  # [..., 1]
+        with torch.no_grad():
+            self.gate_stats.copy_(torch.stack([g.mean(), g.min(), g.max()]))
+        c = self.correction(x).to(t.dtype)  # [..., out]
+        g = g.to(t.dtype)
+        return (t if self.fusion == "additive" else (1 - g) * t) + g * c
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, gate={self.gate_kind}, {self.fusion}"
+        mode = "" if self.gate_mode == "scalar" else f" per {self.gate_mode}"
+        return (f"{super().extra_repr()}, rank={self.rank}, gate={self.gate_kind}{mode}, "
+                f"{self.fusion}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,10 +271,30 @@ def hgf_layers(model: nn.Module) -> Iterator[tuple[str, HGFLinear]]:
             yield name, mod
 
 
-def gate_values(model: nn.Module) -> dict[str, float]:
-    """Every gate's effective value, keyed by the projection's module name."""
+def gate_stats(m: HGFLinear) -> tuple[float, float, float]:
+    """(mean, min, max) of a projection's effective gates: a scalar gate's value three times, a
+    channel gate's over its channels, an input gate's over the tokens of its last forward (before
+    any forward: its value at wᵀ t = 0)."""
     with torch.no_grad():
-        return {name: float(m.gate_value()) for name, m in hgf_layers(model)}
+        if m.gate_mode == "input" and not bool(torch.isnan(m.gate_stats).any()):
+            mean, lo, hi = (float(v) for v in m.gate_stats)
+            return mean, lo, hi
+        g = m.gate_value().float()
+        return float(g.mean()), float(g.min()), float(g.max())
+
+
+def gate_values(model: nn.Module) -> dict[str, float]:
+    """Every projection's effective gate (its mean for channel and input gates, see
+    :func:`gate_stats`), keyed by the projection's module name."""
+    with torch.no_grad():
+        return {name: float(m.gate_value()) if m.gate_mode == "scalar" else gate_stats(m)[0]
+                for name, m in hgf_layers(model)}
+
+
+def gate_ranges(model: nn.Module) -> dict[str, dict[str, float]]:
+    """``{"min", "max"}`` of every projection whose gate is not one scalar (channel, input)."""
+    return {name: dict(zip(("min", "max"), gate_stats(m)[1:], strict=True))
+            for name, m in hgf_layers(model) if m.gate_mode != "scalar"}
 
 
 def set_gate_max(model: nn.Module, value: float) -> None:
@@ -202,8 +304,10 @@ def set_gate_max(model: nn.Module, value: float) -> None:
 
 
 def gate_l2_penalty(model: nn.Module, target: float) -> torch.Tensor | None:
-    """``Σ (g - target)²`` over every gate, or None when the model has no gates."""
+    """``Σ (g - target)²`` over every gate (every channel of a channel gate; an input gate's value
+    at wᵀ t = 0, φ(α)), or None when the model has no gates."""
     terms = [(m.gate_value() - target) ** 2 for _, m in hgf_layers(model)]
+    terms = [t.sum() if t.dim() else t for t in terms]
     return torch.stack(terms).sum() if terms else None
 
 

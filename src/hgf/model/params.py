@@ -7,8 +7,13 @@ from typing import Any
 from torch import nn
 
 from hgf.config import Config
-from hgf.model.hgf_linear import HGFLinear
-from hgf.model.quant import BitLinear
+from hgf.model.roles import param_roles
+
+# optimizer kind of each parameter role (hgf.model.roles): projection weights (latent ternary or
+# dense) and an untied LM head are decayed; norms, λ vectors and embeddings are not
+KIND_OF_ROLE = {"gate": "gate", "correction": "correction", "ternary": "decay", "dense": "decay",
+                "head": "decay", "embedding": "no_decay", "other": "no_decay",
+                "bias": "no_decay"}  # Tequila's λ (when learned; a frozen one joins no group)
 
 
 def param_kind(model: nn.Module) -> dict[str, str]:
@@ -18,19 +23,8 @@ def param_kind(model: nn.Module) -> dict[str, str]:
     get no weight decay; projection weights (latent ternary or dense) and an untied LM head are
     decayed; the correction A/B follow ``hgf.lr_mult`` and ``hgf.decay``.
     """
-    kinds: dict[str, str] = {}
-    for mod_name, mod in model.named_modules():
-        for p_name, _ in mod.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if isinstance(mod, HGFLinear) and p_name == "gate":
-                kinds[full] = "gate"
-            elif isinstance(mod, HGFLinear) and p_name in ("A", "B"):
-                kinds[full] = "correction"
-            elif isinstance(mod, (nn.Linear, BitLinear)) and p_name == "weight":
-                kinds[full] = "decay"
-            else:
-                kinds[full] = "no_decay"
-    return kinds
+    return {f"{mod_name}.{p_name}" if mod_name else p_name: KIND_OF_ROLE[role]
+            for mod_name, _, p_name, _, role in param_roles(model, dedup=False)}
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:

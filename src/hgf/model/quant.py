@@ -90,6 +90,12 @@ class BitLinear(nn.Linear):
     Its input must already be RMS-normalised (the block's pre-norms or SubLN do that).
     """
 
+    hgf_role = "ternary"  # hgf.model.roles
+    hgf_param_roles = {"weight": "ternary"}
+    hgf_sparsity: str | None = None  # the pattern its W_t keeps ("3:4": Sherry); packings with a
+    # ``sparsity`` (hgf.kernels.packing) hold only projections of that pattern
+    rank = 0  # rank of the low-rank correction: none
+
     def __init__(
         self,
         in_features: int,
@@ -106,9 +112,10 @@ class BitLinear(nn.Linear):
         self.act_eps = act_eps
         self.act_bits = act_bits
 
-    def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W_t, s_w)`` of this projection (export packs these; Sherry overrides the rule)."""
-        return ternarize(self.weight, self.weight_eps)
+    def ternary(self, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_t, s_w)`` of this projection's rule applied to ``weight`` (default its own; export
+        packs these; Sherry overrides the rule)."""
+        return ternarize(self.weight if weight is None else weight, self.weight_eps)
 
     def quantized_weight(self) -> torch.Tensor:
         """STE-wrapped effective weight ``W_t / s_w``."""

@@ -76,6 +76,8 @@ def arenas_at(step: int, steps: int, eps_max: float = 1.0, warmup_frac: float = 
 class SherryLinear(BitLinear):
     """3:4 sparse ternary projection with the Arenas residual (training only)."""
 
+    hgf_sparsity = "3:4"  # packs with i2 / tq1, and with sherry (hgf.kernels.packing)
+
     def __init__(self, in_features: int, out_features: int, *, arenas: bool = True,
                  weight_eps: float = 1e-5, act_eps: float = 1e-5, act_bits: int = 8,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -87,8 +89,8 @@ class SherryLinear(BitLinear):
         # each step (set_arenas), used in train mode only
         self.register_buffer("arenas_eps", torch.zeros((), device=device), persistent=False)
 
-    def ternary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return sherry_ternarize(self.weight, self.weight_eps)
+    def ternary(self, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return sherry_ternarize(self.weight if weight is None else weight, self.weight_eps)
 
     def quantized_weight(self) -> torch.Tensor:
         t, s = self.ternary()

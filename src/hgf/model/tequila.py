@@ -36,6 +36,9 @@ from hgf.model.ste import ste_linear
 class TequilaLinear(BitLinear):
     """BitLinear plus the dead-zone bias ``b = λ · Σ_{dead} W`` (per output row)."""
 
+    # hgf.model.roles: λ is the "bias" role (folded into the float32 N.bias at export)
+    hgf_param_roles = {"weight": "ternary", "bias_lambda": "bias"}
+
     def __init__(self, in_features: int, out_features: int, *, bias_scale: float = 1e-3,
                  learn_scale: bool = False, weight_eps: float = 1e-5, act_eps: float = 1e-5,
                  act_bits: int = 8, device: torch.device | str | None = None,
@@ -44,10 +47,8 @@ class TequilaLinear(BitLinear):
                          act_bits=act_bits, device=device, dtype=dtype)
         self.bias_scale_init = bias_scale
         lam = torch.full((), float(bias_scale), device=device, dtype=torch.float32)
-        if learn_scale:
-            self.bias_lambda = nn.Parameter(lam)
-        else:
-            self.register_buffer("bias_lambda", lam)
+        # a parameter either way (frozen unless learned), so that its role declares the bias
+        self.bias_lambda = nn.Parameter(lam, requires_grad=learn_scale)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -16,7 +16,7 @@ from torch import nn
 from hgf.config import Config, subln_enabled
 from hgf.model.attention import ATTENTIONS, rope_cache
 from hgf.model.hgf_linear import HGFLinear
-from hgf.model.linear import make_linear
+from hgf.model.linear import make_linear, resolve_rank
 
 
 class MLP(nn.Module):
@@ -53,8 +53,6 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        from hgf.memory import resolve_rank  # memory depends on linear, not on this module
-
         self.cfg = cfg
         m = cfg.model
         self.rank = resolve_rank(cfg) if m.linear == "hgf" else 0

@@ -21,7 +21,9 @@ ternary weight) is that of the FULL weight, never of a 1/N shard. tests/test_dis
 the FSDP2 losses equal the single-process ones.
 
 0-dim parameters (the HGF gates) cannot be sharded on dim 0: FSDP2 leaves them whole on every
-rank (``ignored_params``) and :func:`sync_replicated_grads` averages their gradients by hand.
+rank (``ignored_params``) and :func:`sync_replicated_grads` averages their gradients by hand. The
+gates of every shape (``hgf.gate_mode`` channel and input: ``gate``, ``gate_w``) are kept whole the
+same way, so that the trainer reads and logs them outside a forward as plain tensors.
 
 Mixed precision (fsdp2 on CUDA with bf16 training): parameters are all-gathered in bf16 and
 gradients reduced in float32 (``MixedPrecisionPolicy``); the float32 master weights stay sharded,
@@ -43,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hgf.config import Config
 from hgf.errors import HGFError
+from hgf.model.hgf_linear import hgf_layers
 from hgf.parallel.env import world
 
 
@@ -92,6 +95,8 @@ def _fully_shard(model: nn.Module, device: torch.device, bf16: bool) -> nn.Modul
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
           else MixedPrecisionPolicy())
     whole = {p for p in model.parameters() if p.ndim == 0}  # HGF gates: kept whole, see above
+    whole |= {p for _, m in hgf_layers(model) for name, p in m.named_parameters(recurse=False)
+              if name in ("gate", "gate_w")}
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=whole)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=whole)

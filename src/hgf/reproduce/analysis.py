@@ -40,7 +40,8 @@ def correction_use(run_dir: str | Path) -> dict[str, float]:
             w_t, s = ternarize(w, mod.weight_eps)
             w_q = w_t / s  # [out, in]
             resid = w - w_q
-            g = mod.gate_value()
+            g = mod.gate_value()  # [] or [out] (channel); an input gate's value at wᵀt = 0
+            g = g[:, None] if g.dim() else g
             c = g * (mod.B.float() @ mod.A.float())  # [out, in]
             if mod.fusion == "convex":
                 w_q = (1 - g) * w_q

@@ -19,7 +19,7 @@ converted by every arm; the fine-tuning arms all train ``study.ft_steps`` steps 
                    plus the fine-tune's
 
 Ranks: the largest with the correction (FP16 A, B, gates) at most ``study.overhead`` of the 2-bit
-backbone (hgf.memory.rank_for_overhead), and ``study.large_rank``.
+backbone (hgf.model.linear.rank_for_overhead), and ``study.large_rank``.
 
 A preset (``configs/reproduce/<name>.toml``) holds ``[study]`` (fp_steps, ft_steps, seeds, arms,
 overhead, large_rank) and config sections: ``[base.*]`` for every run, ``[fp.*]`` the FP model,
@@ -173,7 +173,7 @@ def run_dir(out: Path, arm: str, seed: int) -> Path:
 
 def ranks(study: Study, out: Path) -> list[int]:
     """The overhead-bound rank and the large rank, for the FP model's architecture."""
-    from hgf.memory import rank_for_overhead
+    from hgf.model.linear import rank_for_overhead
 
     cfg = ft_config(study, out, "hgf_svd_kd", 0, rank=1)
     small = rank_for_overhead(cfg, study.overhead, bits=2.0)

@@ -9,6 +9,9 @@ A reproduce preset (``configs/reproduce/<name>.toml``) is data:
     [arm.NAME.*] config sections for one arm only
     [variant.NAME] a named change to one arm, run by ``hgf reproduce --variants``: ``arm`` (the
                 arm it changes), ``about`` (one line: the question it asks) and config sections
+    [study]     optional: the question the runs answer (hypothesis, prediction, verdict rule),
+                read by :mod:`hgf.reproduce.why`; a preset with ``[study]`` and no ``[grid]`` is
+                the conversion study (:mod:`hgf.reproduce.convert_study`)
 
 An arm's config is, lowest to highest: defaults < ``configs/<arm>.toml`` < ``[base]`` <
 ``[arm.NAME]`` < ``[lr]`` < the run's steps/seed/out_dir. A variant's sections come after
@@ -23,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import hgf
-from hgf.config import Config, ConfigError, build_config, read_toml
+from hgf.config import ARMS, Config, ConfigError, build_config, read_toml
 
-ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff", "tequila", "sherry")
 DONE_FILE = "done.json"
 
 
@@ -61,6 +63,7 @@ class Preset:
     lr_sweep: list[float] = field(default_factory=list)
     sweep_steps: int = 0
     variants: dict[str, Variant] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)  # [study]: read by hgf.reproduce.why
 
 
 @dataclass
@@ -74,10 +77,10 @@ class Variant:
 def load_preset(name_or_path: str) -> Preset:
     path = resolve_preset(name_or_path)
     d = read_toml(path)
-    unknown = set(d) - {"grid", "lr", "base", "arm", "variant"}
+    unknown = set(d) - {"grid", "lr", "base", "arm", "variant", "study"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} "
-                          "(known: grid, lr, base, arm, variant)")
+                          "(known: grid, lr, base, arm, variant, study)")
     grid = d.get("grid", {})
     bad = set(grid) - {"arms", "steps", "seeds", "lr_sweep", "sweep_steps"}
     if bad:
@@ -96,6 +99,7 @@ def load_preset(name_or_path: str) -> Preset:
         lr_sweep=[float(x) for x in grid.get("lr_sweep", [])],
         sweep_steps=int(grid.get("sweep_steps", 0)),
         variants={name: _variant(path, name, v) for name, v in d.get("variant", {}).items()},
+        study=d.get("study", {}),
     )
     for a in list(preset.lr) + list(preset.arm_overrides):
         if a not in ARMS:

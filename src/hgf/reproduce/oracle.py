@@ -37,6 +37,7 @@ from hgf.data.prepare import prepare
 from hgf.errors import HGFError
 from hgf.memory import memory_report
 from hgf.model import build_model, lm_loss
+from hgf.model.hgf_linear import CORRECTION_PARAMS
 from hgf.runs import MODEL_FILE, atomic_write_text, load_run_config, load_trained
 from hgf.train.batches import BatchSampler
 from hgf.train.evaluate import evaluate_tokens
@@ -60,7 +61,7 @@ def build_probe(bitnet_run: Path, cfg: Config) -> torch.nn.Module:
     model = build_model(cfg)
     state = load_trained(bitnet_run)[0].state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [k for k in missing if not k.endswith((".A", ".B", ".gate"))]
+    bad = [k for k in missing if k.rsplit(".", 1)[-1] not in CORRECTION_PARAMS]
     if bad or unexpected:
         raise HGFError(f"{bitnet_run / MODEL_FILE}: does not fit the probe model: missing "
                        f"{bad[:3]}, unexpected {list(unexpected)[:3]}")

@@ -180,3 +180,37 @@ def plot_final_losses(rows: list[tuple[str, list[float]]], band: tuple[float, fl
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_loss_by(series: dict[str, list[tuple[float, list[float], bool]]], xlabel: str,
+                 path: Path, title: str) -> Path:
+    """Final loss against a setting (training steps, learning rate; log scale), one line per
+    label through the means over seeds, every seed a dot; a cell with a diverged run is a cross."""
+    import math
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = label_styles(list(series))
+    for label, pts in series.items():
+        color, ls = styles[label]
+        pts = sorted(pts, key=lambda p: p[0])
+        xs = [x for x, _, _ in pts]
+        means = [sum(v for v in ls_ if math.isfinite(v)) / max(1, sum(map(math.isfinite, ls_)))
+                 if any(map(math.isfinite, ls_)) else math.nan for _, ls_, _ in pts]
+        ax.plot(xs, means, linestyle=ls, color=color, lw=1.4, marker="o", ms=4, label=label)
+        for x, losses, diverged in pts:
+            ax.plot([x] * len(losses), losses, "x" if diverged else ".", color=color, ms=7,
+                    alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({x for pts in series.values() for x, _, _ in pts}))
+    ax.get_xaxis().set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.get_xaxis().set_minor_formatter(plt.NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title + "\nline: mean over seeds; dots: seeds; x: a diverged run", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

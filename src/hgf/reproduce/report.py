@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from hgf.kernels.packing import PACKINGS
 from hgf.memory import report_for_config
 from hgf.reproduce.grid import Preset, RunSpec, finished_extras
 from hgf.runs import atomic_write_text
@@ -97,6 +98,23 @@ def gap_recovery(l_ternary: float, l_hgf: float, l_fp: float) -> float:
     return (l_ternary - l_hgf) / den if _finite(den) and den != 0 else math.nan
 
 
+def gap_recovery_se(ternary: dict[str, Any], arm: dict[str, Any], fp: dict[str, Any]
+                    ) -> float | None:
+    """Standard error of :func:`gap_recovery` from the three arms' rows (``val_loss``,
+    ``val_loss_std`` over ``n`` seeds), to first order (the delta method) with the arms
+    independent; None when an arm has one seed, where the seed noise is unknown. With
+    D = L_t − L_fp:  ∂R/∂L_arm = −1/D,  ∂R/∂L_t = (L_arm − L_fp)/D²,  ∂R/∂L_fp = (L_t − L_arm)/D²."""
+    rows = (ternary, arm, fp)
+    if any(r["n"] < 2 or not _finite(r["val_loss"]) for r in rows):
+        return None
+    lt, la, lf = (r["val_loss"] for r in rows)
+    d = lt - lf
+    if d == 0:
+        return None
+    st, sa, sf = (r["val_loss_std"] / math.sqrt(r["n"]) for r in rows)
+    return math.sqrt((sa / d) ** 2 + (st * (la - lf) / d ** 2) ** 2 + (sf * (lt - la) / d ** 2) ** 2)
+
+
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((s for s, v in curve if v <= target), None)
 
@@ -147,7 +165,7 @@ def aggregate(preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
         rep = report_for_config(hgf_spec.cfg)
         memory = {p: {"overhead": rep.overhead(p), "overhead_with_embeddings": rep.overhead(p, True),
                       "reduction_vs_fp16": 1 - rep.total_bytes(p) / rep.fp16_bytes}
-                  for p in ("i2", "tq1")}
+                  for p in PACKINGS}
         memory["params"] = rep.as_dict()["params"]
     missing = [f"{s.arm} {s.steps} steps seed {s.seed_index}" for s in specs if not s.done]
     commits: dict[str, int] = {}  # the code each finished run ran on (a restart counts too)
@@ -206,7 +224,7 @@ def render_markdown(res: dict[str, Any], preset: Preset, command: str) -> str:
         out += ["## Memory (hgf arm, from hgf.memory)", "",
                 "| packing | correction overhead vs ternary backbone | with embeddings | saving vs FP16 |",
                 "|---|---|---|---|"]
-        for p in ("i2", "tq1"):
+        for p in PACKINGS:
             out.append(f"| {p} | {m[p]['overhead']:.2%} | {m[p]['overhead_with_embeddings']:.2%} | "
                        f"{m[p]['reduction_vs_fp16']:.1%} |")
         out += ["", "Paper: ~12–15% overhead, ~85% reduction vs FP16 (at much larger size, where "

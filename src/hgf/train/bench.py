@@ -24,8 +24,6 @@ from hgf.config import load_config
 from hgf.train.device import resolve_device
 from hgf.train.loop import build_trainer
 
-ARMS = ("fp16", "bitnet", "diff_only", "hgf", "hgf_std", "bitnet_diff", "tequila", "sherry")
-
 
 @dataclass
 class BenchRow:

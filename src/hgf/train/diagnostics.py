@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from hgf.model import BitLinear, gate_values, ternarize
-from hgf.model.sherry import SherryLinear, sherry_ternarize
+from hgf.model import BitLinear, gate_ranges, gate_values
+from hgf.model.roles import modules_with_role
 from hgf.parallel import full_tensor
 
 
 def ternary_layers(model: nn.Module) -> dict[str, BitLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, BitLinear)}
+    return dict(modules_with_role(model, "ternary"))
 
 
 class TernaryDiagnostics:
@@ -34,8 +34,7 @@ class TernaryDiagnostics:
         zero, current = {}, {}
         flips, total = 0, 0
         for name, m in ternary_layers(model).items():
-            quantize = sherry_ternarize if isinstance(m, SherryLinear) else ternarize  # its rule
-            w_t = quantize(full_tensor(m.weight), m.weight_eps)[0].to(torch.int8)  # whole W
+            w_t = m.ternary(full_tensor(m.weight))[0].to(torch.int8)  # whole W, the layer's rule
             zero[name] = float((w_t == 0).float().mean())
             prev = self.previous.get(name)
             if prev is not None and prev.shape == w_t.shape:
@@ -47,6 +46,9 @@ class TernaryDiagnostics:
         gates = gate_values(model)
         if gates:
             out["gates"] = gates
+        ranges = gate_ranges(model)  # {min, max} of channel and input gates
+        if ranges:
+            out["gate_range"] = ranges
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Start training from a pretrained model: ``hgf train CONFIG --init.from=SOURCE``.
 
 SOURCE is a run folder, an hgf Hugging Face folder, a Llama folder (``LlamaForCausalLM``) or a
-BitNet checkpoint (``hgf.hf.convert.detect_format``). Two steps:
+BitNet checkpoint (``hgf.infer.load.detect_format``). Two steps:
 
 1. Config (:func:`build_train_config`, what ``hgf train`` uses): the source's architecture is laid
    on top of the config — ``model.vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff,
@@ -51,13 +51,14 @@ from torch import nn
 
 from hgf.config import Config, build_config, kv_heads, load_config_json, parse_overrides, read_toml
 from hgf.errors import HGFError
-from hgf.model.hgf_linear import hgf_layers
+from hgf.infer.load import detect_format
+from hgf.model.hgf_linear import CORRECTION_PARAMS, hgf_layers
 from hgf.runs import CONFIG_FILE, TOKENIZER_FILE
 
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "attention",
              "mlp", "tie_embeddings", "rope_theta", "norm_eps")
 SOURCE_DEFAULTS = ("max_seq_len",)  # from the source unless set
-CORRECTION = (".A", ".B", ".gate")
+CORRECTION = tuple(f".{p}" for p in CORRECTION_PARAMS)  # .A .B .gate .gate_w
 SUBLN_INPUT = {"attn": "o_proj", "mlp": "down_proj"}  # the projection each SubLN feeds
 
 
@@ -70,8 +71,6 @@ def _where(path: str) -> str:
 
 
 def source_format(path: str | Path, what: str = "init.from") -> str:
-    from hgf.hf.convert import detect_format
-
     p = Path(path)
     if not (p / CONFIG_FILE).is_file():
         raise HGFError(f"{what}={path}: not a run, Hugging Face or Llama folder ({CONFIG_FILE} "

@@ -49,7 +49,7 @@ from hgf.config import Config
 from hgf.data import Prepared, prepare
 from hgf.data.tokenizer import tokenizer_metadata
 from hgf.errors import HGFError
-from hgf.model import build_model, gate_values, lm_loss
+from hgf.model import build_model, gate_ranges, gate_values, lm_loss
 from hgf.model.sherry import arenas_at, set_arenas
 from hgf.parallel import (
     all_mean,
@@ -310,6 +310,9 @@ def train(cfg: Config, data: Prepared | None = None, *, overwrite: bool = False)
     defaults to ``hgf.data.prepare(cfg)``. Under torchrun (``dist.strategy`` ddp/fsdp2) every rank
     calls this; see :mod:`hgf.parallel`. A SIGINT/SIGTERM raises :class:`TrainingInterrupted`
     after a checkpoint."""
+    if cfg.model.linear == "ptqtp":  # zero planes until a conversion loads them
+        raise HGFError("model.linear=ptqtp has no trainable projections: it is made from a trained "
+                       "FP model by `hgf convert SRC --to ptqtp OUT` (evaluate it with `hgf eval`)")
     with process_group(cfg, resolve_device(cfg.train.device)) as device:
         return _train(cfg, data, device, overwrite)
 
@@ -396,7 +399,10 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
                 if tr.distiller is not None:
                     record |= tr.distiller.record(stats.loss, stats.kd)
                 gates = gate_values(model)
-                logger.log({**record, "gates": gates} if gates else record)
+                if gates:
+                    record["gates"] = gates
+                    record |= {"gate_range": r} if (r := gate_ranges(model)) else {}
+                logger.log(record)
             if ev.every and done % ev.every == 0 and done < t.steps:
                 validate(done)
             timely = t.ckpt_minutes > 0 and time.monotonic() - saved_at >= 60 * t.ckpt_minutes

@@ -3,6 +3,8 @@
 ``RUN_DIR/metrics.jsonl`` holds one JSON object per line, each with ``kind`` and ``step`` (the
 number of optimizer updates done):
     {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "gates": {...}}
+        (gates: each projection's gate, the mean of a channel or input gate, whose
+        {"min", "max"} go to "gate_range": {...}; eval records too)
     {"kind": "eval",  "step", "val_loss", "val_ppl", "val_bpb", "val_tokens",
      "zero_frac": {...}, "flip_rate", "gates": {...}}
     {"kind": "final", "step", ...the full-validation metrics...}
