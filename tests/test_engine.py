@@ -28,7 +28,11 @@ from infer_utils import ROOT, make_tokenizer, train_tiny
 
 pytestmark = pytest.mark.skipif(not cpu.load(), reason="the C++ kernel library is not built")
 
-ARMS = ["bitnet", "hgf_std", "hgf"]  # bitlinear + standard, HGF + standard, HGF + differential
+# bitlinear + standard, HGF + standard, HGF + differential, Tequila (+ its folded bias) + standard
+ARMS = ["bitnet", "hgf_std", "hgf", "tequila"]
+# every arm in i2 and tq1; Sherry (3:4) in its own packing and in i2
+ARM_PACKINGS = [(a, p) for a in ARMS for p in ("i2", "tq1")] + [("sherry", "sherry"),
+                                                                 ("sherry", "i2")]
 PROMPTS = ["Once upon a time", "Tom and", "Ça"]
 # Native vs reference logits on the same packed model: the same int8 codes and integer sums, the
 # float parts summed in another order (~3e-7 of max |logit| measured); an activation that lands on
@@ -51,8 +55,7 @@ def _exported(arm: str, packing: str, folder: Path, embeddings: str = "fp16"):
     return path, cfg
 
 
-@pytest.mark.parametrize("packing", ["i2", "tq1"])
-@pytest.mark.parametrize("arm", ARMS)
+@pytest.mark.parametrize("arm,packing", ARM_PACKINGS)
 def test_native_greedy_equals_reference(arm: str, packing: str, tmp_path: Path) -> None:
     path, cfg = _exported(arm, packing, tmp_path)
     ref, _ = load_packed(path)

@@ -360,7 +360,9 @@ def test_gemv_table_and_copy_bandwidth_run():
     assert [r["method"] for r in rows[:4]] == ["float32", "bfloat16", "ternary i2", "ternary tq1"]
     assert [r["weight_bytes"] for r in rows[:4]] == [64 * 64 * 4, 64 * 64 * 2, 64 * 16, 64 * 13]
     assert all(r["time_us"] > 0 and r["gb_s"] > 0 for r in rows)
-    assert rows[0]["speedup_vs_f32"] == 1.0 and rows[4]["n"] == 100
+    assert rows[4]["method"] == "ternary sherry" and rows[4]["weight_bytes"] == 64 * 10
+    assert rows[2]["vs_i2"] == 1.0 and rows[4]["vs_i2"] > 0 and rows[0]["vs_i2"] is None
+    assert rows[0]["speedup_vs_f32"] == 1.0 and rows[5]["n"] == 100
     bw = read_bandwidth(nbytes=1 << 20, iters=2)
     assert bw > 0 and copy_bandwidth(nbytes=1 << 20, iters=2) > 0
     assert "ternary i2" in format_table(rows, bw)

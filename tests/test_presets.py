@@ -10,6 +10,8 @@ from torch import nn
 from hgf.config import SIZES, load_config
 from hgf.model import BitLinear, HGFLinear, build_model, lm_loss
 from hgf.model.linear import ATTENTION_PROJ, MLP_PROJ, TARGETS
+from hgf.model.sherry import SherryLinear
+from hgf.model.tequila import TequilaLinear
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p for p in (ROOT / "configs").rglob("*.toml") if p.parent.name != "reproduce")
@@ -19,6 +21,7 @@ ARMS_AXES = ARMS = {
     "fp16": ("dense", "standard"), "bitnet": ("bitlinear", "standard"),
     "diff_only": ("dense", "differential"), "hgf": ("hgf", "differential"),
     "hgf_std": ("hgf", "standard"), "bitnet_diff": ("bitlinear", "differential"),
+    "tequila": ("tequila", "standard"), "sherry": ("sherry", "standard"),
 }
 
 
@@ -49,7 +52,8 @@ def test_preset_builds_runs_and_places_layers(path):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
 
-    expected_types = {"dense": nn.Linear, "bitlinear": BitLinear, "hgf": HGFLinear}
+    expected_types = {"dense": nn.Linear, "bitlinear": BitLinear, "hgf": HGFLinear,
+                      "tequila": TequilaLinear, "sherry": SherryLinear}
     n_proj = 0
     for name, mod in model.named_modules():
         role = name.rsplit(".", 1)[-1]

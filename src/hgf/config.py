@@ -58,7 +58,7 @@ class ModelConfig:
     n_kv_heads: int = 0  # key/value heads: 0 = n_heads; fewer = grouped-query (standard attention)
     d_ff: int = 192  # hidden width of the gated MLP
     max_seq_len: int = 128
-    linear: str = "dense"  # dense | bitlinear | hgf | ptqtp (made by `hgf convert --to ptqtp`)
+    linear: str = "dense"  # dense | bitlinear | hgf | tequila | sherry | ptqtp (`hgf convert --to ptqtp`)
     attention: str = "standard"  # standard | differential
     mlp: str = "swiglu"  # swiglu | relu2 (squared-ReLU GLU, BitNet b1.58 2B4T)
     subln: str = "auto"  # auto (on for ternary linears) | on | off
@@ -98,6 +98,24 @@ class HGFConfig:
     gate_target: float = 0.1
     gate_warmup_frac: float = 0.0  # upper clamp on g ramps from gate_init to 1 over this fraction
     gate_freeze_frac: float = 1.0  # gates stop changing after this fraction of steps (1 = never)
+
+
+@dataclass
+class TequilaConfig:
+    """Tequila's dead-zone bias (hgf.model.tequila, docs/METHODS.md)."""
+
+    bias_scale: float = 1e-3  # λ in b = λ·Σ_dead W (the released recipe's eps)
+    learn_scale: bool = False  # true: λ is a learned scalar per projection
+
+
+@dataclass
+class SherryConfig:
+    """Sherry's 3:4 sparse ternary and its Arenas residual (hgf.model.sherry, docs/METHODS.md)."""
+
+    arenas: bool = True  # the annealed full-precision residual ε(t)·x Wᵀ while training
+    arenas_max: float = 1.0  # ε_max
+    arenas_warmup_frac: float = 0.1  # ε ramps 0 -> ε_max over this fraction of the schedule
+    arenas_end_frac: float = 1.0  # then cosine-decays to 0 at this fraction
 
 
 @dataclass
@@ -197,6 +215,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     hgf: HGFConfig = field(default_factory=HGFConfig)
+    tequila: TequilaConfig = field(default_factory=TequilaConfig)
+    sherry: SherryConfig = field(default_factory=SherryConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -404,6 +424,7 @@ ARMS: dict[str, tuple[str, str]] = {
     "fp16": ("dense", "standard"), "bitnet": ("bitlinear", "standard"),
     "diff_only": ("dense", "differential"), "hgf": ("hgf", "differential"),
     "hgf_std": ("hgf", "standard"), "bitnet_diff": ("bitlinear", "differential"),
+    "tequila": ("tequila", "standard"), "sherry": ("sherry", "standard"),  # docs/METHODS.md
 }
 
 
@@ -448,6 +469,20 @@ def validate(cfg: Config, sources: dict[str, str] | None = None) -> None:
             fail("hgf.gate_init", "must lie in (0, 1) for a sigmoid gate")
         if h.gate == "tanh" and not -1 < h.gate_init < 1:
             fail("hgf.gate_init", "must lie in (-1, 1) for a tanh gate")
+    if m.linear == "sherry":
+        for key in ("model.d_model", "model.d_ff"):
+            if _get(cfg, key) % 4:
+                fail(key, "must be a multiple of 4 for model.linear=sherry (3:4 groups)")
+        sh = cfg.sherry
+        if sh.arenas_max < 0:
+            fail("sherry.arenas_max", "must be >= 0")
+        for key in ("sherry.arenas_warmup_frac", "sherry.arenas_end_frac"):
+            if not 0 <= _get(cfg, key) <= 1:
+                fail(key, "must lie in [0, 1]")
+        if sh.arenas_warmup_frac > sh.arenas_end_frac:
+            fail("sherry.arenas_warmup_frac", "must be <= sherry.arenas_end_frac")
+    if not math.isfinite(cfg.tequila.bias_scale):
+        fail("tequila.bias_scale", "must be finite")
     if h.overhead_bits <= 0:
         fail("hgf.overhead_bits", "must be > 0")
     for key in ("hgf.gate_warmup_frac", "hgf.gate_freeze_frac", "train.min_lr_frac",

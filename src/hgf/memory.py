@@ -7,12 +7,16 @@ Packings come from the one registry, hgf.kernels.packing (exact bytes per tensor
 packed along the input dim row by row):
     i2       2 bits/weight, 4 per byte:          out · ceil(in / 4)
     tq1      1.6 bits/weight, 5 trits per byte:  out · ceil(in / 5)
+    sherry   1.25 bits/weight, 3:4 sparse ternary only (model.linear = sherry), 5 bits per 4
+             weights (hgf.kernels.sherry.sherry_row_bytes)
     entropy  log2(3) bits/weight (the limit):    out · in · log2(3) / 8
 The correction (A, B) and the gates are FP16 (2 bytes): one gate per projection, one per output
 channel (``hgf.gate_mode = channel``) or d_out + 1 (an input gate's projection w and bias α);
 embeddings, LM head, norms and the λ vectors of differential attention are FP16 too. Counts come
 from walking a model built on the meta device, by the role each parameter has (hgf.model.roles),
-so the report describes exactly the modules the model has. The rank rule
+so the report describes exactly the modules the model has. Tequila's folded dead-zone bias
+is float32, one per output row of each projection (``bias_bytes``, part of the total); the
+sherry packing is listed for 3:4 sparse models only (``MemoryReport.packings``). The rank rule
 (``hgf.target_overhead``) is beside the projections, in hgf.model.linear.
 """
 
@@ -52,6 +56,16 @@ class MemoryReport:
     embedding_params: int = 0
     head_params: int = 0  # 0 when tied to the embedding
     other_params: int = 0  # norms, λ vectors
+    bias_params: int = 0  # Tequila: its λ (folded into the bias at export)
+    bias_rows: int = 0  # Tequila: float32 dead-zone bias entries (one per output row)
+    sparsity: str | None = None  # the backbone's W_t pattern ("3:4": Sherry), None = any
+
+    @property
+    def packings(self) -> tuple[str, ...]:
+        """The packings this model can be stored in (a packing with a ``sparsity``, sherry:
+        the models of that pattern only)."""
+        return tuple(p for p in PACKINGS
+                     if PACKING_REGISTRY[p].sparsity in (None, self.sparsity))
 
     @property
     def ternary_params(self) -> int:
@@ -60,7 +74,8 @@ class MemoryReport:
     @property
     def total_params(self) -> int:
         return (self.ternary_params + self.correction_params + self.n_gates + self.dense_params
-                + self.embedding_params + self.head_params + self.other_params)
+                + self.embedding_params + self.head_params + self.other_params
+                + self.bias_params)
 
     def backbone_bytes(self, packing: str) -> float:
         return (sum(packed_bytes(o, i, packing) for o, i in self.ternary_shapes)
@@ -83,9 +98,13 @@ class MemoryReport:
         denom = self.backbone_bytes(packing) + (self.embedding_bytes if with_embeddings else 0)
         return self.correction_bytes / denom if self.ternary_shapes else None
 
+    @property
+    def bias_bytes(self) -> int:
+        return SCALE_BYTES * self.bias_rows
+
     def total_bytes(self, packing: str) -> float:
         return (self.backbone_bytes(packing) + self.correction_bytes + self.embedding_bytes
-                + self.fp16_rest_bytes)
+                + self.fp16_rest_bytes + self.bias_bytes)
 
     @property
     def fp16_bytes(self) -> int:
@@ -104,7 +123,7 @@ class MemoryReport:
             "embedding_bytes": self.embedding_bytes,
             "fp16_bytes": self.fp16_bytes,
         }
-        for p in PACKINGS:
+        for p in self.packings:
             d[p] = {
                 "backbone_bytes": self.backbone_bytes(p),
                 "total_bytes": self.total_bytes(p),
@@ -117,19 +136,23 @@ class MemoryReport:
 
 # the MemoryReport counter of each parameter role (hgf.model.roles); "ternary" keeps shapes
 COUNTERS = {"correction": "correction_params", "gate": "n_gates", "dense": "dense_params",
-            "embedding": "embedding_params", "head": "head_params", "other": "other_params"}
+            "embedding": "embedding_params", "head": "head_params", "other": "other_params",
+            "bias": "bias_params"}
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
     """Count the bytes of every component of a built model (meta device is fine), by the role
     of each parameter (hgf.model.roles; tied weights count once)."""
     rep = MemoryReport()
-    for _, _, _, p, role in param_roles(model):
+    for _, mod, _, p, role in param_roles(model):
         if role == "ternary":
             rep.ternary_shapes.append((p.shape[0], p.shape[1]))
+            rep.sparsity = getattr(mod, "hgf_sparsity", None) or rep.sparsity
         else:
             counter = COUNTERS[role]
             setattr(rep, counter, getattr(rep, counter) + p.numel())
+            if role == "bias":  # λ stands for the float32 bias [out] it is folded into
+                rep.bias_rows += mod.out_features
     return rep
 
 
@@ -157,7 +180,7 @@ def format_report(rep: MemoryReport) -> str:
         f"{'packing':<9}{'bits/w':>7}{'backbone MiB':>14}{'total MiB':>11}{'vs FP16':>9}"
         f"{'overhead':>10}{'w/ emb':>8}",
     ]
-    for p in PACKINGS:
+    for p in rep.packings:
         ov, ove = rep.overhead(p), rep.overhead(p, True)
         lines.append(
             f"{p:<9}{BITS[p]:>7.3f}{rep.backbone_bytes(p) / mib:>14.3f}"

@@ -20,8 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="packed file to write (e.g. model.hgf), or a folder: FOLDER/<run name>.hgf")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing output file (never one inside RUN_DIR)")
-    p.add_argument("--packing", choices=PACKINGS, default="i2",
-                   help="ternary packing: i2 = 2 bits/weight, tq1 = 1.6 bits/weight (default i2)")
+    p.add_argument("--packing", choices=PACKINGS, default=None,
+                   help="ternary packing: i2 = 2 bits/weight, tq1 = 1.6 bits/weight, sherry = "
+                        "1.25 bits/weight (3:4 sparse, model.linear=sherry only); default sherry "
+                        "for a sherry run, else i2")
     p.add_argument("--embeddings", choices=EMBEDDINGS, default="fp16",
                    help="embeddings/LM head storage: fp16, or int8 with one scale per row")
     p.add_argument("--tokenizer", default=None,
@@ -36,6 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.packing is None:  # the packing made for the run's sparsity (sherry: 3:4), else i2
+        from hgf.kernels.packing import PACKING_REGISTRY
+        from hgf.memory import report_for_config
+        from hgf.runs import load_run_config
+
+        sparsity = report_for_config(load_run_config(args.run_dir)).sparsity
+        args.packing = next((p for p in PACKINGS if sparsity is not None
+                             and PACKING_REGISTRY[p].sparsity == sparsity), "i2")
     if (args.format or ("gguf" if args.output.endswith(".gguf") else "hgf")) == "gguf":
         from hgf.gguf.export import export_run_gguf, format_export
 

@@ -85,6 +85,9 @@ def gguf_arch(cfg: Config) -> str:
     if m.mlp != "swiglu":
         raise HGFError(f"model.mlp={m.mlp}: llama.cpp's bitnet and llama architectures use a SwiGLU "
                        "MLP (squared ReLU cannot be mapped)")
+    if m.linear in ("tequila", "sherry"):  # a per-row bias / a 3:4 rule llama.cpp does not have
+        raise HGFError(f"model.linear={m.linear}: not exportable to GGUF yet (use the hgf packed "
+                       f"file); {ARMS_HELP}")
     if m.linear == "dense":
         if subln_enabled(m):
             raise HGFError("model.subln=on: llama.cpp's llama architecture has no SubLN norms")

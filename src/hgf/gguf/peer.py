@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from hgf.config import Config, config_from_dict
-from hgf.gguf.export import PACKING_TYPES, export_model_gguf
+from hgf.errors import HGFError
+from hgf.gguf.export import PACKING_TYPES, export_model_gguf, gguf_arch
 from hgf.gguf.llama import LlamaCpp, require_llama_cpp
 from hgf.infer.decode_bench import ARMS  # the decode benchmark's arms
 from hgf.infer.engine import load_for_decode
@@ -85,6 +86,18 @@ def _record(prompt_len: int, prefill_s: float, wall_s: float, cpu_s: float, n: i
             "prompt_tok_per_s": prompt_len / prefill_s}
 
 
+def _gguf_exportable(arm: str) -> bool:
+    """Whether llama.cpp has the arm's projections (not Tequila's bias nor Sherry's 3:4 rule;
+    differential attention is run on hgf's side only, as before)."""
+    cfg = peer_config("base100m", arm)
+    cfg.model.attention = "standard"
+    try:
+        gguf_arch(cfg)
+    except HGFError:
+        return False
+    return True
+
+
 def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
              prompt_len: int = 16, packings: list[str] | None = None, threads: int | None = None,
              rounds: int = 3, rank: int = 8, arms: list[str] | None = None,
@@ -94,7 +107,7 @@ def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
     rows, GGUF Q8_0), so that both systems stream a head of the same width."""
     require_llama_cpp()
     packings = packings or [p for p in PACKINGS if p in PACKING_TYPES]
-    arms = arms or list(ARMS)
+    arms = arms or [a for a in ARMS if _gguf_exportable(a)]
     threads = threads or torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
     runs = []  # (system, arm, packing, runner, extra) in the A B A B order

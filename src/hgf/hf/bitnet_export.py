@@ -57,6 +57,9 @@ def check_exportable(cfg: Config, drop_correction: bool = False) -> None:
     if m.linear == "dense":
         raise HGFError("model.linear=dense: a dense (fp16) model has no ternary weights to store in "
                        "the bitnet format")
+    if m.linear in ("tequila", "sherry"):
+        raise HGFError(f"model.linear={m.linear}: transformers' BitNet has no dead-zone bias / "
+                       "3:4 rule; export the hgf packed file instead")
     if m.linear == "ptqtp":
         raise HGFError("model.linear=ptqtp: the bitnet format holds one ternary plane per "
                        "projection, PTQTP two; write it with `hgf export` (the hgf packed file)")

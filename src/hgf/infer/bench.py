@@ -1,7 +1,8 @@
 """Inference benchmark: GEMV kernels, then decode speed and memory of a ~100M-parameter model,
-every arm and packing (bitnet-std, hgf-std, hgf-diff × i2, tq1) through the native decoder that
-``hgf generate`` runs, next to the PyTorch reference path on the same files and the same
-architecture with dense float32 / bfloat16 projections (hgf.infer.decode_bench).
+every arm and packing (bitnet-std, hgf-std, hgf-diff, tequila-std × i2, tq1; sherry-std × sherry)
+through what ``hgf generate`` runs (the native decoder; the reference path for tequila and
+sherry), next to the PyTorch reference path on the same files and the same architecture
+with dense float32 / bfloat16 projections (hgf.infer.decode_bench).
 
 Decode is bandwidth bound: tokens/s ≤ bandwidth / bytes read per token, and the packed model reads
 2 (i2) or 1.6 (tq1) bits per ternary weight instead of 32 or 16. Every variant runs the same

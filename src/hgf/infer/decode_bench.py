@@ -38,13 +38,26 @@ from hgf.infer.engine import NativeModel, unsupported_reason
 from hgf.infer.export import export_model
 from hgf.infer.generate import generate_ids
 from hgf.infer.packed import PackedTernaryLinear, load_packed
-from hgf.kernels.packing import PACKINGS
+from hgf.kernels.packing import PACKING_REGISTRY, PACKINGS
+from hgf.memory import report_for_config
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.transformer import build_model
 
 # the decode benchmark's arms (hgf bench infer, and its llama.cpp peer): (model.linear, attention)
 ARMS = {"bitnet-std": ("bitlinear", "standard"), "hgf-std": ("hgf", "standard"),
-        "hgf-diff": ("hgf", "differential")}
+        "hgf-diff": ("hgf", "differential"), "tequila-std": ("tequila", "standard"),
+        "sherry-std": ("sherry", "standard")}
+
+
+
+
+def arm_packings(cfg: Config, packings: list[str]) -> list[str]:
+    """The requested packings made for the arm's model: those of its sparsity (the sherry arm,
+    3:4: sherry alone), or the ones that hold any ternary weight (i2, tq1) for the others."""
+    sparsity = report_for_config(cfg).sparsity
+    return [p for p in packings if PACKING_REGISTRY[p].sparsity == sparsity]
+
+
 DENSE_ARM = "dense-diff"
 DENSE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIB = 2**20
@@ -179,8 +192,8 @@ def run_decode_bench(device: torch.device, size: str = "base100m", arms: list[st
     variants: list[Variant] = []
     with tempfile.TemporaryDirectory(prefix="hgf-bench-") as tmp:
         for arm in arms:
-            files = export_arm(size, arm, rank, packings, embeddings, Path(tmp))
             cfg = arm_config(size, arm, rank)
+            files = export_arm(size, arm, rank, arm_packings(cfg, packings), embeddings, Path(tmp))
             native = unsupported_reason(cfg, device) is None
             for packing, path in files.items():
                 base = dict(file_bytes=path.stat().st_size, embeddings=embeddings)
@@ -258,14 +271,14 @@ def _compare(main: list[dict], rest: list[dict]) -> None:
 
 
 def format_decode_records(records: list[dict]) -> str:
-    lines = [f"{'system':<10}{'engine':<10}{'arm':<11}{'packing':<9}{'thr':>4}{'cpu ms/tok':>11}"
+    lines = [f"{'system':<10}{'engine':<10}{'arm':<12}{'packing':<9}{'thr':>4}{'cpu ms/tok':>11}"
              f"{'tok/s':>8}{'prompt tok/s':>13}{'peak RSS MiB':>13}{'file+KV MiB':>12}"
              f"{'vs ref':>8}{'vs f32':>8}"]
     for r in records:
         peak = r.get("peak_rss_delta_bytes")
         fk = (r["file_bytes"] + r["kv_cache_bytes"]) / MIB if r.get("file_bytes") else None
         lines.append(
-            f"{r['system']:<10}{r.get('engine', '-'):<10}{r['arm']:<11}{r['packing']:<9}"
+            f"{r['system']:<10}{r.get('engine', '-'):<10}{r['arm']:<12}{r['packing']:<9}"
             f"{r['threads']:>4}{r['cpu_ms_per_token']:>11.2f}{r['tok_per_s']:>8.1f}"
             f"{r['prompt_tok_per_s']:>13.1f}"
             f"{peak / MIB if peak else float('nan'):>13.1f}"

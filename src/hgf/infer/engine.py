@@ -8,7 +8,10 @@ prompt, as batched GEMMs) in one call, with the fusions that pay: q/k/v and gate
 job each on an input normalised and quantized once, the rank-r correction's ``A x`` in the same
 input stage and ``B' h`` in the GEMV's epilogue, RoPE tables and λ computed once, single-query
 attention straight over the cache (differential attention's two maps in one pass over V), and the
-head in the file's own dtype (fp16, or int8 rows with ``--embeddings int8``).
+head in the file's own dtype (fp16, or int8 rows with ``--embeddings int8``). Tequila's folded
+dead-zone bias is added in the GEMV's epilogue (7 extra slots per layer); the sherry packing runs
+its own GEMV (csrc/sherry_cpu.cpp) on activation planes permuted once per token, and prompts
+take it per token (no unpacked-rows path).
 
 The PyTorch ``Transformer`` stays the one definition of the model: tests/test_engine.py checks that
 this path produces the same greedy tokens as the reference for every arm and packing. Where the
@@ -57,6 +60,7 @@ OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each project
 
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
+BIAS_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DISABLE_ENV = "HGF_NO_NATIVE_DECODER"
 EMPTY = torch.empty(0)
 
@@ -72,7 +76,7 @@ def config_reason(cfg: Config) -> str | None:
     m = cfg.model
     if m.linear == "ptqtp":
         return "model.linear=ptqtp: two trit-planes per projection run on the reference path only"
-    if m.linear not in ("bitlinear", "hgf"):
+    if m.linear not in ("bitlinear", "hgf", "tequila", "sherry"):
         return f"model.linear={m.linear}: dense projections"
     if cfg.quant.act_bits != 8:
         return f"quant.act_bits={cfg.quant.act_bits}"
@@ -161,9 +165,15 @@ class NativeModel:
             slots += group(f"{p}.mlp", MLP_GROUPS[1])
             # per layer: 7 s_w (appended by group), then λ and the head-norm factor 1 - λ_init
             floats += [lam(i), 1.0 - lambda_init_for(i)] if diff else [0.0, 1.0]
-        per_byte = PACKING_REGISTRY[packing].codes_per_byte  # the C++ decoder's packing switch
+        pk = PACKING_REGISTRY[packing]  # the C++ decoder's packing switch: codes per byte, 0 for
+        per_byte = 0 if pk.codec is not None else pk.codes_per_byte  # sherry (its own layout)
         ints = [m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.d_ff, int(diff),
                 int(m.mlp == "relu2"), per_byte, m.max_seq_len, kv_heads(m)]
+        biases = [get(f"layers.{i}.{'attn' if n in ATTN_GROUPS[0] + ATTN_GROUPS[1] else 'mlp'}"
+                      f".{n}.bias") for i in range(m.n_layers) for n in BIAS_ORDER]
+        if any(b is not None for b in biases):  # Tequila: 7 bias slots per layer after the layers
+            slots += [_or_empty(None if b is None else b.float().contiguous()) for b in biases]
+            ints.append(1)
         return cls(cfg, packing, slots, ints, floats, source)
 
     @classmethod

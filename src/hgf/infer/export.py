@@ -1,7 +1,9 @@
 """Export a trained model to the packed file (layout in hgf.infer.format).
 
 Per ternary projection (BitLinear or HGFLinear with weight W):
-    W_t, s_w = ternarize(W)        W_t ∈ {-1,0,1} packed (i2 | tq1), s_w float32
+    W_t, s_w = ternarize(W)        W_t ∈ {-1,0,1} packed (i2 | tq1 | sherry), s_w float32
+               (Sherry: its 3:4 rule, hgf.model.sherry; packing sherry needs a 3:4 model)
+Tequila's dead-zone bias folded: b = λ·Σ_{W_t = 0} W, float32 [out] (hgf.model.tequila).
 HGF correction, gate g = φ(α) folded into B (so inference needs no gate):
     additive  y = T(x) + g·B(Ax)           ->  B' = g·B
     convex    y = (1-g)·T(x) + g·B(Ax)     ->  B' = g·B,  s_w' = s_w / (1-g)   (refused at g = 1)
@@ -24,8 +26,8 @@ from hgf.infer.format import PackedHeader, expected_tensors, make_metadata
 from hgf.infer.ptqtp import pack_ptqtp, stored_bits_per_weight
 from hgf.kernels import pack_ternary
 from hgf.memory import SCALE_BYTES, memory_report
-from hgf.model.quant import BitLinear, ternarize
-from hgf.model.roles import role_of
+from hgf.model.quant import BitLinear
+from hgf.model.roles import param_role, role_of
 from hgf.model.transformer import build_model
 from hgf.runs import (
     CONFIG_FILE,
@@ -57,13 +59,20 @@ def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack_projection(mod: BitLinear, packing: str, name: str = "projection"
                     ) -> dict[str, torch.Tensor]:
-    """The packed buffers of one training projection: ``weight_packed``, ``weight_scale`` and,
-    for HGFLinear, ``A`` and the gate-folded ``B`` (``name`` only labels errors)."""
+    """The packed buffers of one training projection: ``weight_packed``, ``weight_scale``, for
+    HGFLinear ``A`` and the gate-folded ``B``, for TequilaLinear the folded ``bias`` (``name``
+    only labels errors)."""
     if mod.act_bits != 8:
         raise HGFError(f"{name}: the packed runtime needs quant.act_bits=8, the model uses "
                        f"{mod.act_bits}")
-    w_t, s_w = ternarize(mod.weight, mod.weight_eps)
-    out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
+    w_t, s_w = mod.ternary()  # the layer's rule: BitNet's; Sherry's 3:4 rule for a SherryLinear
+    try:
+        out = {"weight_packed": pack_ternary(w_t.cpu(), packing)}
+    except ValueError as e:  # e.g. sherry packing of a model that is not 3:4 sparse
+        raise HGFError(f"{name}: {e}") from None
+    for p_name, _ in mod.named_parameters(recurse=False):
+        if param_role(name, mod, p_name) == "bias":  # Tequila's dead-zone bias, b = λ·Σ_dead W
+            out["bias"] = mod.dead_bias().detach().float().cpu()
     if mod.rank:  # a corrected projection: the folded terms (HGFLinear.folded_terms)
         A, B, t_mult = mod.folded_terms()
         s_w = s_w.cpu() / t_mult
@@ -205,6 +214,7 @@ def byte_breakdown(header: PackedHeader) -> dict[str, float]:
         "ternary_predicted": predicted.backbone_bytes(header.packing) - SCALE_BYTES * n_scales,
         "scale_predicted": SCALE_BYTES * n_scales,
         "correction_predicted": predicted.correction_bytes,
+        "bias_predicted": predicted.bias_bytes,
     }
 
 
@@ -215,6 +225,7 @@ def format_breakdown(header: PackedHeader) -> str:
         ("ternary packed", b["ternary"], b["ternary_predicted"]),
         ("ternary scales (f32)", b["scale"], b["scale_predicted"]),
         ("correction A, B' (f16)", b["correction"], b["correction_predicted"]),
+        ("Tequila bias (f32)", b["bias"], b["bias_predicted"]),
         (f"embeddings/head ({header.embeddings})", b["embedding"], None),
         ("dense projections (f16)", b["dense"], None),
         ("norms, λ (f32)", b["rest"], None),

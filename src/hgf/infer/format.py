@@ -5,6 +5,7 @@ Tensors (names are the packed model's ``state_dict`` keys; ``N`` is a ternary pr
     N.weight_scale    f32    []                               s_w (the divisor: W ≈ W_t / s_w)
     N.A               f16    [r, in]                          HGF correction
     N.B               f16    [out, r]                         B' = g·B (gate folded in)
+    N.bias            f32    [out]                            Tequila: b = λ·Σ_dead W (folded)
     N.planes_packed   uint8  packed_shape(2·out, in, packing)  PTQTP: T₁ and T₂ stacked (rows)
     N.plane_scale     f32    [2, out]                          PTQTP: α₁, α₂ (hgf.infer.ptqtp)
     tok_emb.weight    f16    [vocab, d]    or int8 with tok_emb.row_scale f32 [vocab]
@@ -42,7 +43,7 @@ FORMAT_NAME = "hgf-packed"
 FORMAT_VERSION = 1
 EMBEDDINGS = ("fp16", "int8")
 ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
-ROLES = ("ternary", "scale", "correction", "embedding", "dense", "rest")
+ROLES = ("ternary", "scale", "correction", "bias", "embedding", "dense", "rest")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ def _ternary_specs(name: str, mod: nn.Module, cfg: Config, packing: str,
             specs[f"{name}.{p_name}_scale"] = TensorSpec("F32", (), "scale")
         elif role == "correction":
             specs[f"{name}.{p_name}"] = TensorSpec("F16", tuple(p.shape), "correction")
+        elif role == "bias":  # Tequila's λ: the folded dead-zone bias b = λ·Σ_dead W
+            specs[f"{name}.bias"] = TensorSpec("F32", (mod.out_features,), "bias")
         elif role != "gate":  # gates are folded into B
             raise KeyError(f"{name}.{p_name}: no packed layout for parameter role {role!r}")
     return specs

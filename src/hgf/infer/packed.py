@@ -1,11 +1,12 @@
 """The packed runtime: buffer-only ternary projections swapped into the one hgf Transformer.
 
-    PackedTernaryLinear:  y = ternary_linear(x; W_t packed, s_w) + B'(A x)
+    PackedTernaryLinear:  y = ternary_linear(x; W_t packed, s_w) + B'(A x) [+ b]
                             (A, B' held transposed at run time: y += (x A_t) B_t, one mm + addmm)
                             = (x_int @ W_tᵀ) / (s_x · s_w) + B'(A x),     B' = g·B
 
 which is the training layer's inference function (BitLinear / HGFLinear, additive fusion; convex
-fusion arrives here already folded, see hgf.infer.format). Nothing is unpacked in ``forward``:
+fusion arrives here already folded, see hgf.infer.format; TequilaLinear: + its folded dead-zone
+bias b; SherryLinear: packing sherry, or i2/tq1). Nothing is unpacked in ``forward``:
 the kernel reads the packed bytes. ``load_packed`` builds the same ``Transformer`` class on the
 meta device, swaps every BitLinear for a PackedTernaryLinear (docs/STYLE.md §7), then assigns the
 file's tensors as the model's parameters and buffers — one copy of the weights, used for prefill
@@ -28,7 +29,7 @@ from hgf.infer.ptqtp import PackedPTQTPLinear
 from hgf.kernels import packed_shape, ternary_linear
 from hgf.model.attention import rope_cache
 from hgf.model.quant import BitLinear
-from hgf.model.roles import modules_with_role, role_of
+from hgf.model.roles import modules_with_role, param_roles, role_of
 from hgf.model.transformer import Transformer, build_model
 
 
@@ -37,7 +38,7 @@ class PackedTernaryLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, packing: str, rank: int = 0,
                  act_eps: float = 1e-5, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.packing, self.rank, self.act_eps = packing, rank, act_eps
@@ -49,13 +50,18 @@ class PackedTernaryLinear(nn.Module):
             self.register_buffer("B_t", torch.empty(rank, out_features, device=device, dtype=dtype))
         else:
             self.A_t = self.B_t = None
+        if bias:  # Tequila's folded dead-zone bias [out]
+            self.register_buffer("bias", torch.empty(out_features, device=device, dtype=dtype))
+        else:
+            self.bias = None
 
     @classmethod
     def like(cls, layer: BitLinear, packing: str, device: torch.device | str | None = None
              ) -> PackedTernaryLinear:
         """An empty packed layer with the dims of a training layer."""
+        bias = any(role == "bias" for *_, role in param_roles(layer))  # Tequila's folded bias
         return cls(layer.in_features, layer.out_features, packing, layer.rank, layer.act_eps,
-                   device)
+                   device, bias=bias)
 
     @classmethod
     def from_training(cls, layer: BitLinear, packing: str = "i2",
@@ -65,6 +71,8 @@ class PackedTernaryLinear(nn.Module):
         if "A" in state:
             state["A_t"] = state.pop("A").to(dtype).t().contiguous()  # [in, r]
             state["B_t"] = state.pop("B").to(dtype).t().contiguous()  # [r, out]
+        if "bias" in state:
+            state["bias"] = state["bias"].to(dtype)
         packed = cls.like(layer, packing, device="meta")
         packed.load_state_dict(state, strict=True, assign=True)
         return packed.to(layer.weight.device)
@@ -72,6 +80,8 @@ class PackedTernaryLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ternary_linear(x, self.weight_packed, self.weight_scale, self.packing,
                            self.out_features, self.in_features, self.act_eps)
+        if self.bias is not None:
+            y = y + self.bias
         if self.A_t is None:
             return y
         x2 = x.reshape(-1, self.in_features)  # [tokens, in]
@@ -113,6 +123,8 @@ def runtime_state(tensors: dict[str, torch.Tensor], header: PackedHeader,
             continue
         if spec.role in ("ternary", "scale"):
             state[name] = t
+        elif spec.role == "bias":
+            state[name] = t.to(dtype)
         elif spec.role == "correction":  # A [r, in] -> A_t [in, r];  B' [out, r] -> B_t [r, out]
             state[f"{name}_t"] = t.to(dtype).t().contiguous()
         elif spec.dtype == "I8":

@@ -1,8 +1,10 @@
 """GEMV micro-benchmark: dense float32 / bf16 ``F.linear`` against packed ternary_linear.
 
 For each size n, one token ``x [1, n]`` times a weight ``[n, n]``; the median time of each
-method, the effective bandwidth of the weight bytes it reads (packed bytes for i2/tq1, dense
-bytes for float32/bf16) and the speed-up over dense float32, all measured in one process.
+method, the effective bandwidth of the weight bytes it reads (packed bytes for i2/tq1/sherry,
+dense bytes for float32/bf16) and the speed-ups over dense float32 and over ternary i2 (the
+same ISA), all measured in one process. The sherry rows multiply a 3:4 sparse ternary weight
+(1.25 bits/weight; sizes not a multiple of 4 have no sherry row).
 
 Caches: with ``rotate=True`` (default) every method cycles through enough copies of its weight to
 exceed twice the last-level cache (CPU L3 / GPU L2), so each call streams its weight from DRAM
@@ -35,7 +37,8 @@ import torch.nn.functional as F
 
 from hgf.kernels import cpu
 from hgf.kernels.ops import kernel_for, ternary_linear
-from hgf.kernels.packing import PACKINGS, pack_ternary
+from hgf.kernels.packing import PACKING_REGISTRY, PACKINGS, pack_ternary
+from hgf.model.sherry import sherry_ternarize
 
 DENSE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -127,8 +130,14 @@ def _cases(n: int, device: torch.device, dtypes: tuple[str, ...], packings: tupl
         x = x32.to(dt)
         cases.append((name, n * n * dt.itemsize,
                       lambda i, ws=ws, x=x: F.linear(x, ws[i % len(ws)]), "torch"))
+    w34 = None  # a 3:4 sparse ternary weight, for the packings that hold only those (sherry)
     for packing in packings:
-        packed = pack_ternary(w_t, packing).to(device)
+        if PACKING_REGISTRY[packing].sparsity == "3:4":
+            if n % 4:  # groups of 4 weights
+                continue
+            w34 = sherry_ternarize(w32)[0] if w34 is None else w34
+        packed = pack_ternary(w_t if PACKING_REGISTRY[packing].sparsity is None else w34,
+                              packing).to(device)
         ps = _copies(packed.clone, packed.numel(), budget)
         cases.append((f"ternary {packing}", packed.numel(),
                       lambda i, ps=ps, pk=packing: ternary_linear(x32, ps[i % len(ps)], s_w, pk,
@@ -148,7 +157,8 @@ def gemv_table(
     isas: tuple[str, ...] = (),
 ) -> list[dict]:
     """One row per (size, method[, forced ISA]): median and min time (us), weight bytes read,
-    GB/s and speed-up vs float32 (both from the median)."""
+    GB/s, speed-up vs float32 and vs ternary i2 of the same size and ISA (all from the median;
+    ``vs_i2`` = t(i2) / t(method), None without an i2 row)."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     budget = 2 * cache_bytes(device) if rotate else 0
@@ -168,6 +178,13 @@ def gemv_table(
                              "min_us": min(times),
                              "weight_bytes": nbytes, "gb_s": nbytes / t / 1e3,
                              "speedup_vs_f32": base / t if base else None})
+            i2 = {r["impl"]: r["time_us"] for r in rows
+                  if r["n"] == n and r["method"] == "ternary i2"}
+            for r in rows:
+                if r["n"] == n:
+                    r["vs_i2"] = (i2[r["impl"]] / r["time_us"]
+                                  if r["method"].startswith("ternary") and r["impl"] in i2
+                                  else None)
     finally:
         if best:
             cpu.isa(best)
@@ -177,15 +194,16 @@ def gemv_table(
 def format_table(rows: list[dict], peak_gb_s: float | None = None) -> str:
     """Rows as a text table; "% read" = GB/s over ``peak_gb_s`` (e.g. read_bandwidth())."""
     iw = max([6] + [len(r["impl"]) for r in rows])
-    head = f"{'n':>6} {'method':<12} {'impl':<{iw}} {'median us':>10} {'min us':>9} {'MiB read':>9}"
-    head += f" {'GB/s':>6} {'% read':>7} {'vs f32':>7}"
+    head = f"{'n':>6} {'method':<14} {'impl':<{iw}} {'median us':>10} {'min us':>9} {'MiB read':>9}"
+    head += f" {'GB/s':>6} {'% read':>7} {'vs f32':>7} {'vs i2':>6}"
     lines = [head]
     for r in rows:
         pct = f"{100 * r['gb_s'] / peak_gb_s:6.0f}%" if peak_gb_s else f"{'-':>7}"
         sp = f"{r['speedup_vs_f32']:6.2f}x" if r["speedup_vs_f32"] else f"{'-':>7}"
-        lines.append(f"{r['n']:>6} {r['method']:<12} {r['impl']:<{iw}} {r['time_us']:>10.1f} "
+        vi = f"{r['vs_i2']:5.2f}x" if r.get("vs_i2") else f"{'-':>6}"
+        lines.append(f"{r['n']:>6} {r['method']:<14} {r['impl']:<{iw}} {r['time_us']:>10.1f} "
                      f"{r['min_us']:>9.1f} {r['weight_bytes'] / 2**20:>9.2f} {r['gb_s']:>6.1f} "
-                     f"{pct} {sp}")
+                     f"{pct} {sp} {vi}")
     return "\n".join(lines)
 
 

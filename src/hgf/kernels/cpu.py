@@ -1,5 +1,6 @@
 """Build and load the C++ CPU kernel library (``csrc/ternary_cpu.cpp`` and the native decoder
-``csrc/decode_cpu.cpp``, which includes it: one translation unit) at first use.
+``csrc/decode_cpu.cpp``, which includes it and ``csrc/sherry_cpu.cpp``: one translation unit) at
+first use.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` into the torch extensions
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; rebuilt only when the
@@ -70,6 +71,7 @@ def available() -> bool:
 @functools.cache
 def _register_fake() -> None:
     torch.library.register_fake("hgf::ternary_linear_cpu")(ternary_linear_fake)
+    torch.library.register_fake("hgf::sherry_linear_cpu")(ternary_linear_fake)
 
 
 def isa(request: str | None = None) -> str:

@@ -10,6 +10,8 @@ never wrong. Dispatch (:func:`kernel_for`):
     CPU tensor, C++ kernel built           -> hgf::ternary_linear_cpu (any batch, fp32/bf16/fp16)
     CUDA tensor, triton importable         -> hgf::ternary_linear_triton (GEMV <= 8 tokens, GEMM)
     anything else, or in_features > 2^17   -> ternary_linear_reference
+    a packing without that kernel in its registry entry (``Packing.kernels``) -> the reference
+    (sherry: hgf::sherry_linear_cpu on the CPU, its ``Packing.cpu_op``; no GPU kernel)
 All of them give the same bits as the reference (tests/test_kernels.py checks it).
 """
 
@@ -61,8 +63,8 @@ def ternary_linear(
     check_args(x, packed, w_scale, packing, out_features, in_features)
     args = (x, packed, w_scale, packing, out_features, in_features, act_eps)
     kernel = kernel_for(x, in_features, packing)
-    if kernel == "cpu":
-        return torch.ops.hgf.ternary_linear_cpu(*args)
+    if kernel == "cpu":  # the packing's C++ op (hgf::sherry_linear_cpu for sherry)
+        return getattr(torch.ops.hgf, get_packing(packing).cpu_op)(*args)
     if kernel == "triton":
         return torch.ops.hgf.ternary_linear_triton(*args)
     return ternary_linear_reference(*args)

@@ -8,6 +8,9 @@ shape ``[out, nbytes]``, ``P`` codes per byte as the digits of a base-``b`` numb
           byte = c_0 + 4·c_1 + 16·c_2 + 64·c_3   (c_k in bits 2k..2k+1; the value 3 is unused)
     tq1   P = 5, base 3 (trits), 1.6 bits/weight:        nbytes = ceil(in / 5)
           byte = c_0 + 3·c_1 + 9·c_2 + 27·c_3 + 81·c_4   (0..242; 243..255 unused)
+    sherry  3:4 sparse ternary only (one zero in every 4 weights; model.linear = sherry),
+          4 weights in 5 bits, 1.25 bits/weight; not a digit code: its own layout, pack and
+          unpack in hgf.kernels.sherry (a :class:`Codec`)
 
 A row is padded to ``P · nbytes`` weights with weight 0 (code 1).
 
@@ -23,7 +26,9 @@ format like i2 and tq1 then packs, unpacks, exports and runs through the referen
 is, and the CLI choices, memory tables and benchmarks list it. The C++ CPU kernel, the native
 decoder and the Triton kernel each have a code path per format: ``kernels`` names the ones that
 do; the others fall back to the reference (``hgf.kernels.ops``, ``hgf.infer.engine``). A format
-that is not a base-``b`` digit code (sparse, two-plane) also needs its own pack/unpack here.
+that is not a base-``b`` digit code (sparse, two-plane) also needs its own pack/unpack: a
+:class:`Codec` in its entry (``sherry``), and ``sparsity`` when it holds only some ternary
+weights (the exporters refuse other models, the memory report lists it for such models only).
 
 Element order within a row (chosen so that one shift+mask, or one table lookup, of a SIMD
 vector of bytes yields *contiguous* weights): the row's bytes are cut into groups of
@@ -42,17 +47,31 @@ E.g. i2 with in = 4096: 16 full groups of 64 bytes; byte 5 of group 0 holds weig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from hgf.kernels.sherry import pack_sherry, sherry_row_bytes, unpack_sherry
 
 GROUP = 64  # bytes per interleave group
 
 
 @dataclass(frozen=True)
+class Codec:
+    """The row layout of a packing that is not a base-``b`` digit code: bytes per row of ``in``
+    weights, pack (``[out, in]`` ternary -> uint8 ``[out, row_bytes]``), unpack (uint8, ``in``
+    -> int8 ternary ``[out, in]``); each raises ValueError on weights or sizes it cannot hold."""
+
+    row_bytes: Callable[[int], int]
+    pack: Callable[[torch.Tensor], torch.Tensor]
+    unpack: Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Packing:
     """One ternary weight format: ``codes_per_byte`` codes ``W_t + 1`` per byte as base-``base``
-    digits (both None for an accounting-only limit such as ``entropy``)."""
+    digits, or its own ``codec`` (all None for an accounting-only limit such as ``entropy``)."""
 
     name: str
     bits: float  # bits per weight, padding aside
@@ -61,20 +80,25 @@ class Packing:
     gguf_type: str | None = None  # the GGML type holding the same ternary values, if any
     kernels: tuple[str, ...] = ()  # fast paths that read it: "cpu", "triton", "decoder"
     doc: str = ""
+    codec: Codec | None = None  # a format that is not a digit code: its own layout
+    sparsity: str | None = None  # the ternary weights it holds: None = any, "3:4" = 3:4 sparse
+    cpu_op: str = "ternary_linear_cpu"  # the torch.ops.hgf op of its "cpu" kernel
 
     @property
     def storable(self) -> bool:
-        return self.codes_per_byte is not None
+        return self.codes_per_byte is not None or self.codec is not None
 
     @property
     def max_byte(self) -> int:
         """The largest byte value a packed tensor holds (codes 2, 2, ...: base^P - 1)."""
-        return self.base ** self.codes_per_byte - 1
+        return 255 if self.codec is not None else self.base ** self.codes_per_byte - 1
 
     def row_bytes(self, in_features: int) -> int:
         """Bytes of one packed row of ``in_features`` weights: ``ceil(in / P)``."""
         if not self.storable:
             raise ValueError(f"packing {self.name!r} is an accounting limit, not a storable format")
+        if self.codec is not None:
+            return self.codec.row_bytes(in_features)
         return math.ceil(in_features / self.codes_per_byte)
 
     def tensor_bytes(self, out_features: int, in_features: int) -> float:
@@ -90,6 +114,9 @@ PACKING_REGISTRY: dict[str, Packing] = {p.name: p for p in (
             kernels=("cpu", "triton", "decoder"), doc="2 bits/weight, 4 codes per byte in 2-bit fields"),
     Packing("tq1", 1.6, codes_per_byte=5, base=3, gguf_type="TQ1_0",
             kernels=("cpu", "triton", "decoder"), doc="1.6 bits/weight, 5 trits per byte"),
+    Packing("sherry", 1.25, kernels=("cpu", "decoder"), sparsity="3:4",
+            codec=Codec(sherry_row_bytes, pack_sherry, unpack_sherry), cpu_op="sherry_linear_cpu",
+            doc="1.25 bits/weight, 3:4 sparse ternary: 4 weights in 5 bits (hgf.kernels.sherry)"),
     Packing("entropy", math.log2(3), doc="log2(3) bits/weight, the limit (accounting only)"),
 )}
 PACKINGS = tuple(n for n, p in PACKING_REGISTRY.items() if p.storable)  # what can be stored
@@ -128,6 +155,8 @@ def pack_ternary(w_t: torch.Tensor, packing: str) -> torch.Tensor:
         raise ValueError("pack_ternary: weights are not integers")
     if w_t.numel() and (w_t.min() < -1 or w_t.max() > 1):
         raise ValueError("pack_ternary: weights must be in {-1, 0, 1}")
+    if p.codec is not None:
+        return p.codec.pack(w_t)
     out_f, in_f = w_t.shape
     base, per = p.base, p.codes_per_byte
     nbytes = p.row_bytes(in_f)
@@ -144,6 +173,8 @@ def pack_ternary(w_t: torch.Tensor, packing: str) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, packing: str, in_features: int) -> torch.Tensor:
     """Codes ``W_t + 1`` (uint8, [out, in]) of a packed tensor."""
     p = get_packing(packing)
+    if p.codec is not None:
+        return (p.codec.unpack(packed, in_features) + 1).to(torch.uint8)
     base, per = p.base, p.codes_per_byte
     out_f, nbytes = packed.shape
     if nbytes != p.row_bytes(in_features):

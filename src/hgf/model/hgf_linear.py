@@ -219,12 +219,13 @@ class HGFLinear(BitLinear):
     @torch.no_grad()
     def folded_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The inference terms with the gate folded in, ``(A, B' = g·B, μ)`` such that
-        ``y = μ·T(x) + B'(A x)`` (float32, on the CPU): the ternary stream's multiplier ``μ = 1`` for additive fusion and ``1 - g``
-        for convex fusion, which every exporter folds into the ternary scale, so it must not be
-        zero. The one fold used by every exporter (packed, BitNet, GGUF). Channel gates fold into
-        B's rows (``B' = diag(g) B``); under convex fusion their ``1 - g`` is one scale per row,
-        which the one-scale-per-tensor formats hold only when every channel has the same gate.
-        An input gate depends on each token, so it cannot be folded: refused."""
+        ``y = μ·T(x) + B'(A x)`` (float32, on the CPU): the ternary stream's multiplier ``μ = 1``
+        for additive fusion and ``1 - g`` for convex fusion, which every exporter folds into the
+        ternary scale, so it must not be zero. The one fold used by every exporter (packed, BitNet,
+        GGUF). Channel gates fold into B's rows (``B' = diag(g) B``); under convex fusion their
+        ``1 - g`` is one scale per row, which the one-scale-per-tensor formats hold only when every
+        channel has the same gate. An input gate depends on each token, so it cannot be folded:
+        refused."""
         if self.gate_mode == "input":
             raise HGFError("hgf.gate_mode=input: the gate depends on each token's ternary output, "
                            "so it cannot be folded into B and the export formats have no gate "

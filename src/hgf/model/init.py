@@ -98,19 +98,25 @@ def reset_own(mod: nn.Module) -> None:
         raise TypeError(f"{type(mod).__name__} has buffers ({', '.join(buffers)}) but no "
                         "reset_own_parameters(): it cannot be initialised after to_empty")
     if isinstance(mod, nn.Linear):
+        known = {"weight", "bias"}
         kaiming_uniform_(mod.weight)
         if mod.bias is not None:
             _linear_bias_(mod)
     elif isinstance(mod, nn.Embedding):
+        known = {"weight"}
         normal_(mod.weight)
         if mod.padding_idx is not None:
             mod.weight[mod.padding_idx].fill_(0)
     elif isinstance(mod, nn.RMSNorm | nn.LayerNorm):
+        known = set(own)
         for p in own.values():
             p.fill_(1.0 if p is mod.weight else 0.0)
-    elif own and not hasattr(mod, "reset_own_parameters"):
-        raise TypeError(f"{type(mod).__name__} has parameters ({', '.join(own)}) but no "
-                        "reset_own_parameters(): it cannot be initialised after to_empty")
+    else:
+        known = set()
+    extra = set(own) - known  # a subclass's own parameters (an nn.Linear's are weight, bias)
+    if extra and not hasattr(mod, "reset_own_parameters"):
+        raise TypeError(f"{type(mod).__name__} has parameters ({', '.join(sorted(extra))}) but "
+                        "no reset_own_parameters(): it cannot be initialised after to_empty")
     if hasattr(mod, "reset_own_parameters"):
         mod.reset_own_parameters()
 

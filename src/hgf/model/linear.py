@@ -25,6 +25,8 @@ from hgf.config import Config, HGFConfig, kv_heads
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.ptqtp import PTQTPLinear
 from hgf.model.quant import BitLinear
+from hgf.model.sherry import SherryLinear
+from hgf.model.tequila import TequilaLinear
 
 FP16 = 2  # bytes per value of the correction A, B and the gates (and of hgf.memory's FP16 parts)
 SCALE_BYTES = 4  # one float32 scale per packed ternary tensor
@@ -51,6 +53,18 @@ def _hgf(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
     )
 
 
+def _tequila(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
+    q, t = cfg.quant, cfg.tequila
+    return TequilaLinear(i, o, bias_scale=t.bias_scale, learn_scale=t.learn_scale,
+                         weight_eps=q.weight_eps, act_eps=q.act_eps, act_bits=q.act_bits)
+
+
+def _sherry(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
+    q = cfg.quant
+    return SherryLinear(i, o, arenas=cfg.sherry.arenas, weight_eps=q.weight_eps,
+                        act_eps=q.act_eps, act_bits=q.act_bits)
+
+
 def _ptqtp(i: int, o: int, cfg: Config, rank: int) -> nn.Module:
     q = cfg.quant
     return PTQTPLinear(i, o, activations=cfg.ptqtp.activations, act_eps=q.act_eps,
@@ -61,6 +75,8 @@ LINEARS: dict[str, Callable[[int, int, Config, int], nn.Module]] = {
     "dense": _dense,
     "bitlinear": _bitlinear,
     "hgf": _hgf,
+    "tequila": _tequila,
+    "sherry": _sherry,
     "ptqtp": _ptqtp,  # two fixed trit-planes: made by `hgf convert --to ptqtp`, not trained
 }
 

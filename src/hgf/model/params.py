@@ -12,7 +12,8 @@ from hgf.model.roles import param_roles
 # optimizer kind of each parameter role (hgf.model.roles): projection weights (latent ternary or
 # dense) and an untied LM head are decayed; norms, λ vectors and embeddings are not
 KIND_OF_ROLE = {"gate": "gate", "correction": "correction", "ternary": "decay", "dense": "decay",
-                "head": "decay", "embedding": "no_decay", "other": "no_decay"}
+                "head": "decay", "embedding": "no_decay", "other": "no_decay",
+                "bias": "no_decay"}  # Tequila's λ (when learned; a frozen one joins no group)
 
 
 def param_kind(model: nn.Module) -> dict[str, str]:

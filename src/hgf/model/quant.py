@@ -92,6 +92,8 @@ class BitLinear(nn.Linear):
 
     hgf_role = "ternary"  # hgf.model.roles
     hgf_param_roles = {"weight": "ternary"}
+    hgf_sparsity: str | None = None  # the pattern its W_t keeps ("3:4": Sherry); packings with a
+    # ``sparsity`` (hgf.kernels.packing) hold only projections of that pattern
     rank = 0  # rank of the low-rank correction: none
 
     def __init__(
@@ -109,6 +111,11 @@ class BitLinear(nn.Linear):
         self.weight_eps = weight_eps
         self.act_eps = act_eps
         self.act_bits = act_bits
+
+    def ternary(self, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_t, s_w)`` of this projection's rule applied to ``weight`` (default its own; export
+        packs these; Sherry overrides the rule)."""
+        return ternarize(self.weight if weight is None else weight, self.weight_eps)
 
     def quantized_weight(self) -> torch.Tensor:
         """STE-wrapped effective weight ``W_t / s_w``."""

@@ -21,6 +21,9 @@ Parameter roles (:func:`param_role`), what a parameter is whatever module holds 
                 ternarizes and packs it; memory counts it at the packing's bits per weight)
     correction  the low-rank A, B of a corrected projection (FP16 at export)
     gate        a gate (its own optimizer group; folded into B at export, so never stored)
+    bias        the scale λ of a dead-zone bias b = λ·Σ_{W_t = 0} W (Tequila; a parameter
+                whether learned or not, frozen when not): no weight decay; export folds it into
+                the float32 bias ``N.bias [out]`` of its projection; memory counts that bias
     dense | embedding | head | other   the module's role, for every parameter of such a module
 
 A layer class carries its roles as class attributes: ``hgf_role`` (the module role) and
@@ -46,7 +49,7 @@ from collections.abc import Iterator
 from torch import nn
 
 MODULE_ROLES = ("ternary", "ptqtp", "dense", "embedding", "head", "other")
-PARAM_ROLES = ("ternary", "correction", "gate", "dense", "embedding", "head", "other")
+PARAM_ROLES = ("ternary", "correction", "gate", "bias", "dense", "embedding", "head", "other")
 HEAD_NAME = "lm_head"
 
 

@@ -24,10 +24,12 @@ ARM_STYLES: dict[str, tuple[str, Any]] = {
     "hgf": ("tab:green", "-."),
     "hgf_std": ("tab:olive", (0, (5, 1))),
     "bitnet_diff": ("tab:orange", (0, (3, 1, 1, 1, 1, 1))),
+    "tequila": ("tab:cyan", (0, (1, 3))),
+    "sherry": ("tab:brown", (0, (8, 3, 2, 3))),
 }
 LINE_STYLES: list[Any] = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)),
                           (0, (8, 3, 2, 3))]
-OTHER_COLORS = ["tab:brown", "tab:pink", "tab:gray", "tab:cyan", "black", "gold", "navy",
+OTHER_COLORS = ["tab:pink", "tab:gray", "black", "gold", "navy",
                 "teal", "magenta", "lime"]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hgf.model import BitLinear, gate_ranges, gate_values, ternarize
+from hgf.model import BitLinear, gate_ranges, gate_values
 from hgf.model.roles import modules_with_role
 from hgf.parallel import full_tensor
 
@@ -34,7 +34,7 @@ class TernaryDiagnostics:
         zero, current = {}, {}
         flips, total = 0, 0
         for name, m in ternary_layers(model).items():
-            w_t = ternarize(full_tensor(m.weight), m.weight_eps)[0].to(torch.int8)  # whole W
+            w_t = m.ternary(full_tensor(m.weight))[0].to(torch.int8)  # whole W, the layer's rule
             zero[name] = float((w_t == 0).float().mean())
             prev = self.previous.get(name)
             if prev is not None and prev.shape == w_t.shape:

@@ -52,6 +52,7 @@ from hgf.data import Prepared, prepare
 from hgf.data.tokenizer import tokenizer_metadata
 from hgf.errors import HGFError
 from hgf.model import gate_ranges, gate_values, lm_loss
+from hgf.model.sherry import arenas_at, set_arenas
 from hgf.parallel import (
     all_mean,
     barrier,
@@ -136,6 +137,10 @@ class Trainer:
         t = self.cfg.train
         lr = self.schedule.apply(self.optimizer, step)
         self.gates.apply(self.model, self.optimizer, step)
+        if self.cfg.model.linear == "sherry":  # the Arenas residual's ε for this step
+            sh = self.cfg.sherry
+            set_arenas(self.model, arenas_at(step, self.cfg.train.schedule_length, sh.arenas_max,
+                                             sh.arenas_warmup_frac, sh.arenas_end_frac))
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros(2, device=self.device)  # CE, KD (0 without distillation)
         for i in range(t.grad_accum):

@@ -24,6 +24,7 @@
 // Threads: every op splits into chunks on the work-claiming pool of pool.h (no spin-collapse on an
 // oversubscribed machine); at::get_num_threads() threads.
 #include "ternary_cpu.cpp"  // one translation unit: the ternary kernels, their ops, and this
+#include "sherry_cpu.cpp"   // the sherry packing's kernel and op (reuses ternary_cpu.cpp's parts)
 
 #include <c10/util/Half.h>
 #include <torch/custom_class.h>
@@ -492,6 +493,7 @@ struct Proj {  // a packed ternary projection and its folded correction B' (held
   int64_t out = 0, nbytes = 0, rank = 0, h_off = 0;
   float s_w = 1.f;
   Mat Bt;
+  const float* bias = nullptr;  // Tequila's folded dead-zone bias [out], or none
 };
 
 struct Group {  // projections that read the same input: its codes and A·x are computed once
@@ -543,11 +545,15 @@ Mat mat_of(const at::Tensor& t, const at::Tensor& scale, const char* what) {
 //   23 per layer:  attn_norm, A_qkv, q_w, q_Bt, k_w, k_Bt, v_w, v_Bt, attn_subln, head_norm,
 //                  A_o, o_w, o_Bt, mlp_norm, A_gu, gate_w, gate_Bt, up_w, up_Bt, mlp_subln,
 //                  A_down, down_w, down_Bt
+//   then, when ints[10] = 1 (Tequila), 7 per layer: the biases of q, k, v, o, gate, up, down
+//   (float32 [out] each, empty = none)
 // ints:   vocab, d_model, n_layers, n_heads, d_ff, differential (0/1), relu2 (0/1),
 //         codes per byte (4 = i2, 5 = tq1), max_seq_len, n_kv_heads (standard attention: fewer
-//         than n_heads is grouped-query, query head j reads K/V head j / (n_heads / n_kv_heads))
+//         than n_heads is grouped-query, query head j reads K/V head j / (n_heads / n_kv_heads)),
+//         optionally biases (0/1)
 // floats: norm_eps, act_eps, then per layer s_q, s_k, s_v, s_o, s_gate, s_up, s_down, λ, 1 - λ_init
 constexpr int GLOBAL_SLOTS = 7, LAYER_SLOTS = 23, LAYER_FLOATS = 9;
+constexpr int SHERRY = 0;  // ints[7] of the sherry packing (3:4 sparse, sherry_cpu.cpp)
 
 struct Decoder : torch::CustomClassHolder {
   std::vector<at::Tensor> keep;  // the tensors the pointers below point into
@@ -567,24 +573,26 @@ struct Decoder : torch::CustomClassHolder {
   int64_t kv_capacity = 0;  // floats of kc (and of vc)
   // scratch, sized by the longest call so far
   std::vector<float> x, a, q, k, v, y, g, u, t, h, sx, a32;
-  std::vector<int8_t> xq;
+  std::vector<int8_t> xq, xp;  // x_int per token; sherry: also its planes (sherry::permute)
   std::vector<int32_t> sumx;
   std::vector<decode::Chunk> chunks;
 
   Decoder(std::vector<at::Tensor> ts, std::vector<int64_t> ints, std::vector<double> fl)
       : keep(std::move(ts)) {
     using namespace decode;
-    TORCH_CHECK(ints.size() == 10, "Decoder: 10 ints expected");
+    TORCH_CHECK(ints.size() == 10 || ints.size() == 11, "Decoder: 10 or 11 ints expected");
+    const bool biases = ints.size() == 11 && ints[10] != 0;
     vocab = ints[0], d = ints[1], n_layers = ints[2], n_heads = ints[3], dff = ints[4];
     diff = ints[5] != 0, relu2 = ints[6] != 0, per = int(ints[7]), max_seq = ints[8];
     n_kv = ints[9];
     TORCH_CHECK(n_kv > 0 && n_heads % n_kv == 0 && (!diff || n_kv == n_heads),
                 "Decoder: n_kv_heads must divide n_heads (and equal it for differential attention)");
-    TORCH_CHECK(per == 4 || per == 5, "Decoder: codes per byte must be 4 or 5");
+    TORCH_CHECK(per == 4 || per == 5 || per == SHERRY,
+                "Decoder: codes per byte must be 4 or 5 (or 0: the sherry packing)");
     TORCH_CHECK(d % n_heads == 0 && (!diff || n_heads % 2 == 0), "Decoder: bad head count");
     hd = d / n_heads;
     TORCH_CHECK(hd % 2 == 0, "Decoder: odd head dim");
-    TORCH_CHECK(int64_t(keep.size()) == GLOBAL_SLOTS + LAYER_SLOTS * n_layers,
+    TORCH_CHECK(int64_t(keep.size()) == GLOBAL_SLOTS + (LAYER_SLOTS + (biases ? 7 : 0)) * n_layers,
                 "Decoder: wrong number of tensors");
     TORCH_CHECK(int64_t(fl.size()) == 2 + LAYER_FLOATS * n_layers, "Decoder: wrong number of floats");
     norm_eps = float(fl[0]), act_eps = float(fl[1]);
@@ -603,17 +611,21 @@ struct Decoder : torch::CustomClassHolder {
     for (int64_t l = 0; l < n_layers; ++l) {
       const at::Tensor* s = &T[GLOBAL_SLOTS + LAYER_SLOTS * l];
       const double* f = &fl[2 + LAYER_FLOATS * l];
+      at::Tensor bz[7];  // the biases (undefined = none)
+      for (int i = 0; biases && i < 7; ++i)
+        bz[i] = T[GLOBAL_SLOTS + LAYER_SLOTS * n_layers + 7 * l + i];
       Layer& L = layers[l];
       L.attn_norm = f32_or_null(s[0], d, "attn_norm");
-      L.qkv = group(s[1], {{s[2], s[3], f[0]}, {s[4], s[5], f[1]}, {s[6], s[7], f[2]}}, d);
+      L.qkv = group(s[1], {{s[2], s[3], f[0], bz[0]}, {s[4], s[5], f[1], bz[1]},
+                           {s[6], s[7], f[2], bz[2]}}, d);
       L.attn_subln = f32_or_null(s[8], d, "attn_subln");
       L.head_norm = f32_or_null(s[9], dv, "head_norm");
       TORCH_CHECK(L.head_norm || !diff, "Decoder: differential attention needs head_norm");
-      L.o = group(s[10], {{s[11], s[12], f[3]}}, d);
+      L.o = group(s[10], {{s[11], s[12], f[3], bz[3]}}, d);
       L.mlp_norm = f32_or_null(s[13], d, "mlp_norm");
-      L.gu = group(s[14], {{s[15], s[16], f[4]}, {s[17], s[18], f[5]}}, d);
+      L.gu = group(s[14], {{s[15], s[16], f[4], bz[4]}, {s[17], s[18], f[5], bz[5]}}, d);
       L.mlp_subln = f32_or_null(s[19], dff, "mlp_subln");
-      L.down = group(s[20], {{s[21], s[22], f[6]}}, dff);
+      L.down = group(s[20], {{s[21], s[22], f[6], bz[6]}}, dff);
       L.lam = float(f[7]), L.lam_scale = float(f[8]);
       TORCH_CHECK(L.attn_norm && L.mlp_norm, "Decoder: block norms missing");
       const int64_t outs[] = {d, Hk * dk, Hv * dv};
@@ -628,14 +640,16 @@ struct Decoder : torch::CustomClassHolder {
   struct ProjArgs {
     at::Tensor w, Bt;
     double s_w;
+    at::Tensor bias;
   };
 
   decode::Group group(const at::Tensor& A, std::initializer_list<ProjArgs> ps, int64_t in) {
     using namespace decode;
     Group G;
     G.in = in;
-    const int64_t nbytes = (in + per - 1) / per;
-    G.kp = per * nbytes + GROUP;
+    TORCH_CHECK(per != SHERRY || in % 4 == 0, "Decoder: sherry needs inputs in groups of 4");
+    const int64_t nbytes = per == SHERRY ? sherry::row_bytes(in) : (in + per - 1) / per;
+    G.kp = per == SHERRY ? in + GROUP : per * nbytes + GROUP;
     G.A = mat_of(A, {}, "A");
     TORCH_CHECK(G.A.rows == 0 || (G.A.cols == in && G.A.dt != I8), "Decoder: A must be [r, in]");
     int64_t off = 0;
@@ -647,6 +661,7 @@ struct Decoder : torch::CustomClassHolder {
       P.out = a.w.size(0), P.nbytes = nbytes, P.s_w = float(a.s_w);
       P.Bt = mat_of(a.Bt, {}, "B'ᵀ");
       P.rank = P.Bt.rows, P.h_off = off;
+      P.bias = f32_or_null(a.bias, P.out, "bias");
       TORCH_CHECK(P.rank == 0 || (P.Bt.cols == P.out && P.Bt.dt != I8), "Decoder: B'ᵀ must be [r, out]");
       off += P.rank;
       G.p.push_back(P);
@@ -707,6 +722,7 @@ struct Decoder : torch::CustomClassHolder {
     }
     const int64_t in = G.in, kp = G.kp, R = G.A.rows;
     xq.resize(size_t(m * kp));
+    if (per == SHERRY) xp.resize(size_t(m * kp));
     sx.resize(size_t(m));
     sumx.resize(size_t(m));
     h.resize(size_t(std::max<int64_t>(1, m * R)));
@@ -719,6 +735,7 @@ struct Decoder : torch::CustomClassHolder {
     hgf::Pool::get().run(m, m > 1 ? threads : 1, [&](int64_t t) {  // input stage, per token
       quantize_row(xin + t * in, in, kp, act_eps, xq.data() + t * kp, sx.data() + t,
                    sumx.data() + t);
+      if (per == SHERRY) sherry::permute(xq.data() + t * kp, 1, in, xp.data() + t * kp);
       if (R) A.dot_rows(0, R, xin + t * in, h.data() + t * R);
     });
     chunks.clear();
@@ -739,8 +756,8 @@ struct Decoder : torch::CustomClassHolder {
       const int64_t ldo = ld[ch.p];
       int32_t acc[ROWS];
 #if HGF_X86
-      if (m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 && simd() &&
-          !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
+      if (per != SHERRY && m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 &&
+          simd() && !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
         const int64_t nc = per * P.nbytes, ldc = (nc + 63) / 64 * 64;  // x_int rows reach kp >= ldc
         thread_local std::vector<uint8_t> codes;
         if (int64_t(codes.size()) < ROWS * ldc + GROUP) codes.resize(size_t(ROWS * ldc + GROUP));
@@ -781,6 +798,13 @@ struct Decoder : torch::CustomClassHolder {
 #endif
         for (int64_t t = 0; t < m; ++t) {  // these rows' weights stay in L1 across tokens
           const int8_t* xt = xq.data() + t * kp;
+          if (per == SHERRY) {  // signed weights: no code offset to subtract
+            sherry::rows_dot(P.w + r0 * P.nbytes, P.nbytes, in, nr, xt, xp.data() + t * kp, acc);
+            const float denom = sx[size_t(t)] * P.s_w;
+            float* yt = out + t * ldo;
+            for (int64_t r = 0; r < nr; ++r) yt[r0 + r] = float(acc[r]) / denom;
+            continue;
+          }
           if (nr == ROWS)
             rows_dot<ROWS>(P.w + r0 * P.nbytes, P.nbytes, P.nbytes, xt, per, acc);
           else
@@ -790,6 +814,11 @@ struct Decoder : torch::CustomClassHolder {
           float* yt = out + t * ldo;
           for (int64_t r = 0; r < nr; ++r) yt[r0 + r] = float(acc[r] - sumx[size_t(t)]) / denom;
         }
+      }
+      if (P.bias) {  // y[rows] += b[rows] (Tequila), before the correction as in the reference
+        const int64_t o0 = ch.b0 * ROWS, o1 = std::min(P.out, ch.b1 * ROWS);
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t o = o0; o < o1; ++o) out[t * ldo + o] += P.bias[o];
       }
       if (P.rank && fused_corr) {  // epilogue: y[rows] += B'[rows] h, rows still in cache
         const int64_t o0 = ch.b0 * ROWS, o1 = std::min(P.out, ch.b1 * ROWS);
