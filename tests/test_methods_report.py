@@ -59,8 +59,8 @@ def test_report_numbers_and_missing_parts(cpu):
     # gap recovery (3.5 − 3.41)/(3.5 − 3.0), SE unknown: fp16 has one seed
     assert "0.180 ± ?" in hs
     assert "| 1 | 3.3000 ± ? |" in _row(text, "tequila")
-    assert "not run" in _row(text, "sherry") and "not run" in _row(text, "hgf")
-    assert "Not run: hgf, sherry" in text
+    assert "not finished" in _row(text, "sherry") and "not run" in _row(text, "hgf")
+    assert "Not run: hgf —" in text
     assert "sherry-2500steps-seed0" in text.split("Still running")[1].splitlines()[0]
     assert "Decode speed: not measured" in text and "hgf bench infer --device cpu" in text
     assert "## Conversion without training" in text
@@ -87,6 +87,8 @@ def test_stored_bits_from_the_packing_registry(study):
     assert teq["i2"] > bn["i2"] + 0.05
     corr = methods.correction_bits(load_config("configs/hgf_std.toml", ["--model.size=tiny"]))
     assert corr > 0 and hgf["i2"] == pytest.approx(bn["i2"] + corr, abs=1e-6)
+    bias = methods.correction_bits(load_config("configs/tequila.toml", ["--model.size=tiny"]))
+    assert teq["i2"] == pytest.approx(bn["i2"] + bias, abs=1e-6)
 
 
 def test_bench_and_conversion_records_are_shown(cpu):

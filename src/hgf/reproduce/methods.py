@@ -105,11 +105,14 @@ def stored_bits(cfg) -> dict[str, float]:
 
 
 def correction_bits(cfg) -> float:
-    """The correction's and gates' share of :func:`stored_bits` (0 for arms without one)."""
+    """The share of :func:`stored_bits` beside the packed backbone: the correction and gates (hgf
+    arms), Tequila's float32 bias (0 for the others)."""
     from hgf.memory import report_for_config
 
     rep = report_for_config(cfg)
-    return 8 * rep.correction_bytes / rep.ternary_params if rep.ternary_shapes else 0.0
+    if not rep.ternary_shapes:
+        return 0.0
+    return 8 * (rep.correction_bytes + rep.bias_bytes) / rep.ternary_params
 
 
 def ptqtp_stored_bits(cfg) -> dict[str, float]:
@@ -416,14 +419,16 @@ def render(study: dict[str, Any], cpu: Path, bench_path: Path, conv_path: Path, 
 
     lines += [f"## From scratch on the `{study['grid']}` grid ({steps} steps)", "",
               "| arm | seeds | val loss | bits/byte | gap recovery vs bitnet | stored bits/weight "
-              "| of which correction | decode CPU ms/token (native decoder) |",
+              "| of which correction or bias | decode CPU ms/token (native decoder) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     missing = []
+    running = {name.rsplit(f"-{steps}steps", 1)[0] for name in unfinished}
     for arm in study["arms"]:
         r = table.get(arm)
         if r is None:
-            missing.append(arm)
-            lines.append(f"| {arm} | 0 | not run | — | — | — | — | {_speed(arm, bench)} |")
+            what = "not finished" if arm in running else "not run"
+            missing += [] if arm in running else [arm]
+            lines.append(f"| {arm} | 0 | {what} | — | — | — | — | {_speed(arm, bench)} |")
             continue
         gap = ("—" if arm in ("fp16", "bitnet") else _pm(r["gap"], r["gap_se"],
                                                           2 if r["gap_se"] is not None else 1,
