@@ -9,7 +9,8 @@ OUT, including extra seeds run with ``--seeds``. A preset with a ``[study]`` tab
 that study's report (``results/cpu/why.md`` for ``name = "why"``, :mod:`hgf.reproduce.why`) from
 every run of the study's presets. ``--preset convert`` (a preset with ``[study]`` and no ``[grid]``)
 is the conversion study: it runs :mod:`hgf.reproduce.convert_study` with ``--out``, ``--arms``,
-``--seeds``, ``--report-only`` and ``--background``.
+``--seeds``, ``--report-only`` and ``--background``; one whose ``[study]`` has ``name = "methods"``
+(``--preset methods --report-only``) rebuilds the methods report (:mod:`hgf.reproduce.methods`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _ints(s: str) -> list[int]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="run the paper's arm comparison and write a report")
     p.add_argument("--preset", default="smoke",
-                   help="smoke | cpu | paper | why_tokens | why_width | why_lr | convert | path to a "
+                   help="smoke | cpu | paper | why_tokens | why_width | why_lr | convert | methods | "
+                   "path to a "
                    "preset TOML")
     p.add_argument("--arms", type=lambda s: s.split(","), help="comma-separated subset of arms")
     p.add_argument("--steps", type=_ints, help="step regimes, e.g. 2500,3500")
@@ -51,7 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from hgf.reproduce.grid import load_preset
 
-    if is_conversion_study(args.preset):
+    kind = study_kind(args.preset)
+    if kind == "methods":
+        return run_methods_report(args)
+    if kind == "convert":
         return run_conversion_study(args)
     preset = load_preset(args.preset)
     out = Path(args.out or Path("results") / preset.name)
@@ -68,14 +73,43 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return code
 
 
-def is_conversion_study(name_or_path: str) -> bool:
-    """A preset with ``[study]`` and no ``[grid]`` is the conversion study (configs/reproduce/
-    convert.toml), run by :mod:`hgf.reproduce.convert_study`."""
+def study_kind(name_or_path: str) -> str | None:
+    """What a preset without ``[grid]`` is, by its ``[study]``: ``name = "methods"`` is the
+    methods report (configs/reproduce/methods.toml, :mod:`hgf.reproduce.methods`); any other
+    ``[study]`` without ``[grid]`` is the conversion study (configs/reproduce/convert.toml,
+    :mod:`hgf.reproduce.convert_study`); None for a grid preset."""
     from hgf.config import read_toml
     from hgf.reproduce.grid import resolve_preset
 
     d = read_toml(resolve_preset(name_or_path))
-    return "study" in d and "grid" not in d
+    if "study" not in d or "grid" in d:
+        return None
+    return "methods" if d["study"].get("name") == "methods" else "convert"
+
+
+def is_conversion_study(name_or_path: str) -> bool:
+    """A preset with ``[study]`` and no ``[grid]``, other than a methods report, is the
+    conversion study, run by :mod:`hgf.reproduce.convert_study`."""
+    return study_kind(name_or_path) == "convert"
+
+
+def run_methods_report(args: argparse.Namespace) -> int:
+    """``hgf reproduce --preset methods --report-only [--out CPU_DIR]``: the methods report
+    (:mod:`hgf.reproduce.methods`) from the grid runs under ``--out`` (default results/cpu)."""
+    from hgf.errors import HGFError
+    from hgf.reproduce import methods
+
+    for flag, value in (("--arms", args.arms), ("--steps", args.steps), ("--seeds", args.seeds),
+                        ("--sweep", args.sweep), ("--lrs", args.lrs),
+                        ("--sweep-steps", args.sweep_steps), ("--variants", args.variants),
+                        ("--background", args.background)):
+        if value:
+            raise HGFError(f"{flag} does not apply to the methods report {args.preset!r} (it "
+                           "reads existing runs: --report-only [--out GRID_OUT])")
+    if not args.report_only:
+        raise HGFError(f"{args.preset!r} runs nothing itself: use --report-only (the runs come "
+                       "from `hgf reproduce --preset cpu --arms ...`)")
+    return methods.main(["--preset", args.preset] + (["--cpu", args.out] if args.out else []))
 
 
 def run_conversion_study(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ A reproduce preset (``configs/reproduce/<name>.toml``) is data:
                 arm it changes), ``about`` (one line: the question it asks) and config sections
     [study]     optional: the question the runs answer (hypothesis, prediction, verdict rule),
                 read by :mod:`hgf.reproduce.why`; a preset with ``[study]`` and no ``[grid]`` is
-                the conversion study (:mod:`hgf.reproduce.convert_study`)
+                the conversion study (:mod:`hgf.reproduce.convert_study`), or with
+                ``name = "methods"`` the methods report (:mod:`hgf.reproduce.methods`)
 
 An arm's config is, lowest to highest: defaults < ``configs/<arm>.toml`` < ``[base]`` <
 ``[arm.NAME]`` < ``[lr]`` < the run's steps/seed/out_dir. A variant's sections come after
