@@ -106,7 +106,8 @@ def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
     the type of the tied embedding/head in both files: fp16 (GGUF F16) or int8 (hgf's int8
     rows, GGUF Q8_0), so that both systems stream a head of the same width."""
     require_llama_cpp()
-    packings = packings or [p for p in PACKINGS if p in PACKING_TYPES]
+    # the packings llama.cpp has a type for (a requested sherry is hgf's alone)
+    packings = [p for p in (packings or PACKINGS) if p in PACKING_TYPES]
     arms = arms or [a for a in ARMS if _gguf_exportable(a)]
     threads = threads or torch.get_num_threads()
     g = torch.Generator().manual_seed(0)
