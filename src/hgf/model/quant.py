@@ -60,6 +60,21 @@ def quantized_operands(x: torch.Tensor, w: torch.Tensor, weight_eps: float, act_
     return x_int.div_(s_x).to(dtype), w_t.div_(s_w).to(dtype)
 
 
+def ste_backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Straight-through ``(∂x, ∂W)`` of ``y = x_q W_qᵀ`` from the saved ``(x_q, W_q)`` and
+    ``ctx.grad_dtypes``: the backward of every ternary linear function (BitLinear's, and the
+    Tequila/Sherry ``ste_linear``)."""
+    x_q, w_q = ctx.saved_tensors
+    gy = grad_y.to(x_q.dtype)
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (gy @ w_q).to(ctx.grad_dtypes[0])  # [..., in]
+    if ctx.needs_input_grad[1]:
+        gy2 = gy.reshape(-1, gy.shape[-1])  # [tokens, out]
+        grad_w = (gy2.t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtypes[1])  # [out, in]
+    return grad_x, grad_w
+
+
 class _TernaryLinearFn(torch.autograd.Function):
     """``y = x_q W_qᵀ`` with straight-through gradients (see the module docstring)."""
 
@@ -73,15 +88,7 @@ class _TernaryLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x_q, w_q = ctx.saved_tensors
-        gy = grad_y.to(x_q.dtype)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gy @ w_q).to(ctx.grad_dtypes[0])  # [..., in]
-        if ctx.needs_input_grad[1]:
-            gy2 = gy.reshape(-1, gy.shape[-1])  # [tokens, out]
-            grad_w = (gy2.t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtypes[1])  # [out, in]
-        return grad_x, grad_w, None, None, None
+        return (*ste_backward(ctx, grad_y), None, None, None)
 
 
 class BitLinear(nn.Linear):

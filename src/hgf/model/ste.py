@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hgf.model.quant import act_quant
+from hgf.model.quant import act_quant, ste_backward
 
 
 class _QuantLinearFn(torch.autograd.Function):
@@ -31,15 +31,7 @@ class _QuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x_q, w_q = ctx.saved_tensors
-        gy = grad_y.to(x_q.dtype)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (gy @ w_q).to(ctx.grad_dtypes[0])  # [..., in]
-        if ctx.needs_input_grad[1]:
-            gy2 = gy.reshape(-1, gy.shape[-1])  # [tokens, out]
-            grad_w = (gy2.t() @ x_q.reshape(-1, x_q.shape[-1])).to(ctx.grad_dtypes[1])  # [out, in]
-        return grad_x, grad_w, None, None, None
+        return (*ste_backward(ctx, grad_y), None, None, None)
 
 
 def ste_linear(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor, act_eps: float = 1e-5,
