@@ -107,6 +107,31 @@ def test_bitnet_arm_starts_from_the_fp_latent_weights(tmp_path, dataset, source)
     assert not torch.equal(a, b) and cos > 0.7, float(cos)
 
 
+@pytest.mark.parametrize("arm", ["tequila", "sherry"])
+def test_tequila_and_sherry_start_from_the_fp_latent_weights(tmp_path, dataset, source, arm):
+    """Every source tensor is copied; Tequila's λ keeps its init (its role is "bias") and a
+    Tequila source's λ is dropped when the target is a BitLinear."""
+    ref, _ = load_trained(source)
+    cfg = arm_config(tmp_path / "a", dataset, arm, source, "--init.subln=off")
+    model = initialised(cfg)
+    ours, theirs = model.state_dict(), ref.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    extra = sorted(set(ours) - set(theirs))
+    if arm == "tequila":
+        assert extra and all(k.endswith(".bias_lambda") for k in extra)
+        lam = torch.tensor(cfg.tequila.bias_scale, dtype=torch.float32)
+        assert all(torch.equal(ours[k], lam) for k in extra)
+        (tmp_path / "teq").mkdir()  # a tequila run as the source of a bitnet one
+        save_weights(model, tmp_path / "teq" / "model.safetensors")
+        save_config(cfg, tmp_path / "teq")
+        (tmp_path / "teq" / "tokenizer.json").write_bytes((source / "tokenizer.json").read_bytes())
+        back = initialised(arm_config(tmp_path / "b", dataset, "bitnet", tmp_path / "teq",
+                                      "--init.subln=off"))
+        assert set(back.state_dict()) == set(theirs)
+    else:
+        assert extra == []
+
+
 def _mean_rms_by_hand(ref, module: str, batches) -> float:
     seen = []
     h = ref.get_submodule(module).register_forward_pre_hook(

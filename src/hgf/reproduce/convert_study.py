@@ -15,6 +15,9 @@ converted by every arm; the fine-tuning arms all train ``study.ft_steps`` steps 
     hgf_svd_kd     HGF (standard attention) + correction initialised from the residual SVD
                    (hgf.init = svd) + distillation, at each rank
     hgf_lora_kd    the same with the LoRA init (A Kaiming-uniform, B = 0)
+    tequila_kd     Tequila (dead-zone bias, configs/tequila.toml) + distillation (docs/METHODS.md)
+    sherry_kd      Sherry (3:4 sparse ternary, Arenas annealed over the fine-tune) + distillation
+    ptqtp          PTQTP: two trit-planes with row scales fitted to the FP weights, no training
     scratch        BitNet from random weights for fp_steps + ft_steps steps: the FP model's tokens
                    plus the fine-tune's
 
@@ -24,12 +27,14 @@ backbone (hgf.model.linear.rank_for_overhead), and ``study.large_rank``.
 A preset (``configs/reproduce/<name>.toml``) holds ``[study]`` (fp_steps, ft_steps, seeds, arms,
 overhead, large_rank) and config sections: ``[base.*]`` for every run, ``[fp.*]`` the FP model,
 ``[ft.*]`` every fine-tuning arm, ``[scratch.*]`` the scratch arm, ``[distill]``, ``[init]`` and
-``[hgf]`` for the arms that use them. Runs live in ``OUT/convert/<arm>-seed<s>`` (``OUT/convert/fp``
-for the FP model); finished runs (``done.json``) are skipped, interrupted ones resume. The report
-is ``OUT/convert.md`` + ``convert.json`` + ``convert_curves.png``: each arm's full-validation loss
-and bits/byte (mean ± std over seeds), the gap recovered by the HGF arms over qat_kd against the
-FP model, ``(L_qat_kd − L_arm) / (L_qat_kd − L_fp)``, the correction's memory overhead, and the
-validation-loss curves.
+``[hgf]`` for the arms that use them. Runs live in ``OUT/<preset>/<arm>-seed<s>``
+(``OUT/<preset>/fp`` for the FP model; ``OUT/convert/...`` for the ``convert`` preset); finished
+runs (``done.json``) are skipped, interrupted ones resume. The report is ``OUT/<preset>.md`` +
+``<preset>.json`` + ``<preset>_curves.png``: each arm's full-validation loss
+and bits/byte (mean ± std over seeds), the gap recovered by the HGF/Tequila/Sherry/PTQTP arms
+against the FP model, ``(L_ref − L_arm) / (L_ref − L_fp)`` with ref = qat_kd for the trained arms
+and ptq for the untrained ones, the correction's memory overhead, the bits per weight as stored,
+and the validation-loss curves.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from hgf.reproduce.grid import DONE_FILE, RunSpec, configs_dir, resolve_preset
 from hgf.reproduce.report import _finite, _mean_std
 from hgf.runs import atomic_write_text
 
-KINDS = ("ptq", "hgf_svd_ptq", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd", "scratch")
+KINDS = ("ptq", "hgf_svd_ptq", "ptqtp", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
+         "tequila_kd", "sherry_kd", "scratch")
 ABOUT = {
     "fp": "full-precision model (the source)",
     "ptq": "(a) ternarized FP weights, no training",
@@ -58,12 +64,18 @@ ABOUT = {
     "qat_kd": "(c) (b) + distillation",
     "hgf_svd_kd": "(d) HGF + SVD-init correction + distillation",
     "hgf_lora_kd": "(e) HGF + LoRA-init correction + distillation",
+    "tequila_kd": "Tequila + distillation",
+    "sherry_kd": "Sherry (1.25 bits/weight) + distillation",
+    "ptqtp": "PTQTP (two trit-planes), no training",
     "scratch": "(f) BitNet from scratch, FP + fine-tune tokens",
 }
-NO_TRAINING = ("ptq", "hgf_svd_ptq")
+NO_TRAINING = ("ptq", "hgf_svd_ptq", "ptqtp")
+ARM_FILE = {"tequila_kd": "tequila", "sherry_kd": "sherry"}  # else bitnet / hgf_std
 RANKED = ("hgf_svd_ptq", "hgf_svd_kd", "hgf_lora_kd")
 SECTIONS = ("base", "fp", "ft", "scratch", "distill", "init", "hgf")
-STUDY_DIR, REPORT, JSON_FILE, PLOT = "convert", "convert.md", "convert.json", "convert_curves.png"
+# a preset's runs live in OUT/<preset name>/, its report in OUT/<preset name>.md, .json and
+# _curves.png (the `convert` preset: OUT/convert/, OUT/convert.md, ...)
+DEFAULT_NAME = "convert"
 RESULT_FILE = "result.json"  # the no-training arms' evaluation
 
 
@@ -120,8 +132,8 @@ def _seed(study: Study, index: int) -> int:
     return int(study.sections["base"].get("train", {}).get("seed", Config().train.seed)) + index
 
 
-def fp_dir(out: Path) -> Path:
-    return out / STUDY_DIR / "fp"
+def fp_dir(out: Path, name: str = DEFAULT_NAME) -> Path:
+    return out / name / "fp"
 
 
 def fp_config(study: Study, out: Path) -> Config:
@@ -129,7 +141,7 @@ def fp_config(study: Study, out: Path) -> Config:
     return build_config(_arm_file("fp16"), (s["base"], f"{where} [base]"),
                         (s["fp"], f"{where} [fp]"),
                         ({"train": {"steps": study.fp_steps, "seed": _seed(study, 0),
-                                    "out_dir": str(fp_dir(out))}}, "convert study"))
+                                    "out_dir": str(fp_dir(out, study.name))}}, "convert study"))
 
 
 def scratch_config(study: Study, out: Path, seed: int) -> Config:
@@ -138,7 +150,7 @@ def scratch_config(study: Study, out: Path, seed: int) -> Config:
     return build_config(_arm_file("bitnet"), (s["base"], f"{where} [base]"),
                         (s["scratch"], f"{where} [scratch]"),
                         ({"train": {"steps": steps, "seed": _seed(study, seed),
-                                    "out_dir": str(run_dir(out, "scratch", seed))}},
+                                    "out_dir": str(run_dir(out, "scratch", seed, study.name))}},
                          "convert study"))
 
 
@@ -148,7 +160,8 @@ def ft_config(study: Study, out: Path, kind: str, seed: int, rank: int | None = 
 
     s, where = study.sections, str(study.path)
     hgf = kind.startswith("hgf")
-    layers = [_arm_file("hgf_std" if hgf else "bitnet"), (s["base"], f"{where} [base]"),
+    arm_file = ARM_FILE.get(kind, "hgf_std" if hgf else "bitnet")
+    layers = [_arm_file(arm_file), (s["base"], f"{where} [base]"),
               (s["ft"], f"{where} [ft]"), ({"init": s["init"]}, f"{where} [init]")]
     if hgf:
         init = "kaiming" if kind == "hgf_lora_kd" else "svd"
@@ -158,8 +171,8 @@ def ft_config(study: Study, out: Path, kind: str, seed: int, rank: int | None = 
         layers.append(({"distill": s["distill"]}, f"{where} [distill]"))
     steps = study.ft_steps
     layers.append(({"train": {"steps": steps, "seed": _seed(study, seed),
-                              "out_dir": str(run_dir(out, arm_name(kind, rank), seed))},
-                    "init": {"from": str(fp_dir(out))}}, "convert study"))
+                              "out_dir": str(run_dir(out, arm_name(kind, rank), seed, study.name))},
+                    "init": {"from": str(fp_dir(out, study.name))}}, "convert study"))
     return build_train_config(*layers)
 
 
@@ -167,8 +180,8 @@ def arm_name(kind: str, rank: int | None = None) -> str:
     return f"{kind}_r{rank}" if rank is not None else kind
 
 
-def run_dir(out: Path, arm: str, seed: int) -> Path:
-    return out / STUDY_DIR / f"{arm}-seed{seed}"
+def run_dir(out: Path, arm: str, seed: int, name: str = DEFAULT_NAME) -> Path:
+    return out / name / f"{arm}-seed{seed}"
 
 
 def ranks(study: Study, out: Path) -> list[int]:
@@ -204,11 +217,14 @@ def plan_arms(study: Study, out: Path, kinds: list[str] | None = None,
 # Running
 
 
-def evaluate_without_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """The no-training arms: the initialised model's full validation (docs/METHOD.md's bits/byte),
-    written as ``result.json`` and a one-record metrics.jsonl."""
+def evaluate_without_training(cfg: Config, out_dir: Path, kind: str = "ptq") -> dict[str, Any]:
+    """The no-training arms: the initialised (``ptq``, ``hgf_svd_ptq``) or PTQTP-converted
+    (``ptqtp``: hgf.hf.ptqtp_convert, the config's ``init.from`` being the FP run) model's full
+    validation (docs/METHOD.md's bits/byte), written as ``result.json`` and a one-record
+    metrics.jsonl."""
     import torch
 
+    from hgf.config import replace
     from hgf.data import prepare
     from hgf.model import build_model
     from hgf.train.device import autocast_for, resolve_device
@@ -219,10 +235,22 @@ def evaluate_without_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = prepare(cfg, progress=False)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, device)
-    init = model_initialiser(cfg, data.tokens("train"), device, note=False)
-    info = init(model)
+    if kind == "ptqtp":
+        from hgf.hf.ptqtp_convert import convert_model
+        from hgf.runs import load_trained
+
+        source, source_cfg = load_trained(cfg.init.from_)
+        model, conv_cfg, info = convert_model(source, source_cfg, src=str(cfg.init.from_))
+        info = {k: v for k, v in info.items() if k != "layers"}
+        model = model.to(device)
+        conv = conv_cfg.to_dict()
+        cfg = replace(cfg, model=conv["model"], ptqtp=conv["ptqtp"])
+    else:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, device)
+        init = model_initialiser(cfg, data.tokens("train"), device, note=False)
+        info = init(model)
+        info = {k: v for k, v in info.items() if k != "subln"}
     res = evaluate_tokens(model, data.tokens("valid"), cfg.train.seq_len, cfg.train.batch_size,
                           device, data.bytes_per_token("valid"),
                           autocast_for(device, cfg.train.dtype))
@@ -230,7 +258,7 @@ def evaluate_without_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
     record = {"kind": "final", "step": 0, **res.to_dict()}
     atomic_write_text(out_dir / "metrics.jsonl", json.dumps(record) + "\n")
     atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-    result = {**record, "init": {k: v for k, v in info.items() if k != "subln"}}
+    result = {**record, "init" if kind != "ptqtp" else "ptqtp": info}
     atomic_write_text(out_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -245,7 +273,7 @@ def _run_one(label: str, d: Path, kind: str, arm: str, seed: int, make_cfg) -> N
     if kind in NO_TRAINING:
         print(f"{label} -> {d}", flush=True)
         t0 = time.time()
-        evaluate_without_training(cfg, d)
+        evaluate_without_training(cfg, d, kind)
         status = {"status": "ok", "message": "", "arm": arm, "steps": 0, "seed_index": seed,
                   "lr": cfg.train.lr, "wall_s": round(time.time() - t0, 1)}
         atomic_write_text(d / DONE_FILE, json.dumps(status, indent=2) + "\n")
@@ -259,11 +287,11 @@ def run_study(study: Study, out: Path, kinds: list[str] | None = None,
     """Train (or skip, or resume) every run of the study in order: the FP model first unless
     only the scratch arm is asked for (it does not need it)."""
     if any(k != "scratch" for k in kinds or study.kinds):
-        _run_one("[fp] full-precision model", fp_dir(out), "fp", "fp", 0,
+        _run_one("[fp] full-precision model", fp_dir(out, study.name), "fp", "fp", 0,
                  lambda: fp_config(study, out))
     plan = plan_arms(study, out, kinds, seeds)
     for i, (kind, arm, seed, rank) in enumerate(plan, 1):
-        d = run_dir(out, arm, seed)
+        d = run_dir(out, arm, seed, study.name)
         label = f"[{i}/{len(plan)}] {arm} seed {seed}"
         if kind == "scratch":
             _run_one(label, d, kind, arm, seed, lambda s=seed: scratch_config(study, out, s))
@@ -311,10 +339,23 @@ def _overhead(cfg_dict: dict[str, Any]) -> dict[str, float] | None:
             "correction_bytes": rep.correction_bytes, "backbone_bytes_i2": rep.backbone_bytes("i2")}
 
 
-def collect(out: Path) -> dict[str, Any]:
+def _stored_bits_i2(cfg_dict: dict[str, Any]) -> float:
+    """Bits per projection weight as stored with the i2 packing (sherry: its own packing), with
+    the correction, gates, Tequila's bias and PTQTP's row scales (hgf.reproduce.methods)."""
+    from hgf.config import config_from_dict
+    from hgf.reproduce.methods import FP_BITS, ptqtp_stored_bits, stored_bits
+
+    cfg = config_from_dict(cfg_dict)
+    if cfg.model.linear == "dense":
+        return FP_BITS
+    bits = ptqtp_stored_bits(cfg) if cfg.model.linear == "ptqtp" else stored_bits(cfg)
+    return bits.get("sherry" if cfg.model.linear == "sherry" else "i2", math.nan)
+
+
+def collect(out: Path, name: str = DEFAULT_NAME) -> dict[str, Any]:
     """Every finished run under ``OUT/convert``, grouped by arm."""
     arms: dict[str, list[dict[str, Any]]] = {}
-    root = out / STUDY_DIR
+    root = out / name
     for done in sorted(root.glob(f"*/{DONE_FILE}")):
         d = done.parent
         arm = "fp" if d.name == "fp" else d.name.rsplit("-seed", 1)[0]
@@ -332,6 +373,7 @@ def collect(out: Path) -> dict[str, Any]:
         for k in ("val_loss", "val_bpb"):
             row[k], row[k + "_std"] = _mean_std([r[k] for r in runs])
         row["memory"] = _overhead(runs[0]["config"])
+        row["bits_i2"] = _stored_bits_i2(runs[0]["config"])
         row["curve"] = next((r["val_curve"] for r in runs if r["seed_index"] == 0), [])
         rows[arm] = row
     fp = rows.get("fp", {}).get("val_loss", math.nan)
@@ -347,8 +389,10 @@ def collect(out: Path) -> dict[str, Any]:
     return {"rows": rows, "fp_loss": fp}
 
 
-REFERENCE = {"hgf_svd_kd": "qat_kd", "hgf_lora_kd": "qat_kd", "hgf_svd_ptq": "ptq"}
-ORDER = ("fp", "ptq", "hgf_svd_ptq", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd", "scratch")
+REFERENCE = {"hgf_svd_kd": "qat_kd", "hgf_lora_kd": "qat_kd", "tequila_kd": "qat_kd",
+             "sherry_kd": "qat_kd", "hgf_svd_ptq": "ptq", "ptqtp": "ptq"}
+ORDER = ("fp", "ptq", "hgf_svd_ptq", "ptqtp", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
+         "tequila_kd", "sherry_kd", "scratch")
 
 
 def _sorted_rows(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -409,17 +453,18 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path | None:
 
 
 def write_report(study: Study, out: Path, preset: str | None = None) -> Path:
-    data = collect(out)
+    data = collect(out, study.name)
+    json_file, plot_file = f"{study.name}.json", f"{study.name}_curves.png"
     rows = _sorted_rows(data["rows"])
-    atomic_write_text(out / JSON_FILE, json.dumps(
+    atomic_write_text(out / json_file, json.dumps(
         {"study": study.name, "preset": str(study.path), "fp_steps": study.fp_steps,
          "ft_steps": study.ft_steps, "seeds": study.seeds, **data},
         indent=1, default=str) + "\n")
-    plot = plot_curves(data, out / PLOT)
+    plot = plot_curves(data, out / plot_file)
     fp = data["rows"].get("fp")
     lines = [f"# From a full-precision model to 1.58 bits (preset `{study.name}`)", ""]
     if fp:
-        cfg = json.loads((fp_dir(out) / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((fp_dir(out, study.name) / "config.json").read_text(encoding="utf-8"))
         m, t = cfg["model"], cfg["train"]
         lines += [
             f"Source: hgf's own full-precision model, size `{m['size']}` (d_model {m['d_model']}, "
@@ -431,11 +476,13 @@ def write_report(study: Study, out: Path, preset: str | None = None) -> Path:
             "scratch arm trains the FP model's steps plus the fine-tune's.", ""]
     lines += ["Losses are full-validation nats/token (mean ± std over seeds); bits/byte is "
               "tokenizer-independent. Gap recovered = (L_ref − L_arm) / (L_ref − L_fp), the "
-              "reference being qat_kd (c) for the trained HGF arms and ptq (a) for the untrained "
-              "one. Overhead = FP16 correction + gates / the 2-bit packed backbone "
-              "(hgf.memory).", "",
+              "reference being qat_kd (c) for the trained HGF, Tequila and Sherry arms and ptq "
+              "(a) for the untrained HGF and PTQTP arms. Overhead = FP16 correction + gates / the "
+              "2-bit packed backbone (hgf.memory).", "",
+              "Bits/weight = the projections as stored (i2; Sherry in its 1.25-bit packing) "
+              "with everything beside the backbone.", "",
               "| arm | what | runs | steps | loss | bits/byte | gap to FP | gap recovered "
-              "| overhead (i2) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| overhead (i2) | bits/weight |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = _fmt(r["val_loss"]) + (f" ± {r['val_loss_std']:.4f}" if r["n"] > 1 else "")
         bpb = _fmt(r["val_bpb"]) + (f" ± {r['val_bpb_std']:.4f}" if r["n"] > 1 else "")
@@ -446,15 +493,15 @@ def write_report(study: Study, out: Path, preset: str | None = None) -> Path:
         div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
         gap = _fmt(r["gap_to_fp"]) if r["kind"] != "fp" else ""
         lines.append(f"| {r['arm']} | {r['about']}{div} | {r['n']} | {r['steps']} | {loss} | "
-                     f"{bpb} | {gap} | {rec} | {over} |")
+                     f"{bpb} | {gap} | {rec} | {over} | {_fmt(r['bits_i2'], 2)} |")
     if not rows:
-        lines.append("| (no finished run yet) | | | | | | | | |")
+        lines.append("| (no finished run yet) | | | | | | | | | |")
     if plot is not None:
-        lines += ["", f"![validation loss curves]({PLOT})"]
+        lines += ["", f"![validation loss curves]({plot_file})"]
     run = f"python -m hgf.reproduce.convert_study --preset {preset or study.name} --out {out}"
     lines += ["", "Commands (docs/CONVERT.md has the split over two processes):", "",
               f"    {run}", f"    {run} --report-only", ""]
-    path = out / REPORT
+    path = out / f"{study.name}.md"
     atomic_write_text(path, "\n".join(lines))
     return path
 

@@ -33,9 +33,13 @@ BitNet checkpoint (``hgf.infer.load.detect_format``). Two steps:
                         train.seq_len windows spread evenly over the train split.
                         ``ones``: weight 1 (a fresh model's init; the output scale becomes
                         1/rms(x)). ``off``: no SubLN.
+     a method's own     parameters of the ``bias`` role (Tequila's λ, hgf.model.roles) keep the
+     parameters         method's init (``kept`` in the returned info); Sherry has none (its 3:4
+                        mask is a function of the latent weights: its first forward is the 3:4
+                        ternarization of W)
    A source tensor the new model has no place for is an error, except an HGF source's ``A``,
-   ``B``, ``gate`` (the correction is dropped, said in the returned info). Shapes that differ are
-   a one-line error naming the tensor.
+   ``B``, ``gate`` and a Tequila source's λ (dropped, said in the returned info). Shapes that
+   differ are a one-line error naming the tensor.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from hgf.errors import HGFError
 from hgf.infer.load import detect_format
 from hgf.model.hgf_linear import CORRECTION_PARAMS, hgf_layers
 from hgf.model.init import copy_whole_
+from hgf.model.roles import param_role
 from hgf.runs import CONFIG_FILE, TOKENIZER_FILE
 
 ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "attention",
@@ -61,6 +66,7 @@ ARCH_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff
 SOURCE_DEFAULTS = ("max_seq_len",)  # from the source unless set
 CORRECTION = tuple(f".{p}" for p in CORRECTION_PARAMS)  # .A .B .gate .gate_w
 SUBLN_INPUT = {"attn": "o_proj", "mlp": "down_proj"}  # the projection each SubLN feeds
+METHOD_ROLES = ("bias",)  # a method's own parameters (Tequila's λ): kept at their init / dropped
 
 
 def _where(path: str) -> str:
@@ -180,6 +186,18 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> C
     return build_train_config(*layers)
 
 
+def _own_role(model: nn.Module, name: str) -> str | None:
+    """The hgf.model.roles role of the state-dict entry ``name`` (None for a buffer)."""
+    mod_name, _, leaf = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name)
+    except AttributeError:
+        return None
+    if leaf not in dict(mod.named_parameters(recurse=False)):
+        return None
+    return param_role(mod_name, mod, leaf)
+
+
 def check_compatible(cfg: Config, src: Config, path: str) -> None:
     """One-line HGFError when ``cfg``'s architecture differs from the source's."""
     for key in ARCH_KEYS:
@@ -239,7 +257,7 @@ def initialise(model: nn.Module, cfg: Config, source: nn.Module, source_cfg: Con
     check_compatible(cfg, source_cfg, path)
     ours, theirs = model.state_dict(), source.state_dict()
     device = next(model.parameters()).device
-    copied, sublns, corrections, dropped = 0, [], [], []
+    copied, sublns, corrections, dropped, kept = 0, [], [], [], []
     for name, t in ours.items():
         if name in theirs:
             if tuple(theirs[name].shape) != tuple(t.shape):
@@ -249,6 +267,8 @@ def initialise(model: nn.Module, cfg: Config, source: nn.Module, source_cfg: Con
             copied += 1
         elif name.endswith(CORRECTION):
             corrections.append(name)
+        elif _own_role(model, name) in METHOD_ROLES:
+            kept.append(name)  # e.g. Tequila's λ: the method's own init
         elif name.rsplit(".", 2)[-2] == "subln":
             sublns.append(name)
         else:
@@ -258,7 +278,7 @@ def initialise(model: nn.Module, cfg: Config, source: nn.Module, source_cfg: Con
     for name in theirs:
         if name in ours:
             continue
-        if name.endswith(CORRECTION):
+        if name.endswith(CORRECTION) or _own_role(source, name) in METHOD_ROLES:
             dropped.append(name)
         elif ".subln." in name:
             raise HGFError(f"{_where(path)}: the source has SubLN norms ({name}) but model.subln "
@@ -268,6 +288,8 @@ def initialise(model: nn.Module, cfg: Config, source: nn.Module, source_cfg: Con
 
     info: dict[str, Any] = {"copied": copied, "dropped": sorted({n.rsplit(".", 1)[0]
                                                                  for n in dropped})}
+    if kept:
+        info["kept"] = sorted(kept)
     if sublns:
         mode = cfg.init.subln
         if mode == "off":
