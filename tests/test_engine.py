@@ -14,6 +14,7 @@ from hgf.config import load_config
 from hgf.errors import HGFError
 from hgf.infer import export_model, generate_ids, load_packed
 from hgf.infer.engine import (
+    OPT_HEAD_ROWS4,
     OPT_NO_UNPACK,
     OPT_SPLIT_CORR,
     OPT_SPLIT_PROJ,
@@ -133,7 +134,8 @@ def test_prefill_equals_one_token_at_a_time_and_options_agree(tmp_path: Path) ->
     nat = NativeModel.from_file(path)
     ids = torch.randint(0, 320, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     full = nat(torch.tensor([ids]))[0]  # [30, vocab], one batched prefill
-    for opts in (0, OPT_SPLIT_PROJ, OPT_SPLIT_CORR, OPT_TWO_PASS_DIFF, OPT_NO_UNPACK, 15):
+    for opts in (0, OPT_SPLIT_PROJ, OPT_SPLIT_CORR, OPT_TWO_PASS_DIFF, OPT_NO_UNPACK,
+                 OPT_HEAD_ROWS4, 15 | OPT_HEAD_ROWS4):
         nat.set_options(opts)
         nat.setup_caches(30)
         steps = [nat.forward(ids[:13], 0, all_logits=True)]  # odd: a token pair and one

@@ -57,6 +57,7 @@ OPT_SPLIT_CORR = 2  # the correction's B' h as a second pass instead of the GEMV
 OPT_TWO_PASS_DIFF = 4  # differential attention: o1 and o2 in two passes over V
 OPT_NO_UNPACK = 8  # prompts on AVX2: the packed kernel per token instead of unpacked row blocks
 OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each projection's bytes
+OPT_HEAD_ROWS4 = 32  # the head and the correction's A x four rows at once instead of row by row
 
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))

@@ -42,6 +42,7 @@ constexpr int64_t OPT_SPLIT_CORR = 2;     // the correction B'h as a second pass
 constexpr int64_t OPT_TWO_PASS_DIFF = 4;  // differential attention: o1 and o2 in two passes over V
 constexpr int64_t OPT_NO_UNPACK = 8;      // prompts: no unpacking of row blocks (AVX2)
 constexpr int64_t OPT_NO_PREFETCH = 16;   // decode: no extra prefetch ahead in the weights
+constexpr int64_t OPT_HEAD_ROWS4 = 32;    // the head (and A x) four rows at once, not row by row
 constexpr int64_t UNPACK_MIN = 4;     // prompt tokens from which unpacking pays (AVX2): tq1, 1.3x
 constexpr int64_t UNPACK_MIN_I2 = 8;  // at 4 tokens; i2: even at 8, 1.15x at 16, 1.3x at 32
 constexpr int64_t PREFETCH = 4096;  // bytes ahead  // tokens from which a call (a prompt) unpacks weights (AVX2)
@@ -459,10 +460,14 @@ struct Mat {  // [rows, cols] row-major float32 / fp16 / int8 (times a per-row s
     if (dt == I8) return f(static_cast<const int8_t*>(p));
     return f(static_cast<const float*>(p));
   }
-  void dot_rows(int64_t r0, int64_t r1, const float* x, float* y) const {  // y[r - r0]
+  // y[r - r0] = row r · x. One row after another: a single sequential stream, which the
+  // hardware prefetcher follows; four rows at once (four streams a row apart, ``four``) read a
+  // 4096 x 768 fp16 head at 0.6x the speed on a Zen 4 VM (5.1 vs 8.2 GB/s, one thread).
+  void dot_rows(int64_t r0, int64_t r1, const float* x, float* y, bool four = false) const {
     visit([&](auto* w) {
       int64_t r = r0;
-      for (; r + 4 <= r1; r += 4) dot4(w + r * cols, cols, x, cols, y + (r - r0));
+      if (four)
+        for (; r + 4 <= r1; r += 4) dot4(w + r * cols, cols, x, cols, y + (r - r0));
       for (; r < r1; ++r) y[r - r0] = dot(w + r * cols, x, cols);
       return 0;
     });
@@ -736,7 +741,7 @@ struct Decoder : torch::CustomClassHolder {
       quantize_row(xin + t * in, in, kp, act_eps, xq.data() + t * kp, sx.data() + t,
                    sumx.data() + t);
       if (per == SHERRY) sherry::permute(xq.data() + t * kp, 1, in, xp.data() + t * kp);
-      if (R) A.dot_rows(0, R, xin + t * in, h.data() + t * R);
+      if (R) A.dot_rows(0, R, xin + t * in, h.data() + t * R, opts & OPT_HEAD_ROWS4);
     });
     chunks.clear();
     for (size_t i = 0; i < G.p.size(); ++i) {  // about 32 KiB of (weight bytes x tokens) each
@@ -957,7 +962,8 @@ struct Decoder : torch::CustomClassHolder {
     const int64_t nv = (vocab + VCHUNK - 1) / VCHUNK;
     hgf::Pool::get().run(nv, threads, [&](int64_t c) {
       const int64_t r0 = c * VCHUNK, r1 = std::min(vocab, r0 + VCHUNK);
-      for (int64_t i = 0; i < rows; ++i) head.dot_rows(r0, r1, a.data() + i * d, lp + i * vocab + r0);
+      for (int64_t i = 0; i < rows; ++i)
+        head.dot_rows(r0, r1, a.data() + i * d, lp + i * vocab + r0, opts & OPT_HEAD_ROWS4);
     });
     return logits;
   }
