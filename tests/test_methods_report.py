@@ -138,3 +138,27 @@ def test_reproduce_preset_methods_dispatches_to_the_report(cpu, capsys):
     assert cli(["reproduce", "--preset", "methods", "--out", str(cpu)]) == 2  # runs nothing
     assert "--report-only" in capsys.readouterr().err
     assert cli(["reproduce", "--preset", "methods", "--report-only", "--steps", "5"]) == 2
+
+
+def test_finetune_section_reads_the_conversion_study(cpu):
+    """The FP -> ternary table comes from <cpu>/<preset>.json (convert_study.write_report)."""
+    def row(arm, kind, n, loss, std, ref=None, rec=math.nan, bits=2.0):
+        return {"arm": arm, "kind": kind, "n": n, "val_loss": loss, "val_loss_std": std,
+                "val_bpb": loss / 2.8, "val_bpb_std": std / 2.8, "reference": ref,
+                "gap_recovery": rec, "bits_i2": bits}
+    rows = {"fp": row("fp", "fp", 1, 3.0, math.nan, bits=16.0),
+            "qat_kd": row("qat_kd", "qat_kd", 2, 3.5, 0.01),
+            "tequila_kd": row("tequila_kd", "tequila_kd", 2, 3.45, 0.02, "qat_kd", 0.1, 2.04),
+            "ptqtp": row("ptqtp", "ptqtp", 1, 3.2, math.nan, "ptq", 0.6, 4.4),
+            "scratch": row("scratch", "scratch", 2, 3.6, 0.01)}
+    (cpu / "convert_tiny.json").write_text(json.dumps(
+        {"fp_steps": 2000, "ft_steps": 500, "seeds": 2, "rows": rows}))
+    assert methods.main(["--cpu", str(cpu)]) == 0
+    text = (cpu / "methods.md").read_text().split("## From a full-precision model")[1]
+    tiny, full = text.split("Preset `convert`")
+    assert "2000 FP steps, 500 fine-tuning steps, 2 seeds" in tiny
+    assert "| tequila_kd | 2 | 3.4500 ± 0.0200 |" in tiny and "| 0.100 vs qat_kd | 2.04 |" in tiny
+    assert "| ptqtp | 1 | 3.2000 ± ? |" in tiny and "0.600 vs ptq | 4.40 |" in tiny
+    assert "| scratch |" not in tiny  # not a method of this comparison
+    assert tiny.index("| qat_kd |") < tiny.index("| tequila_kd |")
+    assert "not measured yet (`hgf reproduce --preset convert`" in full

@@ -1,6 +1,6 @@
 """The methods side by side (issue 17): ``results/cpu/methods.md`` and ``methods.png``.
 
-Three parts, each read from what exists (a missing run or file is listed with the command that
+Four parts, each read from what exists (a missing run or file is listed with the command that
 makes it, never an error):
 
 - **From scratch on the cpu grid** (``[study] grid`` preset, ``steps``): the arms of ``arms`` (fp16,
@@ -14,7 +14,10 @@ makes it, never an error):
   ternarization of its weights (the conversion study's ``ptq`` arm,
   :func:`hgf.reproduce.convert_study.evaluate_without_training`) and PTQTP (``hgf convert --to
   ptqtp`` then ``hgf eval``), measured by ``--convert`` into ``<cpu>/methods/conversion.json``.
-- **Not yet run**: the fine-tuning comparison from the FP model (the conversion study).
+- **From a full-precision model, with equal fine-tuning tokens**: the conversion study's presets
+  (``convert_presets``: convert_tiny, convert; hgf.reproduce.convert_study) read from
+  ``<cpu>/<preset>.json``: BitNet QAT, HGF, Tequila and Sherry fine-tuned with distillation,
+  absmean, PTQTP and HGF's SVD correction with no training.
 
 A "Reading" paragraph is computed from the numbers: which arm has the lowest loss, which arms no
 arm storing as few or fewer bits per weight beats by more than twice the standard error of the
@@ -62,7 +65,6 @@ BENCH_ARMS = {"bitnet": "bitnet-std", "hgf_std": "hgf-std", "hgf": "hgf-diff",
 BENCH_COMMAND = ("hgf bench infer --device cpu --threads 1 --tokens 64 --rounds 5 --arms bitnet-std "
                  "hgf-std hgf-diff tequila-std sherry-std --packings i2 tq1 sherry --dense "
                  "--no-reference --gemv-sizes --json {bench}")
-CONVERT_STUDY_COMMAND = "hgf reproduce --preset convert"
 
 
 def load_study(name_or_path: str = DEFAULT_PRESET) -> dict[str, Any]:
@@ -71,13 +73,14 @@ def load_study(name_or_path: str = DEFAULT_PRESET) -> dict[str, Any]:
     s = dict(read_toml(path).get("study", {}))
     if s.get("name") != "methods":
         raise ConfigError(f"{path}: not a methods study ([study] name = \"methods\")")
-    bad = set(s) - {"name", "grid", "steps", "arms", "fp_source", "about"}
+    bad = set(s) - {"name", "grid", "steps", "arms", "fp_source", "about", "convert_presets"}
     if bad:
         raise ConfigError(f"{path}: unknown key study.{sorted(bad)[0]}")
     s.setdefault("grid", "cpu")
     s.setdefault("steps", 2500)
     s.setdefault("arms", ["fp16", "bitnet", "hgf", "hgf_std", "tequila", "sherry"])
     s.setdefault("fp_source", f"runs/fp16-{s['steps']}steps-seed0")
+    s.setdefault("convert_presets", ["convert_tiny", "convert"])
     s["path"] = path
     return s
 
@@ -502,13 +505,52 @@ def render(study: dict[str, Any], cpu: Path, bench_path: Path, conv_path: Path, 
                   f"hgf.reproduce.methods --convert {cpu_s}/{study['fp_source']} --methods-dir "
                   f"{shown(conv_path.parent)}`.", ""]
 
-    lines += ["## Not yet run", "",
-              "- Fine-tuning from the FP model with equal fine-tuning tokens (Tequila, Sherry and "
-              "HGF against BitNet QAT, the FP→ternary setting): the conversion study "
-              f"(`{CONVERT_STUDY_COMMAND}`, configs/reproduce/convert.toml, docs/CONVERT.md) has "
-              "the BitNet and HGF arms; Tequila and Sherry arms are not in it yet.", ""]
+    lines += finetune_section(study, cpu)
     lines += ["## Reading", "", *reading(table, conv), ""]
     return "\n".join(lines), table
+
+
+FT_ARMS = ("fp", "ptq", "ptqtp", "hgf_svd_ptq", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
+           "tequila_kd", "sherry_kd")
+
+
+def finetune_section(study: dict[str, Any], cpu: Path) -> list[str]:
+    """The FP -> ternary setting: the conversion study's presets (``study.convert_presets``), read
+    from their ``<cpu>/<preset>.json`` (hgf.reproduce.convert_study.write_report)."""
+    lines = ["## From a full-precision model, with equal fine-tuning tokens", "",
+             "The conversion study (docs/CONVERT.md): one FP model, then every arm fine-tuned the "
+             "same steps from it with distillation (BitNet QAT `qat_kd`, HGF with the residual-SVD "
+             "correction, Tequila, Sherry), or converted with no training (absmean `ptq`, PTQTP, "
+             "HGF's SVD correction alone). Gap recovery is against `qat_kd` for the trained arms "
+             "and `ptq` for the untrained ones, relative to the FP model; bits/weight as stored "
+             "(i2; Sherry in its own packing).", ""]
+    for preset in study["convert_presets"]:
+        path = cpu / f"{preset}.json"
+        command = f"hgf reproduce --preset {preset}"
+        if not path.is_file():
+            lines += [f"Preset `{preset}`: not measured yet (`{command}`, then "
+                      f"`{command} --report-only`).", ""]
+            continue
+        data = json.loads(path.read_text())
+        rows = data["rows"]
+        lines += [f"Preset `{preset}` ({data['fp_steps']} FP steps, {data['ft_steps']} fine-tuning "
+                  f"steps, {data['seeds']} seeds; `{command}`, full report "
+                  f"`{shown(cpu / (preset + '.md'))}`):", "",
+                  "| arm | runs | val loss | bits/byte | gap recovery | bits/weight |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        order = sorted(rows.values(), key=lambda r: (FT_ARMS.index(r["kind"]) if r["kind"]
+                                                     in FT_ARMS else len(FT_ARMS), r["arm"]))
+        for r in order:
+            if r["kind"] not in FT_ARMS:
+                continue
+            rec = (f"{r['gap_recovery']:.3f} vs {r['reference']}" if r.get("reference")
+                   and _finite(r.get("gap_recovery")) else "—")
+            lines.append(f"| {r['arm']} | {r['n']} | "
+                         f"{_pm(r['val_loss'], r.get('val_loss_std'), r['n'])} | "
+                         f"{_pm(r['val_bpb'], r.get('val_bpb_std'), r['n'])} | {rec} | "
+                         f"{_fmt(r.get('bits_i2'), '.2f')} |")
+        lines.append("")
+    return lines
 
 
 def plot(table: dict[str, dict[str, Any]], study: dict[str, Any], path: Path) -> Path | None:
