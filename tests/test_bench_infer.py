@@ -14,7 +14,7 @@ RECORD_KEYS = {"system", "arm", "packing", "threads", "cpu_ms_per_token", "tok_p
 def test_bench_infer_smoke(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
     assert main(["--device", "cpu", "--size", "debug", "--tokens", "4", "--rounds", "1",
-                 "--gemv-sizes", "128", "--json", str(out)]) == 0
+                 "--gemv-sizes", "128", "--kv-cache", "f16", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "GEMV" in text and "hgf-diff" in text and "native" in text and "float32" in text
     res = json.loads(out.read_text())
@@ -25,7 +25,7 @@ def test_bench_infer_smoke(tmp_path, capsys) -> None:
     for r in (rows[k] for k in native):
         assert set(r) >= RECORD_KEYS and r["system"] == "hgf" and r["engine"] == "native"
         assert r["tokens"] == 4 and r["cpu_ms_per_token"] > 0 and r["tok_per_s"] > 0
-        assert r["prompt_tok_per_s"] > 0 and r["threads"] == 1
+        assert r["prompt_tok_per_s"] > 0 and r["threads"] == 1 and r["kv_cache"] == "f16"
         # a debug model is smaller than the RSS noise: the peak's delta is only present
         assert r["speedup_vs_reference"] > 0 and isinstance(r["peak_rss_delta_bytes"], int)
     ref = {(r["arm"], r["packing"]): r for r in res["decode_reference"]}

@@ -211,3 +211,41 @@ def test_native_checks_its_inputs(tmp_path: Path) -> None:
     nat.clear_caches()
     ref = load_packed(path)[0]
     assert native_for(ref.to(torch.bfloat16)) is None  # not float32: the reference path
+
+
+@pytest.mark.parametrize("arm", ["bitnet", "hgf"])
+def test_f16_kv_cache_halves_the_cache_and_stays_close(arm: str, tmp_path: Path) -> None:
+    """``kv_cache = "f16"``: the cache holds fp16 (half the bytes); logits stay within fp16
+    rounding of the float32 cache's, and prefill equals one token at a time (same stored values)."""
+    path, _ = _exported(arm, "i2", tmp_path)
+    nat = NativeModel.from_file(path)
+    ids = torch.randint(0, 320, (24,), generator=torch.Generator().manual_seed(4)).tolist()
+    logits, sizes = {}, {}
+    for kv in ("f32", "f16"):
+        nat.kv_cache = kv
+        assert nat.kv_cache == kv
+        nat.setup_caches(24)
+        sizes[kv] = nat.cache_bytes()
+        logits[kv] = nat.forward(ids, 0, all_logits=True)
+        nat.clear_caches()
+    assert sizes["f16"] * 2 == sizes["f32"]
+    gap_max, gap_mean = _gap(logits["f32"], logits["f16"])
+    assert 0 < gap_max <= RANDOM_MAX_TOL and gap_mean <= RANDOM_MEAN_TOL, (gap_max, gap_mean)
+    nat.setup_caches(24)  # still f16
+    steps = [nat.forward(ids[:9], 0, all_logits=True)]
+    steps += [nat.forward([ids[t]], t) for t in range(9, 24)]
+    assert _gap(logits["f16"], torch.cat(steps))[0] <= 1e-5
+    with pytest.raises(HGFError, match="KV cache type 'bf16'"):
+        nat.kv_cache = "bf16"
+
+
+def test_generate_with_an_f16_kv_cache(tmp_path: Path, capsys) -> None:
+    from hgf.cli import main
+
+    path, _ = _exported("bitnet", "i2", tmp_path)
+    model, _ = load_for_decode(path, kv_cache="f16")
+    assert model.kv_cache == "f16"
+    with pytest.raises(HGFError, match="KV cache type"):
+        load_for_decode(path, kv_cache="f8")
+    assert main(["generate", str(tmp_path), "--prompt", "a", "--kv-cache", "f16"]) == 2
+    assert "--kv-cache applies to a packed file" in capsys.readouterr().err

@@ -174,10 +174,11 @@ def test_fp16_arm_runs_as_llama(tmp_path):
     assert float((got.argmax(-1) == want.argmax(-1)).mean()) >= 0.95
 
 
-@pytest.mark.parametrize("embeddings", ["fp16", "int8"])
-def test_bench_peer_smoke(tmp_path, embeddings):
+@pytest.mark.parametrize(("embeddings", "kv"), [("fp16", "f32"), ("int8", "f16")])
+def test_bench_peer_smoke(tmp_path, embeddings, kv):
     """Both systems decode the same weights; with int8 embeddings hgf streams int8 rows and
-    llama.cpp a Q8_0 head, so that neither reads a wider head than the other."""
+    llama.cpp a Q8_0 head, so that neither reads a wider head than the other; with --kv-cache
+    f16 hgf's cache is fp16 as llama.cpp's."""
     import json
 
     from hgf.infer.bench import main
@@ -185,7 +186,8 @@ def test_bench_peer_smoke(tmp_path, embeddings):
     out = tmp_path / "bench.json"
     assert main(["--device", "cpu", "--size", "small", "--tokens", "4", "--prompt-len", "4",
                  "--rounds", "1", "--gemv-sizes", "--dense", "float32", "--threads", "1",
-                 "--packings", "tq1", "--embeddings", embeddings, "--peer", "llama.cpp",
+                 "--packings", "tq1", "--embeddings", embeddings, "--kv-cache", kv,
+                 "--peer", "llama.cpp",
                  "--json", str(out)]) == 0
     rows = [r for r in json.loads(out.read_text())["decode"] if "system" in r]
     got = {(r["system"], r["arm"], r["packing"]) for r in rows}
@@ -194,4 +196,5 @@ def test_bench_peer_smoke(tmp_path, embeddings):
     for r in rows:
         assert r["threads"] == 1 and r["cpu_ms_per_token"] > 0 and r["tok_per_s"] > 0
         assert r["prompt_tok_per_s"] > 0 and r["embeddings"] == embeddings
+        assert r["kv_cache"] == (kv if r["system"] == "hgf" else "f16")
     assert all("vs_llama_cpp" in r for r in rows if r["system"] == "hgf" and r["arm"] != "hgf-diff")

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default; 1 suits small models on a busy "
                         "machine)")
+    p.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+                   help="packed files: the native decoder's KV cache type (f16: half the bytes, "
+                        "as llama.cpp's default; f32: the reference path's numbers)")
     p.set_defaults(func=run, takes_overrides=False)
 
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         raise HGFError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_generation(args.path, resolve_device(args.device))
+    model, tokenizer = load_for_generation(args.path, resolve_device(args.device), args.kv_cache)
 
     def write(text: str) -> None:
         sys.stdout.write(text)

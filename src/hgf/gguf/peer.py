@@ -101,10 +101,11 @@ def _gguf_exportable(arm: str) -> bool:
 def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
              prompt_len: int = 16, packings: list[str] | None = None, threads: int | None = None,
              rounds: int = 3, rank: int = 8, arms: list[str] | None = None,
-             log=print, embeddings: str = "fp16") -> list[dict]:
+             log=print, embeddings: str = "fp16", kv_cache: str = "f32") -> list[dict]:
     """The ``decode`` records of both systems (see the module docstring). ``embeddings`` is
     the type of the tied embedding/head in both files: fp16 (GGUF F16) or int8 (hgf's int8
-    rows, GGUF Q8_0), so that both systems stream a head of the same width."""
+    rows, GGUF Q8_0), so that both systems stream a head of the same width. ``kv_cache`` is hgf's
+    (the native decoder's) KV cache type; llama.cpp keeps its default, f16."""
     require_llama_cpp()
     # the packings llama.cpp has a type for (a requested sherry is hgf's alone)
     packings = [p for p in (packings or PACKINGS) if p in PACKING_TYPES]
@@ -122,10 +123,10 @@ def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
                 for packing in packings:
                     f = Path(tmp) / f"{arm}-{packing}.hgf"
                     export_model(model, cfg, f, packing, embeddings=embeddings)
-                    packed, _ = load_for_decode(f, "cpu")  # what `hgf generate` runs
+                    packed, _ = load_for_decode(f, "cpu", kv_cache=kv_cache)  # `hgf generate`'s
                     runs.append(("hgf", arm, packing, lambda m=packed, p=prompt: _hgf_run(
                         m, p, tokens), {"file_bytes": f.stat().st_size,
-                                        "embeddings": embeddings}))
+                                        "embeddings": embeddings, "kv_cache": kv_cache}))
                     if cfg.model.attention != "standard":
                         continue
                     gf = Path(tmp) / f"{arm}-{packing}.gguf"
@@ -137,7 +138,7 @@ def run_peer(peer: str = "llama.cpp", size: str = "base100m", tokens: int = 64,
                     runs.append((peer, arm, PACKING_TYPES[packing].lower(),
                                  lambda m=lm, p=prompt: _llama_run(m, p, tokens),
                                  {"file_bytes": size_b, "lora": "adapter" in info,
-                                  "embeddings": embeddings}))
+                                  "embeddings": embeddings, "kv_cache": "f16"}))
                 log(f"# peer bench: {arm} ready (hgf {', '.join(packings)}"
                     + ("" if cfg.model.attention != "standard" else " + llama.cpp") + ")")
         for _, _, _, run, _ in runs:  # warm-up (kernel builds, thread pools, page faults)
@@ -188,9 +189,11 @@ def run_from_args(args) -> list[dict]:
     """The ``--peer`` part of ``hgf bench infer`` (hgf.infer.bench calls this)."""
     records = run_peer(args.peer, args.size, args.tokens, args.prompt_len, list(args.packings),
                        args.threads, args.rounds, args.rank,
-                       embeddings=getattr(args, "embeddings", "fp16"))
-    emb = getattr(args, "embeddings", "fp16")
-    print(f"\n# decode vs {args.peer}, model.size={args.size}, tied {emb} embeddings, greedy "
+                       embeddings=getattr(args, "embeddings", "fp16"),
+                       kv_cache=getattr(args, "kv_cache", "f32"))
+    emb, kv = getattr(args, "embeddings", "fp16"), getattr(args, "kv_cache", "f32")
+    print(f"\n# decode vs {args.peer}, model.size={args.size}, tied {emb} embeddings, hgf KV "
+          f"cache {kv} (llama.cpp's f16), greedy "
           f"{args.tokens} tokens after a {args.prompt_len}-token prompt, batch 1, median of "
           f"{args.rounds} interleaved rounds; CPU ms/token = process CPU time / decode tokens")
     print(format_peer(records))

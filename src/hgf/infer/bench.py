@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--embeddings", default="fp16", choices=list(EMBEDDINGS),
                    help="embeddings and head in the packed files (export --embeddings)")
+    p.add_argument("--kv-cache", default="f32", choices=["f32", "f16"],
+                   help="the native decoder's KV cache type (f16: llama.cpp's default)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="skip the PyTorch reference-path rows of the packed files")
     p.add_argument("--gemv-sizes", type=int, nargs="*", default=None,
@@ -88,9 +90,10 @@ def run(args: argparse.Namespace, overrides: list[str] | None = None) -> int:
         print(format_table(out["gemv"], out["read_gb_s"]))
     out["decode"], out["decode_reference"] = run_decode_bench(
         device, args.size, args.arms, args.packings, args.dense, args.tokens, args.prompt_len,
-        args.rounds, args.rank, args.embeddings, args.reference)
+        args.rounds, args.rank, args.embeddings, args.reference, args.kv_cache)
     print(f"\n# decode, model.size={args.size}, greedy {args.tokens} tokens after a "
-          f"{args.prompt_len}-token prompt, batch 1, {args.embeddings} embeddings/head, median of "
+          f"{args.prompt_len}-token prompt, batch 1, {args.embeddings} embeddings/head, "
+          f"{args.kv_cache} KV cache (native decoder), median of "
           f"{args.rounds} interleaved rounds")
     print(format_decode_records(out["decode"] + out["decode_reference"]))
     if args.peer:  # both systems on the same weights in A B A B rounds (hgf.gguf.peer): these

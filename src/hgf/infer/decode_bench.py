@@ -155,6 +155,12 @@ def export_arm(size: str, arm: str, rank: int, packings: list[str], embeddings: 
     return files
 
 
+def _native(path: Path, kv_cache: str) -> NativeModel:
+    model = NativeModel.from_file(path)
+    model.kv_cache = kv_cache
+    return model
+
+
 def _warm_up(device: torch.device) -> None:
     """One-time costs that are not model memory (kernel library, thread pool, lazy imports)."""
     layer = PackedTernaryLinear(64, 64, "i2", device=device)
@@ -181,7 +187,7 @@ class Variant:
 def run_decode_bench(device: torch.device, size: str = "base100m", arms: list[str] | None = None,
                      packings: list[str] | None = None, dense: list[str] | None = None,
                      tokens: int = 64, prompt_len: int = 16, rounds: int = 3, rank: int = 8,
-                     embeddings: str = "fp16", reference: bool = True
+                     embeddings: str = "fp16", reference: bool = True, kv_cache: str = "f32"
                      ) -> tuple[list[dict], list[dict]]:
     """(records of what ``hgf generate`` runs: the native decoder on the CPU, else the reference
     path; records of the PyTorch reference path and the dense models, for comparison)."""
@@ -200,7 +206,8 @@ def run_decode_bench(device: torch.device, size: str = "base100m", arms: list[st
                 if native:
                     variants.append(Variant(
                         decode_record("hgf", arm, packing, threads, 0, 0, 0, engine="native",
-                                      **base), lambda p=path: NativeModel.from_file(p), True, True))
+                                      kv_cache=kv_cache, **base),
+                        lambda p=path: _native(p, kv_cache), True, True))
                 if reference or not native:
                     variants.append(Variant(
                         decode_record("hgf", arm, packing, threads, 0, 0, 0, engine="reference",

@@ -57,6 +57,7 @@ OPT_SPLIT_CORR = 2  # the correction's B' h as a second pass instead of the GEMV
 OPT_TWO_PASS_DIFF = 4  # differential attention: o1 and o2 in two passes over V
 OPT_NO_UNPACK = 8  # prompts on AVX2: the packed kernel per token instead of unpacked row blocks
 OPT_NO_PREFETCH = 16  # decode: no software prefetch 4 KiB ahead in each projection's bytes
+KV_CACHE_TYPES = ("f32", "f16")  # NativeModel.kv_cache
 OPT_HEAD_ROWS4 = 32  # the head and the correction's A x four rows at once instead of row by row
 
 ATTN_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
@@ -285,6 +286,20 @@ class NativeModel:
         """OPT_* switches (0 = every fusion on)."""
         self.decoder.set_options(options)
 
+    @property
+    def kv_cache(self) -> str:
+        """The KV cache's element type: ``"f32"`` (default: the reference path's numbers) or
+        ``"f16"`` (half the bytes, llama.cpp's default; logits within fp16 rounding)."""
+        return "f16" if self.decoder.kv_is_half() else "f32"
+
+    @kv_cache.setter
+    def kv_cache(self, dtype: str) -> None:
+        if dtype not in KV_CACHE_TYPES:
+            raise HGFError(f"KV cache type {dtype!r}: choose one of {', '.join(KV_CACHE_TYPES)}")
+        if dtype != self.kv_cache:
+            self.decoder.set_kv_half(dtype == "f16")  # frees the cache: set up again
+            self.max_len = 0
+
     def weight_bytes(self) -> int:
         """Bytes of the tensors the decoder reads (tied embeddings once)."""
         return sum({t.data_ptr(): t.numel() * t.element_size() for t in self.tensors}.values())
@@ -378,20 +393,31 @@ def decode_runner(model: nn.Module | NativeModel, max_len: int, native: bool | N
 
 
 def load_for_decode(path: str | Path, device: torch.device | str = "cpu",
-                    native: bool | None = None) -> tuple[NativeModel | Transformer, PackedHeader]:
+                    native: bool | None = None, kv_cache: str = "f32"
+                    ) -> tuple[NativeModel | Transformer, PackedHeader]:
     """A packed file as the native decoder (``from_file``) where it can run, else (with the
-    one-line notice) as the packed Transformer of ``load_packed``."""
+    one-line notice) as the packed Transformer of ``load_packed``. ``kv_cache`` (``f32`` or
+    ``f16``) is the native decoder's KV cache type; the reference path's cache is float32 (an
+    ``f16`` request there says so in one line)."""
     from hgf.infer.packed import default_dtype, load_packed
 
+    if kv_cache not in KV_CACHE_TYPES:
+        raise HGFError(f"KV cache type {kv_cache!r}: choose one of {', '.join(KV_CACHE_TYPES)}")
     header = read_header(path)
     if native is not False:
         reason = unsupported_reason(header.config, device, default_dtype(device))
         if reason is None:
-            return NativeModel.from_file(header), header
+            model = NativeModel.from_file(header)
+            model.kv_cache = kv_cache
+            return model, header
         if native:
             raise HGFError(f"{header.path}: the native decoder cannot run it: {reason}")
         notice(reason)
         model, header = load_packed(path, device)
         model._hgf_native_notice = reason  # said once: generate does not repeat it
-        return model, header
-    return load_packed(path, device)
+    else:
+        model, header = load_packed(path, device)
+    if kv_cache != "f32":
+        print(f"hgf: KV cache {kv_cache} is a native-decoder option; the reference path keeps "
+              "its cache in the model's dtype", file=sys.stderr)
+    return model, header

@@ -53,12 +53,15 @@ def resolve_device(device: str) -> torch.device:
     return _resolve_device(device, "--device")
 
 
-def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
-                        ) -> tuple[Transformer, Tokenizer]:
+def load_for_generation(path: str | Path, device: torch.device | str = "cpu",
+                        kv_cache: str = "f32") -> tuple[Transformer, Tokenizer]:
     """A run directory (its training model and tokenizer.json) or a packed file (its packed
-    model and the tokenizer stored in it)."""
+    model and the tokenizer stored in it; ``kv_cache``: the native decoder's KV cache type)."""
     path = Path(path)
     if path.is_dir():
+        if kv_cache != "f32":
+            raise HGFError("--kv-cache applies to a packed file (the native decoder); a run "
+                           "directory runs the training model")
         if not (path / CONFIG_FILE).is_file():
             raise HGFError(f"{path}: not a run directory (no {CONFIG_FILE})")
         tok_path = path / TOKENIZER_FILE
@@ -67,7 +70,7 @@ def load_for_generation(path: str | Path, device: torch.device | str = "cpu"
         model, cfg = load_trained(path, device)
         tok = check_tokenizer_file(tok_path, cfg.model.vocab_size, path / MODEL_FILE)
         return model.requires_grad_(False), tok
-    model, header = load_for_decode(path, device)  # the native decoder where it can run
+    model, header = load_for_decode(path, device, kv_cache=kv_cache)  # native where it can run
     if header.tokenizer_json is None:
         raise HGFError(f"{path}: the file carries no tokenizer; re-export it with "
                        "`hgf export RUN_DIR -o FILE --tokenizer tokenizer.json`")

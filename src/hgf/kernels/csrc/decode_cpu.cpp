@@ -66,6 +66,23 @@ inline float to_f(float v) { return v; }
 inline float to_f(uint16_t h) { return c10::detail::fp16_ieee_to_fp32_value(h); }
 inline float to_f(int8_t v) { return float(v); }
 
+// ---------------------------------------------------------------- float32 -> fp16 (the KV cache)
+#if HGF_X86
+__attribute__((target("avx2,fma,f16c"))) void to_half_v(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = c10::detail::fp16_ieee_from_fp32_value(x[i]);
+}
+#endif
+void to_half(const float* x, uint16_t* y, int64_t n) {  // round to nearest even, as torch.half
+#if HGF_X86
+  if (simd()) return to_half_v(x, y, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] = c10::detail::fp16_ieee_from_fp32_value(x[i]);
+}
+
 // ---------------------------------------------------------------- AVX2 + FMA + F16C loops
 #if HGF_X86
 #define HGF_V __attribute__((target("avx2,fma,f16c")))
@@ -572,10 +589,14 @@ struct Decoder : torch::CustomClassHolder {
   int64_t opts = 0;
   int64_t Hk, dk, Hv, dv;  // KV cache heads and dims
   int64_t cache_len = 0;
-  // [layer][head][cache_len][dim]; kept (uninitialised: only written positions are read) across
-  // sequences while it is big enough, as llama.cpp keeps its context; release() frees it
-  std::unique_ptr<float[]> kc, vc;
-  int64_t kv_capacity = 0;  // floats of kc (and of vc)
+  // [layer][head][cache_len][dim] of float32, or fp16 (kv_half: set_kv_half, half the bytes, as
+  // llama.cpp's default f16 cache; not bit-equal to the reference path); kept (uninitialised: only
+  // written positions are read) across sequences while it is big enough, as llama.cpp keeps its
+  // context; release() frees it
+  std::unique_ptr<uint8_t[]> kc, vc;
+  bool kv_half = false;
+  int64_t kv_capacity = 0;  // elements of kc (and of vc)
+  size_t kv_elt() const { return kv_half ? 2 : 4; }
   // scratch, sized by the longest call so far
   std::vector<float> x, a, q, k, v, y, g, u, t, h, sx, a32;
   std::vector<int8_t> xq, xp;  // x_int per token; sherry: also its planes (sherry::permute)
@@ -683,8 +704,8 @@ struct Decoder : torch::CustomClassHolder {
     if (need > kv_capacity) {
       kc.reset();
       vc.reset();
-      kc.reset(new float[size_t(need)]);
-      vc.reset(new float[size_t(need)]);
+      kc.reset(new uint8_t[size_t(need) * kv_elt()]);
+      vc.reset(new uint8_t[size_t(need) * kv_elt()]);
       kv_capacity = need;
     }
   }
@@ -701,9 +722,22 @@ struct Decoder : torch::CustomClassHolder {
   }
 
   void set_options(int64_t o) { opts = o; }
+
+  // the KV cache's element type: fp16 (true) or float32; a change frees the cache (setup again)
+  void set_kv_half(bool on) {
+    if (on != kv_half) release();
+    kv_half = on;
+  }
+  bool kv_is_half() { return kv_half; }
+
+  // n values of src into the cache buffer at element index idx
+  void store_kv(uint8_t* buf, int64_t idx, const float* src, int64_t n) {
+    if (kv_half) decode::to_half(src, reinterpret_cast<uint16_t*>(buf) + idx, n);
+    else std::memcpy(reinterpret_cast<float*>(buf) + idx, src, sizeof(float) * size_t(n));
+  }
   int64_t options() { return opts; }
 
-  int64_t cache_bytes() { return 2 * kv_capacity * int64_t(sizeof(float)); }
+  int64_t cache_bytes() { return 2 * kv_capacity * int64_t(kv_elt()); }
 
   // outs[i] = projection i of G applied to the m rows of xin (row stride G.in); out row stride ld[i]
   void run_group(const decode::Group& G, int64_t m, const float* xin, float* const* outs,
@@ -852,6 +886,17 @@ struct Decoder : torch::CustomClassHolder {
 
   // y rows [m, d] = attention of q rows (positions start..start+m-1) over the cache of layer l
   void attention(const decode::Layer& L, int64_t l, int64_t m, int64_t start, int threads) {
+    if (kv_half)
+      attend(L, l, m, start, threads, reinterpret_cast<const uint16_t*>(kc.get()),
+             reinterpret_cast<const uint16_t*>(vc.get()));
+    else
+      attend(L, l, m, start, threads, reinterpret_cast<const float*>(kc.get()),
+             reinterpret_cast<const float*>(vc.get()));
+  }
+
+  template <class T>  // T: the cache's element type (float, or uint16_t holding fp16)
+  void attend(const decode::Layer& L, int64_t l, int64_t m, int64_t start, int threads,
+              const T* kcache, const T* vcache) {
     using namespace decode;
     const int64_t H = diff ? Hv : n_heads;  // output heads
     const int64_t group = n_heads / n_kv;   // query heads per K/V head (standard attention)
@@ -865,8 +910,8 @@ struct Decoder : torch::CustomClassHolder {
       std::fill(out, out + dv, 0.f);
       if (!diff) {
         const float* qh = q.data() + i * d + hh * hd;
-        const float* K = kc.get() + ((l * Hk + hh / group) * cache_len) * dk;
-        const float* V = vc.get() + ((l * Hv + hh / group) * cache_len) * dv;
+        const T* K = kcache + ((l * Hk + hh / group) * cache_len) * dk;
+        const T* V = vcache + ((l * Hv + hh / group) * cache_len) * dv;
         for (int64_t j = 0; j < n; ++j) s1[size_t(j)] = dot(K + j * dk, qh, hd) * scale;
         const float inv = 1.f / exp_shift(s1.data(), n);
         for (int64_t j = 0; j < n; ++j) axpy(s1[size_t(j)] * inv, V + j * dv, out, dv);
@@ -874,9 +919,9 @@ struct Decoder : torch::CustomClassHolder {
       }
       s2.resize(size_t(n));
       const float* qa = q.data() + i * d + 2 * hh * hd;
-      const float* Ka = kc.get() + ((l * Hk + 2 * hh) * cache_len) * dk;
-      const float* Kb = Ka + cache_len * dk;
-      const float* V = vc.get() + ((l * Hv + hh) * cache_len) * dv;
+      const T* Ka = kcache + ((l * Hk + 2 * hh) * cache_len) * dk;
+      const T* Kb = Ka + cache_len * dk;
+      const T* V = vcache + ((l * Hv + hh) * cache_len) * dv;
       for (int64_t j = 0; j < n; ++j) {
         s1[size_t(j)] = dot(Ka + j * dk, qa, hd) * scale;
         s2[size_t(j)] = dot(Kb + j * dk, qa + hd, hd) * scale;
@@ -921,11 +966,9 @@ struct Decoder : torch::CustomClassHolder {
         rope(q.data() + i * d, n_heads, pos);
         rope(k.data() + i * d, Hk, pos);
         for (int64_t hh = 0; hh < Hk; ++hh)
-          std::memcpy(kc.get() + ((l * Hk + hh) * cache_len + pos) * dk, k.data() + i * d + hh * dk,
-                      sizeof(float) * size_t(dk));
+          store_kv(kc.get(), ((l * Hk + hh) * cache_len + pos) * dk, k.data() + i * d + hh * dk, dk);
         for (int64_t hh = 0; hh < Hv; ++hh)
-          std::memcpy(vc.get() + ((l * Hv + hh) * cache_len + pos) * dv, v.data() + i * d + hh * dv,
-                      sizeof(float) * size_t(dv));
+          store_kv(vc.get(), ((l * Hv + hh) * cache_len + pos) * dv, v.data() + i * d + hh * dv, dv);
       }
       attention(L, l, m, start, threads);
       if (L.attn_subln)
@@ -979,6 +1022,8 @@ TORCH_LIBRARY_FRAGMENT(hgf, m) {
       .def("release", &Decoder::release)
       .def("run", &Decoder::run)
       .def("set_options", &Decoder::set_options)
+      .def("set_kv_half", &Decoder::set_kv_half)
+      .def("kv_is_half", &Decoder::kv_is_half)
       .def("options", &Decoder::options)
       .def("cache_bytes", &Decoder::cache_bytes);
 }
