@@ -64,7 +64,7 @@ BENCH_ARMS = {"bitnet": "bitnet-std", "hgf_std": "hgf-std", "hgf": "hgf-diff",
               "tequila": "tequila-std", "sherry": "sherry-std"}
 BENCH_COMMAND = ("hgf bench infer --device cpu --threads 1 --tokens 64 --rounds 5 --arms bitnet-std "
                  "hgf-std hgf-diff tequila-std sherry-std --packings i2 tq1 sherry --dense "
-                 "--no-reference --gemv-sizes --json {bench}")
+                 "--no-reference --gemv-sizes --peer llama.cpp --json {bench}")
 
 
 def load_study(name_or_path: str = DEFAULT_PRESET) -> dict[str, Any]:
