@@ -198,24 +198,36 @@ def test_packed_layer_equals_training_layer(packing: str) -> None:
     assert (got - want).abs().max() <= LAYER_RTOL * want.abs().max()
 
 
-def test_export_load_reproduces_the_ptqtp_model(source: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("packing", ["i2", "tq1"])
+def test_export_load_reproduces_the_ptqtp_model(source: Path, tmp_path: Path, capsys,
+                                                packing: str) -> None:
+    from hgf.infer.engine import NativeModel
+
     convert(source, "ptqtp", tmp_path / "pt", overrides=["--ptqtp.iterations=8"])
     model, cfg = load_trained(tmp_path / "pt")
-    export_model(model, cfg, tmp_path / "m.hgf", packing="i2")
+    export_model(model, cfg, tmp_path / "m.hgf", packing=packing)
     packed, header = load_packed(tmp_path / "m.hgf")
     assert header.config == cfg and type(packed) is Transformer
     assert sum(isinstance(m, PackedPTQTPLinear) for m in packed.modules()) == 14
+    per = {"i2": 4, "tq1": 5}[packing]
     assert header.bytes_by_role()["ternary"] == sum(
-        2 * m.out_features * -(-m.in_features // 4) for m in model.modules()
-        if isinstance(m, PTQTPLinear))  # i2 × 2: 4 bits per weight
+        2 * m.out_features * -(-m.in_features // per) for m in model.modules()
+        if isinstance(m, PTQTPLinear))  # both planes: i2 × 2 = 4 bits per weight
     x = torch.randint(0, cfg.model.vocab_size, (2, 30))
     with torch.no_grad():
         want, got = model(x), packed(x)
     gap = (got - want).abs() / want.abs().max()
     assert gap.max() <= GOLDEN_MAX_TOL and gap.mean() <= GOLDEN_MEAN_TOL
-    # hgf generate's loader: the native decoder says why it is not used, the reference decodes
+    # hgf generate's loader runs the native decoder (both planes in one GEMV job, then
+    # α₁z₁ + α₂z₂): the same logits as the reference path within the golden tolerance, the same
+    # greedy tokens, from the file and from the packed model alike
     dec, _ = load_for_decode(tmp_path / "m.hgf")
-    assert "model.linear=ptqtp" in capsys.readouterr().err
+    assert isinstance(dec, NativeModel) and capsys.readouterr().err == ""
+    for nat in (dec, NativeModel.from_model(packed)):
+        with torch.no_grad():
+            ref = packed(x[:1])[0]
+        gap = (nat(x[:1])[0] - ref).abs() / ref.abs().max()
+        assert gap.max() <= GOLDEN_MAX_TOL and gap.mean() <= GOLDEN_MEAN_TOL
     tok = make_tokenizer()
     a, b = generate(model, tok, "Once upon a time", 12), generate(dec, tok, "Once upon a time", 12)
     assert a.ids == b.ids

@@ -76,9 +76,9 @@ def notice(reason: str) -> None:
 def config_reason(cfg: Config) -> str | None:
     """Why a model of this config cannot run natively, or None."""
     m = cfg.model
-    if m.linear == "ptqtp":
-        return "model.linear=ptqtp: two trit-planes per projection run on the reference path only"
-    if m.linear not in ("bitlinear", "hgf", "tequila", "sherry"):
+    if m.linear == "ptqtp" and cfg.ptqtp.activations != "int8":
+        return "model.linear=ptqtp with ptqtp.activations=fp (weight-only): no packed form"
+    if m.linear not in ("bitlinear", "hgf", "tequila", "sherry", "ptqtp"):
         return f"model.linear={m.linear}: dense projections"
     if cfg.quant.act_bits != 8:
         return f"quant.act_bits={cfg.quant.act_bits}"
@@ -176,6 +176,11 @@ class NativeModel:
         if any(b is not None for b in biases):  # Tequila: 7 bias slots per layer after the layers
             slots += [_or_empty(None if b is None else b.float().contiguous()) for b in biases]
             ints.append(1)
+        alphas = [get(f"layers.{i}.{'attn' if n in ATTN_GROUPS[0] + ATTN_GROUPS[1] else 'mlp'}"
+                      f".{n}.plane_scale") for i in range(m.n_layers) for n in BIAS_ORDER]
+        if any(a is not None for a in alphas):  # PTQTP: 7 row-scale slots per layer after those
+            slots += [_or_empty(None if a is None else a.float().contiguous()) for a in alphas]
+            ints += [0, 1] if len(ints) == 10 else [1]
         return cls(cfg, packing, slots, ints, floats, source)
 
     @classmethod
@@ -186,12 +191,14 @@ class NativeModel:
         if reason is not None:
             raise HGFError(f"native decoder: {reason}")
         from hgf.infer.packed import PackedTernaryLinear
+        from hgf.infer.ptqtp import PackedPTQTPLinear
 
         state = (dict(model.named_parameters(remove_duplicate=False))
                  | dict(model.named_buffers(remove_duplicate=False)))
         mods = dict(model.named_modules())
-        packing = next(m.packing for m in mods.values() if isinstance(m, PackedTernaryLinear))
-        act_eps = {m.act_eps for m in mods.values() if isinstance(m, PackedTernaryLinear)}
+        kinds = (PackedTernaryLinear, PackedPTQTPLinear)
+        packing = next(m.packing for m in mods.values() if isinstance(m, kinds))
+        act_eps = {m.act_eps for m in mods.values() if isinstance(m, kinds)}
 
         def get(name: str) -> torch.Tensor | None:
             t = state.get(name)
@@ -199,6 +206,8 @@ class NativeModel:
 
         def proj(name: str):
             p = mods[name]
+            if isinstance(p, PackedPTQTPLinear):  # both planes, s_w = 1 (row scales: alphas)
+                return p.planes_packed.contiguous(), 1.0, None, None
             if p.A_t is None:
                 return p.weight_packed.contiguous(), float(p.weight_scale), None, None
             return (p.weight_packed.contiguous(), float(p.weight_scale), p.A_t.t(),
@@ -234,6 +243,8 @@ class NativeModel:
             return None if t is None else t.contiguous()
 
         def proj(name: str):
+            if f"{name}.planes_packed" in tensors:  # PTQTP: both planes, s_w = 1
+                return tensors[f"{name}.planes_packed"], 1.0, None, None
             w, s_w = tensors[f"{name}.weight_packed"], float(tensors[f"{name}.weight_scale"])
             if f"{name}.A" not in tensors:
                 return w, s_w, None, None
@@ -315,6 +326,7 @@ def _or_empty(t: torch.Tensor | None) -> torch.Tensor:
 def model_reason(model: nn.Module) -> str | None:
     """Why a (packed) Transformer cannot run natively, or None."""
     from hgf.infer.packed import PackedTernaryLinear
+    from hgf.infer.ptqtp import PackedPTQTPLinear
 
     if not isinstance(model, Transformer):
         return f"{type(model).__name__} is not an hgf Transformer"
@@ -326,7 +338,7 @@ def model_reason(model: nn.Module) -> str | None:
     for block in model.layers:
         for name, mod in [*block.attn.named_children(), *block.mlp.named_children()]:
             if name.endswith("_proj"):
-                if not isinstance(mod, PackedTernaryLinear):
+                if not isinstance(mod, (PackedTernaryLinear, PackedPTQTPLinear)):
                     return f"projection {name} is {type(mod).__name__}, not packed"
                 packings.add(mod.packing)
     if len(packings) != 1:
@@ -338,8 +350,9 @@ def model_reason(model: nn.Module) -> str | None:
 
 def is_packed(model: nn.Module) -> bool:
     from hgf.infer.packed import PackedTernaryLinear
+    from hgf.infer.ptqtp import PackedPTQTPLinear
 
-    return any(isinstance(m, PackedTernaryLinear) for m in model.modules())
+    return any(isinstance(m, (PackedTernaryLinear, PackedPTQTPLinear)) for m in model.modules())
 
 
 def native_for(model: nn.Module) -> NativeModel | None:

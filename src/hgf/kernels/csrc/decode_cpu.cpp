@@ -513,9 +513,11 @@ struct Mat {  // [rows, cols] row-major float32 / fp16 / int8 (times a per-row s
 struct Proj {  // a packed ternary projection and its folded correction B' (held as B'ᵀ [r, out])
   const uint8_t* w = nullptr;
   int64_t out = 0, nbytes = 0, rank = 0, h_off = 0;
+  int64_t rows = 0;  // packed rows the GEMV runs: out, or 2·out for PTQTP's stacked planes
   float s_w = 1.f;
   Mat Bt;
-  const float* bias = nullptr;  // Tequila's folded dead-zone bias [out], or none
+  const float* bias = nullptr;   // Tequila's folded dead-zone bias [out], or none
+  const float* alpha = nullptr;  // PTQTP: the planes' row scales [2, out]: y = α₁z₁ + α₂z₂
 };
 
 struct Group {  // projections that read the same input: its codes and A·x are computed once
@@ -568,11 +570,13 @@ Mat mat_of(const at::Tensor& t, const at::Tensor& scale, const char* what) {
 //                  A_o, o_w, o_Bt, mlp_norm, A_gu, gate_w, gate_Bt, up_w, up_Bt, mlp_subln,
 //                  A_down, down_w, down_Bt
 //   then, when ints[10] = 1 (Tequila), 7 per layer: the biases of q, k, v, o, gate, up, down
-//   (float32 [out] each, empty = none)
+//   (float32 [out] each, empty = none); then, when ints[11] = 1 (PTQTP), 7 per layer: the row
+//   scales [2, out] of q, k, v, o, gate, up, down, whose packed weights are the two trit-planes
+//   stacked [2·out, nbytes] (hgf/infer/ptqtp.py; s_w = 1)
 // ints:   vocab, d_model, n_layers, n_heads, d_ff, differential (0/1), relu2 (0/1),
 //         codes per byte (4 = i2, 5 = tq1), max_seq_len, n_kv_heads (standard attention: fewer
 //         than n_heads is grouped-query, query head j reads K/V head j / (n_heads / n_kv_heads)),
-//         optionally biases (0/1)
+//         optionally biases (0/1), then optionally PTQTP planes (0/1)
 // floats: norm_eps, act_eps, then per layer s_q, s_k, s_v, s_o, s_gate, s_up, s_down, λ, 1 - λ_init
 constexpr int GLOBAL_SLOTS = 7, LAYER_SLOTS = 23, LAYER_FLOATS = 9;
 constexpr int SHERRY = 0;  // ints[7] of the sherry packing (3:4 sparse, sherry_cpu.cpp)
@@ -598,7 +602,7 @@ struct Decoder : torch::CustomClassHolder {
   int64_t kv_capacity = 0;  // elements of kc (and of vc)
   size_t kv_elt() const { return kv_half ? 2 : 4; }
   // scratch, sized by the longest call so far
-  std::vector<float> x, a, q, k, v, y, g, u, t, h, sx, a32;
+  std::vector<float> x, a, q, k, v, y, g, u, t, h, sx, a32, zs;
   std::vector<int8_t> xq, xp;  // x_int per token; sherry: also its planes (sherry::permute)
   std::vector<int32_t> sumx;
   std::vector<decode::Chunk> chunks;
@@ -606,8 +610,9 @@ struct Decoder : torch::CustomClassHolder {
   Decoder(std::vector<at::Tensor> ts, std::vector<int64_t> ints, std::vector<double> fl)
       : keep(std::move(ts)) {
     using namespace decode;
-    TORCH_CHECK(ints.size() == 10 || ints.size() == 11, "Decoder: 10 or 11 ints expected");
-    const bool biases = ints.size() == 11 && ints[10] != 0;
+    TORCH_CHECK(ints.size() >= 10 && ints.size() <= 12, "Decoder: 10 to 12 ints expected");
+    const bool biases = ints.size() >= 11 && ints[10] != 0;
+    const bool planes = ints.size() == 12 && ints[11] != 0;
     vocab = ints[0], d = ints[1], n_layers = ints[2], n_heads = ints[3], dff = ints[4];
     diff = ints[5] != 0, relu2 = ints[6] != 0, per = int(ints[7]), max_seq = ints[8];
     n_kv = ints[9];
@@ -618,7 +623,8 @@ struct Decoder : torch::CustomClassHolder {
     TORCH_CHECK(d % n_heads == 0 && (!diff || n_heads % 2 == 0), "Decoder: bad head count");
     hd = d / n_heads;
     TORCH_CHECK(hd % 2 == 0, "Decoder: odd head dim");
-    TORCH_CHECK(int64_t(keep.size()) == GLOBAL_SLOTS + (LAYER_SLOTS + (biases ? 7 : 0)) * n_layers,
+    TORCH_CHECK(int64_t(keep.size()) ==
+                    GLOBAL_SLOTS + (LAYER_SLOTS + (biases ? 7 : 0) + (planes ? 7 : 0)) * n_layers,
                 "Decoder: wrong number of tensors");
     TORCH_CHECK(int64_t(fl.size()) == 2 + LAYER_FLOATS * n_layers, "Decoder: wrong number of floats");
     norm_eps = float(fl[0]), act_eps = float(fl[1]);
@@ -637,21 +643,23 @@ struct Decoder : torch::CustomClassHolder {
     for (int64_t l = 0; l < n_layers; ++l) {
       const at::Tensor* s = &T[GLOBAL_SLOTS + LAYER_SLOTS * l];
       const double* f = &fl[2 + LAYER_FLOATS * l];
-      at::Tensor bz[7];  // the biases (undefined = none)
-      for (int i = 0; biases && i < 7; ++i)
-        bz[i] = T[GLOBAL_SLOTS + LAYER_SLOTS * n_layers + 7 * l + i];
+      at::Tensor bz[7], az[7];  // the biases, the PTQTP row scales (undefined = none)
+      const int64_t extra = GLOBAL_SLOTS + LAYER_SLOTS * n_layers;
+      for (int i = 0; biases && i < 7; ++i) bz[i] = T[extra + 7 * l + i];
+      for (int i = 0; planes && i < 7; ++i) az[i] = T[extra + (biases ? 7 * n_layers : 0) + 7 * l + i];
       Layer& L = layers[l];
       L.attn_norm = f32_or_null(s[0], d, "attn_norm");
-      L.qkv = group(s[1], {{s[2], s[3], f[0], bz[0]}, {s[4], s[5], f[1], bz[1]},
-                           {s[6], s[7], f[2], bz[2]}}, d);
+      L.qkv = group(s[1], {{s[2], s[3], f[0], bz[0], az[0]}, {s[4], s[5], f[1], bz[1], az[1]},
+                           {s[6], s[7], f[2], bz[2], az[2]}}, d);
       L.attn_subln = f32_or_null(s[8], d, "attn_subln");
       L.head_norm = f32_or_null(s[9], dv, "head_norm");
       TORCH_CHECK(L.head_norm || !diff, "Decoder: differential attention needs head_norm");
-      L.o = group(s[10], {{s[11], s[12], f[3], bz[3]}}, d);
+      L.o = group(s[10], {{s[11], s[12], f[3], bz[3], az[3]}}, d);
       L.mlp_norm = f32_or_null(s[13], d, "mlp_norm");
-      L.gu = group(s[14], {{s[15], s[16], f[4], bz[4]}, {s[17], s[18], f[5], bz[5]}}, d);
+      L.gu = group(s[14], {{s[15], s[16], f[4], bz[4], az[4]}, {s[17], s[18], f[5], bz[5], az[5]}},
+                   d);
       L.mlp_subln = f32_or_null(s[19], dff, "mlp_subln");
-      L.down = group(s[20], {{s[21], s[22], f[6], bz[6]}}, dff);
+      L.down = group(s[20], {{s[21], s[22], f[6], bz[6], az[6]}}, dff);
       L.lam = float(f[7]), L.lam_scale = float(f[8]);
       TORCH_CHECK(L.attn_norm && L.mlp_norm, "Decoder: block norms missing");
       const int64_t outs[] = {d, Hk * dk, Hv * dv};
@@ -666,7 +674,7 @@ struct Decoder : torch::CustomClassHolder {
   struct ProjArgs {
     at::Tensor w, Bt;
     double s_w;
-    at::Tensor bias;
+    at::Tensor bias, alpha;
   };
 
   decode::Group group(const at::Tensor& A, std::initializer_list<ProjArgs> ps, int64_t in) {
@@ -684,7 +692,15 @@ struct Decoder : torch::CustomClassHolder {
       TORCH_CHECK(a.w.scalar_type() == at::kByte && a.w.dim() == 2 && a.w.is_contiguous() &&
                       a.w.size(1) == nbytes, "Decoder: packed weight must be uint8 [out, ", nbytes, "]");
       P.w = a.w.const_data_ptr<uint8_t>();
-      P.out = a.w.size(0), P.nbytes = nbytes, P.s_w = float(a.s_w);
+      P.rows = a.w.size(0), P.nbytes = nbytes, P.s_w = float(a.s_w);
+      if (a.alpha.defined() && a.alpha.numel()) {  // PTQTP: [T₁; T₂] stacked, no correction
+        TORCH_CHECK(per != SHERRY && P.rows % 2 == 0, "Decoder: PTQTP planes must be [2·out, ",
+                    nbytes, "] in i2 or tq1");
+        P.out = P.rows / 2;
+        P.alpha = f32_or_null(a.alpha, 2 * P.out, "PTQTP row scales");
+      } else {
+        P.out = P.rows;
+      }
       P.Bt = mat_of(a.Bt, {}, "B'ᵀ");
       P.rank = P.Bt.rows, P.h_off = off;
       P.bias = f32_or_null(a.bias, P.out, "bias");
@@ -777,10 +793,16 @@ struct Decoder : torch::CustomClassHolder {
       if (per == SHERRY) sherry::permute(xq.data() + t * kp, 1, in, xp.data() + t * kp);
       if (R) A.dot_rows(0, R, xin + t * in, h.data() + t * R, opts & OPT_HEAD_ROWS4);
     });
+    // PTQTP projections: the GEMV writes both planes' outputs z [m, 2·out] here, combined after
+    std::vector<int64_t> zoff(G.p.size(), -1);
+    int64_t zn = 0;
+    for (size_t i = 0; i < G.p.size(); ++i)
+      if (G.p[i].alpha) zoff[i] = zn, zn += m * G.p[i].rows;
+    if (zn) zs.resize(size_t(std::max<int64_t>(int64_t(zs.size()), zn)));
     chunks.clear();
     for (size_t i = 0; i < G.p.size(); ++i) {  // about 32 KiB of (weight bytes x tokens) each
       const Proj& P = G.p[i];
-      const int64_t nblk = (P.out + ROWS - 1) / ROWS;
+      const int64_t nblk = (P.rows + ROWS - 1) / ROWS;
       const int64_t per_chunk =  // >= 16 rows: the epilogue runs on 8-wide vectors
           std::max<int64_t>(4, (1 << 15) / std::max<int64_t>(1, ROWS * P.nbytes * m));
       for (int64_t b = 0; b < nblk; b += per_chunk)
@@ -791,8 +813,8 @@ struct Decoder : torch::CustomClassHolder {
     hgf::Pool::get().run(int64_t(chunks.size()), threads, [&](int64_t c) {
       const Chunk ch = chunks[size_t(c)];
       const Proj& P = G.p[size_t(ch.p)];
-      float* out = outs[ch.p];
-      const int64_t ldo = ld[ch.p];
+      float* out = P.alpha ? zs.data() + zoff[size_t(ch.p)] : outs[ch.p];
+      const int64_t ldo = P.alpha ? P.rows : ld[ch.p];
       int32_t acc[ROWS];
 #if HGF_X86
       if (per != SHERRY && m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 &&
@@ -803,7 +825,7 @@ struct Decoder : torch::CustomClassHolder {
         const I2Avx2 di2;
         const Tq1Avx2 dtq1;
         for (int64_t blk = ch.b0; blk < ch.b1; ++blk) {
-          const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, P.out - r0);
+          const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, P.rows - r0);
           for (int64_t r = 0; r < nr; ++r) {
             uint8_t* cr = codes.data() + r * ldc;
             if (per == 4) unpack_row_avx2(di2, P.w + (r0 + r) * P.nbytes, P.nbytes, cr);
@@ -826,7 +848,7 @@ struct Decoder : torch::CustomClassHolder {
       } else
 #endif
       for (int64_t blk = ch.b0; blk < ch.b1; ++blk) {
-        const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, P.out - r0);
+        const int64_t r0 = blk * ROWS, nr = std::min<int64_t>(ROWS, P.rows - r0);
 #if HGF_X86
         if (prefetch) {  // the projection's bytes PREFETCH ahead (the kernels' own prefetch runs
           // two row blocks ahead: < 2 KiB for rows of a few hundred bytes)
@@ -864,6 +886,15 @@ struct Decoder : torch::CustomClassHolder {
         P.Bt.corr_cols(o0, o1 - o0, h.data() + P.h_off, R, out + o0, ldo, m);
       }
     });
+    for (size_t i = 0; i < G.p.size(); ++i) {  // PTQTP: y = α₁ ⊙ z[:out] + α₂ ⊙ z[out:]
+      const Proj& P = G.p[i];
+      if (!P.alpha) continue;
+      for (int64_t t = 0; t < m; ++t) {
+        const float* z = zs.data() + zoff[i] + t * P.rows;
+        float* yt = outs[i] + t * ld[i];
+        for (int64_t o = 0; o < P.out; ++o) yt[o] = P.alpha[o] * z[o] + P.alpha[P.out + o] * z[P.out + o];
+      }
+    }
     if (!fused_corr)
       for (size_t i = 0; i < G.p.size(); ++i)
         if (G.p[i].rank)
