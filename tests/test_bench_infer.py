@@ -19,7 +19,7 @@ def test_bench_infer_smoke(tmp_path, capsys) -> None:
     assert "GEMV" in text and "hgf-diff" in text and "native" in text and "float32" in text
     res = json.loads(out.read_text())
     rows = {(r["arm"], r["packing"]): r for r in res["decode"]}
-    native = {(a, p) for a in ("bitnet-std", "hgf-std", "hgf-diff", "tequila-std")
+    native = {(a, p) for a in ("bitnet-std", "hgf-std", "hgf-diff", "tequila-std", "ptqtp-std")
               for p in ("i2", "tq1")} | {("sherry-std", "sherry")}
     assert set(rows) == native
     for r in (rows[k] for k in native):

@@ -158,6 +158,9 @@ def test_tokenizer_refusals(edit, msg):
     ("hgf_std", ["--quant.act_bits=4"], "quantize activations to 8 bits"),
     ("bitnet", ["--model.d_ff=384"], "model.d_ff=384: .*multiples of 256"),
     ("fp16", ["--model.subln=on"], "llama architecture has no SubLN"),
+    ("tequila", [], "model.linear=tequila: not exportable to GGUF yet"),
+    ("sherry", [], "model.linear=sherry: not exportable to GGUF yet"),
+    ("fp16", ["--model.linear=ptqtp", "--model.subln=on"], "model.linear=ptqtp: not exportable"),
 ])
 def test_refusals(tmp_path, preset, extra, msg):
     cfg = load_config(f"configs/{preset}.toml", [*DIMS, *extra])

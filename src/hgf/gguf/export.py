@@ -85,7 +85,8 @@ def gguf_arch(cfg: Config) -> str:
     if m.mlp != "swiglu":
         raise HGFError(f"model.mlp={m.mlp}: llama.cpp's bitnet and llama architectures use a SwiGLU "
                        "MLP (squared ReLU cannot be mapped)")
-    if m.linear in ("tequila", "sherry"):  # a per-row bias / a 3:4 rule llama.cpp does not have
+    if m.linear in ("tequila", "sherry", "ptqtp"):  # a per-row bias / a 3:4 rule / two planes
+        # with row scales: none of them is a llama.cpp tensor type
         raise HGFError(f"model.linear={m.linear}: not exportable to GGUF yet (use the hgf packed "
                        f"file); {ARMS_HELP}")
     if m.linear == "dense":

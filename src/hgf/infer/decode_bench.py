@@ -6,6 +6,9 @@ Arms (random weights, exported through the real file format; speed does not depe
     bitnet-std   bitlinear projections, standard attention
     hgf-std      HGF rank r (B' != 0, so the correction is real work), standard attention
     hgf-diff     HGF rank r, differential attention (the paper's arm)
+    tequila-std  Tequila (BitNet + its folded dead-zone bias), standard attention
+    sherry-std   Sherry (3:4 sparse ternary, the sherry packing), standard attention
+    ptqtp-std    PTQTP (two trit-planes and row scales per projection), standard attention
 SubLN, SwiGLU and tied embeddings for every arm (the models of ``--peer llama.cpp``, hgf.gguf.peer);
 the dense rows are the hgf-diff shape with dense projections.
 
@@ -46,7 +49,7 @@ from hgf.model.transformer import build_model
 # the decode benchmark's arms (hgf bench infer, and its llama.cpp peer): (model.linear, attention)
 ARMS = {"bitnet-std": ("bitlinear", "standard"), "hgf-std": ("hgf", "standard"),
         "hgf-diff": ("hgf", "differential"), "tequila-std": ("tequila", "standard"),
-        "sherry-std": ("sherry", "standard")}
+        "sherry-std": ("sherry", "standard"), "ptqtp-std": ("ptqtp", "standard")}
 
 
 
@@ -140,7 +143,10 @@ def _random_prompt(cfg: Config, prompt_len: int, seed: int = 0) -> list[int]:
 
 def export_arm(size: str, arm: str, rank: int, packings: list[str], embeddings: str,
                folder: Path) -> dict[str, Path]:
-    """A random model of ``arm`` (HGF: B ~ N(0, 0.02), not 0) -> one packed file per packing."""
+    """A random model of ``arm`` (HGF: B ~ N(0, 0.02), not 0; PTQTP: random trit-planes and row
+    scales) -> one packed file per packing."""
+    from hgf.model.ptqtp import PTQTPLinear
+
     cfg = arm_config(size, arm, rank)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -148,6 +154,9 @@ def export_arm(size: str, arm: str, rank: int, packings: list[str], embeddings: 
         for m in model.modules():
             if isinstance(m, HGFLinear):
                 m.B.normal_(0.0, 0.02)
+            if isinstance(m, PTQTPLinear):
+                m.planes.copy_(torch.randint(-1, 2, m.planes.shape))
+                m.alpha.uniform_(0.005, 0.02)
     files = {}
     for packing in packings:
         files[packing] = folder / f"{arm}_{packing}.hgf"
