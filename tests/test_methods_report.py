@@ -98,7 +98,8 @@ def test_bench_and_conversion_records_are_shown(cpu):
     bench.write_text(json.dumps({"env": {"cpu": "test cpu"}, "decode": [
         {**rec, "arm": "bitnet-std", "packing": "i2", "cpu_ms_per_token": 12.5},
         {**rec, "arm": "bitnet-std", "packing": "tq1", "cpu_ms_per_token": 11.25},
-        {**rec, "arm": "tequila-std", "packing": "i2", "cpu_ms_per_token": 13.0}]}))
+        {**rec, "arm": "tequila-std", "packing": "i2", "cpu_ms_per_token": 13.0},
+        {**rec, "arm": "ptqtp-std", "packing": "i2", "cpu_ms_per_token": 20.0}]}))
     conv = {"source": "runs/fp", "source_steps": 10, "source_tokens_per_step": 512,
             "command": "python -m hgf.reproduce.methods --convert runs/fp", "models": {
                 "fp": {"label": "FP", "val_loss": 3.0, "val_bpb": 1.0,
@@ -115,7 +116,10 @@ def test_bench_and_conversion_records_are_shown(cpu):
     assert "not measured" in _row(text, "hgf_std")
     assert "Decode speed from" in text and "test cpu" in text
     ptqtp = next(line for line in text.splitlines() if line.startswith("| PTQTP |"))
-    assert "| 3.1000 | +0.1000 | 1.0500 | 0.900 | — | 4.50 (i2) · 3.70 (tq1) | `c2` |" in ptqtp
+    assert ("| 3.1000 | +0.1000 | 1.0500 | 0.900 | — | 4.50 (i2) · 3.70 (tq1) | 20.00 (i2) | `c2` |"
+            in ptqtp)
+    absmean = next(line for line in text.splitlines() if line.startswith("| absmean |"))
+    assert "| 12.50 (i2) · 11.25 (tq1) | `c1` |" in absmean
     assert "PTQTP's loss is -0.9000 nats against absmean ternarization (90.0%" in text
 
 

@@ -61,9 +61,10 @@ REPORT, PLOT, CONVERSION = "methods.md", "methods.png", "conversion.json"
 FP_BITS = 16.0
 # the grid arm -> the `hgf bench infer` arm of the same linear and attention
 BENCH_ARMS = {"bitnet": "bitnet-std", "hgf_std": "hgf-std", "hgf": "hgf-diff",
-              "tequila": "tequila-std", "sherry": "sherry-std"}
+              "tequila": "tequila-std", "sherry": "sherry-std",
+              "absmean_ptq": "bitnet-std", "ptqtp": "ptqtp-std"}  # the no-training models
 BENCH_COMMAND = ("hgf bench infer --device cpu --threads 1 --tokens 64 --rounds 5 --arms bitnet-std "
-                 "hgf-std hgf-diff tequila-std sherry-std --packings i2 tq1 sherry --dense "
+                 "hgf-std hgf-diff tequila-std sherry-std ptqtp-std --packings i2 tq1 sherry --dense "
                  "--no-reference --gemv-sizes --peer llama.cpp --json {bench}")
 
 
@@ -482,13 +483,14 @@ def render(study: dict[str, Any], cpu: Path, bench_path: Path, conv_path: Path, 
                           + ("to measure that one." if kept else "once it is retrained with its "
                              "weights."))
         lines += ["", "| model | val loss | Δ vs FP | bits/byte | gap recovery vs absmean "
-                  "| ‖W−Ŵ‖²/‖W‖² (mean over projections) | stored bits/weight | command |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| ‖W−Ŵ‖²/‖W‖² (mean over projections) | stored bits/weight "
+                  "| decode CPU ms/token | command |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         ptq = m.get("absmean_ptq")
         for key in ("fp", "absmean_ptq", "ptqtp"):
             r = m.get(key)
             if r is None:
-                lines.append(f"| {key} | not measured | — | — | — | — | — | — |")
+                lines.append(f"| {key} | not measured | — | — | — | — | — | — | — |")
                 continue
             d = r["val_loss"] - fp["val_loss"] if fp else math.nan
             g = (gap_recovery(ptq["val_loss"], r["val_loss"], fp["val_loss"])
@@ -497,7 +499,8 @@ def render(study: dict[str, Any], cpu: Path, bench_path: Path, conv_path: Path, 
                          + ("—" if key == "fp" else f"{d:+.4f}") + f" | {_fmt(r['val_bpb'])} | "
                          + (f"{g:.3f}" if _finite(g) else "—")
                          + f" | {_fmt(r.get('weight_rel_error'))}"
-                         + f" | {_bits_text(r['stored_bits'])} | `{r['command']}`"
+                         + f" | {_bits_text(r['stored_bits'])}"
+                         + f" | {'—' if key == 'fp' else _speed(key, bench)} | `{r['command']}`"
                          + (f" ({r['how']})" if r.get("how") else "") + " |")
         lines.append("")
     else:
