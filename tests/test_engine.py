@@ -249,3 +249,20 @@ def test_generate_with_an_f16_kv_cache(tmp_path: Path, capsys) -> None:
         load_for_decode(path, kv_cache="f8")
     assert main(["generate", str(tmp_path), "--prompt", "a", "--kv-cache", "f16"]) == 2
     assert "--kv-cache applies to a packed file" in capsys.readouterr().err
+
+
+def test_sherry_prompt_unpacks_rows_like_the_packed_kernel(tmp_path: Path) -> None:
+    """Prompts of a sherry model (inputs in whole 128-weight blocks) unpack each row block once
+    into codes in its planes' order; the integers equal the packed kernel's (OPT_NO_UNPACK)."""
+    from hgf.infer.decode_bench import export_arm
+
+    path = export_arm("tiny", "sherry-std", 8, ["sherry"], "fp16", tmp_path)["sherry"]
+    nat = NativeModel.from_file(path)
+    assert nat.cfg.model.d_model % 128 == 0 and nat.cfg.model.d_ff % 128 == 0
+    ids = torch.randint(0, 320, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    out = {}
+    for opts in (0, OPT_NO_UNPACK):
+        nat.set_options(opts)
+        out[opts] = nat(torch.tensor([ids]))[0]
+    nat.set_options(0)
+    assert _gap(out[OPT_NO_UNPACK], out[0])[0] <= 1e-5

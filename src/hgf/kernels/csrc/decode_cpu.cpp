@@ -817,9 +817,13 @@ struct Decoder : torch::CustomClassHolder {
       const int64_t ldo = P.alpha ? P.rows : ld[ch.p];
       int32_t acc[ROWS];
 #if HGF_X86
-      if (per != SHERRY && m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 &&
+      // sherry: codes in its planes' order, dotted with the permuted x planes; full blocks only
+      if ((per != SHERRY || in % sherry::BLOCK == 0) &&
+          m >= (per == 4 ? UNPACK_MIN_I2 : UNPACK_MIN) && isa() == AVX2 &&
           simd() && !(opts & OPT_NO_UNPACK)) {  // a prompt: unpack each row block once
-        const int64_t nc = per * P.nbytes, ldc = (nc + 63) / 64 * 64;  // x_int rows reach kp >= ldc
+        const int64_t nc = per == SHERRY ? in : per * P.nbytes;
+        const int64_t ldc = (nc + 63) / 64 * 64;  // x_int rows reach kp >= ldc
+        const int8_t* xs = per == SHERRY ? xp.data() : xq.data();  // sherry: its x planes
         thread_local std::vector<uint8_t> codes;
         if (int64_t(codes.size()) < ROWS * ldc + GROUP) codes.resize(size_t(ROWS * ldc + GROUP));
         const I2Avx2 di2;
@@ -829,14 +833,15 @@ struct Decoder : torch::CustomClassHolder {
           for (int64_t r = 0; r < nr; ++r) {
             uint8_t* cr = codes.data() + r * ldc;
             if (per == 4) unpack_row_avx2(di2, P.w + (r0 + r) * P.nbytes, P.nbytes, cr);
+            else if (per == SHERRY) sherry::unpack_planes_avx2(P.w + (r0 + r) * P.nbytes, in / sherry::BLOCK, cr);
             else unpack_row_avx2(dtq1, P.w + (r0 + r) * P.nbytes, P.nbytes, cr);
             std::memset(cr + nc, 0, size_t(ldc - nc));
           }
           int32_t acc2[2 * ROWS];
           for (int64_t t = 0; t < m; t += 2) {
             const int T = m - t >= 2 ? 2 : 1;
-            if (T == 2) codes_dot4_avx2<2>(codes.data(), ldc, xq.data() + t * kp, kp, ldc, acc2);
-            else codes_dot4_avx2<1>(codes.data(), ldc, xq.data() + t * kp, kp, ldc, acc2);
+            if (T == 2) codes_dot4_avx2<2>(codes.data(), ldc, xs + t * kp, kp, ldc, acc2);
+            else codes_dot4_avx2<1>(codes.data(), ldc, xs + t * kp, kp, ldc, acc2);
             for (int u = 0; u < T; ++u) {
               const float denom = sx[size_t(t + u)] * P.s_w;
               float* yt = out + (t + u) * ldo;

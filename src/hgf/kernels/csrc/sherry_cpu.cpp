@@ -144,6 +144,29 @@ const Avx2Tables& avx2_tables() {
   static const Avx2Tables t;
   return t;
 }
+
+// the codes c = W_t + 1 of one row's full blocks, in the planes' order (c[128b + 32k + g] is the
+// weight at 128b + 4g + k, matching permute()'s x planes): the native decoder's prompt path dots
+// them with vpmaddubsw as it does unpacked i2/tq1 rows (decode_cpu.cpp, codes_dot4_avx2)
+HGF_AVX2 void unpack_planes_avx2(const uint8_t* w, int64_t nfull, uint8_t* c) {
+  const Avx2Tables& T = avx2_tables();
+  for (int64_t b = 0; b < nfull; ++b) {
+    const uint8_t* p = w + BLOCK_BYTES * b;
+    const __m256i v =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, T.nib_shift), T.m4);
+    int32_t bits;
+    std::memcpy(&bits, p + 16, 4);
+    __m256i sb = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), T.bytesel);
+    sb = _mm256_cmpeq_epi8(_mm256_and_si256(sb, T.bitmask), T.bitmask);
+    const __m256i sgn = _mm256_or_si256(sb, T.one8);
+    for (int k = 0; k < 4; ++k) {
+      const __m256i u = _mm256_sign_epi8(_mm256_shuffle_epi8(T.lut[k], idx), sgn);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + BLOCK * b + 32 * k),
+                          _mm256_add_epi8(u, T.one8));
+    }
+  }
+}
 #endif
 
 // x_int [m, in] -> planes: per full block b, xp[128b + 32k + g] = x[128b + 4g + k]
