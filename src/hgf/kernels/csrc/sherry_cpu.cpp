@@ -95,6 +95,21 @@ struct Avx2Tables {
   }
 };
 
+// one block's 4-bit pattern indices of groups 0..31 (idx) and their signs (sgn: -1 or +1 per
+// group): the 16 index bytes in both lanes, low lane the low nibbles (groups 0..15), high lane the
+// high nibbles (groups 16..31); the 4 sign bytes expanded to one byte per group
+HGF_AVX2 inline void block_codes(const Avx2Tables& T, const uint8_t* p, __m256i& idx,
+                                 __m256i& sgn) {
+  const __m256i v =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  idx = _mm256_and_si256(_mm256_srlv_epi32(v, T.nib_shift), T.m4);
+  int32_t bits;
+  std::memcpy(&bits, p + 16, 4);
+  __m256i sb = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), T.bytesel);
+  sb = _mm256_cmpeq_epi8(_mm256_and_si256(sb, T.bitmask), T.bitmask);  // -1 where s = 1
+  sgn = _mm256_or_si256(sb, T.one8);                                    // -1 or +1
+}
+
 // full blocks [0, nfull) of R rows (row stride ld); xp: the token's activation planes. A block
 // adds at most 4 · 2 · 127 = 1016 to an int16 lane, so 16 blocks sum in int16 (< 32767) before
 // one vpmaddwd widens them into the int32 accumulators. Prefetch: the bytes two row blocks ahead.
@@ -116,17 +131,8 @@ HGF_AVX2 void rows_dot_avx2(const Avx2Tables& T, const uint8_t* w, int64_t ld, i
       for (int k = 0; k < 4; ++k)
         xk[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + BLOCK * b + 32 * k));
       for (int r = 0; r < R; ++r) {
-        const uint8_t* p = w + r * ld + BLOCK_BYTES * b;
-        // the 16 index bytes in both lanes; low lane: low nibbles (groups 0..15), high lane:
-        // high nibbles (groups 16..31)
-        const __m256i v =
-            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, T.nib_shift), T.m4);
-        int32_t bits;
-        std::memcpy(&bits, p + 16, 4);
-        __m256i sb = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), T.bytesel);
-        sb = _mm256_cmpeq_epi8(_mm256_and_si256(sb, T.bitmask), T.bitmask);  // -1 where s = 1
-        const __m256i sgn = _mm256_or_si256(sb, T.one8);                    // -1 or +1
+        __m256i idx, sgn;
+        block_codes(T, w + r * ld + BLOCK_BYTES * b, idx, sgn);
         for (int k = 0; k < 4; ++k) {
           const __m256i u = _mm256_shuffle_epi8(T.lut[k], idx);
           const __m256i pr = _mm256_sign_epi8(_mm256_sign_epi8(xk[k], sgn), u);
@@ -151,15 +157,8 @@ const Avx2Tables& avx2_tables() {
 HGF_AVX2 void unpack_planes_avx2(const uint8_t* w, int64_t nfull, uint8_t* c) {
   const Avx2Tables& T = avx2_tables();
   for (int64_t b = 0; b < nfull; ++b) {
-    const uint8_t* p = w + BLOCK_BYTES * b;
-    const __m256i v =
-        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(v, T.nib_shift), T.m4);
-    int32_t bits;
-    std::memcpy(&bits, p + 16, 4);
-    __m256i sb = _mm256_shuffle_epi8(_mm256_set1_epi32(bits), T.bytesel);
-    sb = _mm256_cmpeq_epi8(_mm256_and_si256(sb, T.bitmask), T.bitmask);
-    const __m256i sgn = _mm256_or_si256(sb, T.one8);
+    __m256i idx, sgn;
+    block_codes(T, w + BLOCK_BYTES * b, idx, sgn);
     for (int k = 0; k < 4; ++k) {
       const __m256i u = _mm256_sign_epi8(_mm256_shuffle_epi8(T.lut[k], idx), sgn);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + BLOCK * b + 32 * k),
