@@ -124,7 +124,7 @@ def source_tokenizer(path: str | Path) -> Path | None:
             raise HGFError(f"{_where(str(path))}: its tokenizer has no <|endoftext|>; convert the "
                            f"folder first (hgf convert {path} --to run RUN, which renames its "
                            "end-of-sequence token) and use init.from=RUN, or set data.tokenizer")
-    return tok.resolve()
+    return tok  # as the source was named (relative stays relative: no machine's paths in configs)
 
 
 # ---------------------------------------------------------------------------------------------
