@@ -64,7 +64,7 @@ BENCH_ARMS = {"bitnet": "bitnet-std", "hgf_std": "hgf-std", "hgf": "hgf-diff",
               "tequila": "tequila-std", "sherry": "sherry-std",
               "absmean_ptq": "bitnet-std", "ptqtp": "ptqtp-std"}  # the no-training models
 BENCH_COMMAND = ("hgf bench infer --device cpu --threads 1 --tokens 64 --rounds 5 --arms bitnet-std "
-                 "hgf-std hgf-diff tequila-std sherry-std ptqtp-std --packings i2 tq1 sherry --dense "
+                 "hgf-std hgf-diff tequila-std sherry-std ptqtp-std --packings i2 tq1 sherry --dense float32 "
                  "--no-reference --gemv-sizes --peer llama.cpp --json {bench}")
 
 
