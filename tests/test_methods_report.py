@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from hgf.reproduce import methods
 from test_why import fake_run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def study(tmp_path, monkeypatch):
-    """A working directory with the repository's arm and reproduce presets and no runs."""
-    shutil.copytree(ROOT / "configs", tmp_path / "configs",
-                    ignore=shutil.ignore_patterns("scale", "tinystories"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from hgf.reproduce.report import gap_recovery, gap_recovery_se
 from hgf.reproduce.why import _stability, judge
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def study(tmp_path, monkeypatch):
-    """A working directory with the repository's arm and reproduce presets and no runs."""
-    shutil.copytree(ROOT / "configs", tmp_path / "configs",
-                    ignore=shutil.ignore_patterns("scale", "tinystories"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def fake_run(run: Path, loss: float, *, arm: str, steps: int, seed: int = 0, lr: float = 2e-3,
