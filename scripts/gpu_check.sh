@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# The GPU check: everything hgf claims for a CUDA GPU, in one call of under ~9 minutes.
+# The GPU check: everything hgf claims for a CUDA GPU, in one call of under ~10 minutes.
 #
-#   1. the GPU tests                      pytest -m gpu (Triton kernels vs the reference, bf16 training)
-#   2. the Triton GEMV at 4096² and 8192²  GB/s of packed weights against the device's copy bandwidth
-#   3. decode of the 1b preset            packed i2/tq1 vs dense bf16 (hgf bench infer)
+#   1. the Triton GEMV at 4096² and 8192²  GB/s of packed weights against the device's copy bandwidth
+#   2. decode of the 1b preset            packed i2/tq1 vs dense bf16 (hgf bench infer), per arm
+#   (1 and 2 run alone on the GPU; then, side by side until TOTAL_S:)
+#   3. the GPU tests                      pytest -m gpu (Triton kernels vs the reference, bf16 training)
 #   4. 200 steps of the paper preset      the hgf arm, to show the pipeline and its step time
-#   5. the paper grid, time-boxed         every arm of `hgf reproduce --preset paper`, one seed,
-#                                         run side by side on the one GPU for GRID_S seconds; runs
-#                                         that do not finish keep their validation curve so far
+#   5. the "why" study's runs (issue 15)  every run of the why_tokens, why_width and why_lr presets
+#                                         (seeds, variants), one process per run, WHY_P at once,
+#                                         longest first; runs not finished by TOTAL_S keep their
+#                                         curves so far (no done.json: reports skip them)
+#   (grid, optional: the paper grid, time-boxed, one seed per arm)
 #
 # Usage, from the repository root, with the data at the default path (../shared/data/tinystories)
 # or online:   OUT=gpu_out bash scripts/gpu_check.sh
-# Everything lands in $OUT (at most 8 files): gpu_check.log, gemv.json, decode_1b.json and
-# paper_runs.tgz (the compact run records: config, metrics, run_info, done; no weights). Rebuild the
-# paper report from them with
-#   tar xzf paper_runs.tgz -C results/ && hgf reproduce --preset paper --out results/paper --report-only
-# A dry run on a CPU checks the plumbing in a minute:
-#   OUT=/tmp/gc DEVICE=cpu DECODE_SIZE=debug GEMV_SIZES=512 CHECK_STEPS=3 GRID_S=20 bash scripts/gpu_check.sh
+# Everything lands in $OUT (at most 8 files): gpu_check.log, gemv.json, decode_1b.json,
+# why_runs.tgz (compact run records: config, metrics, run_info, done, logs; no weights) and
+# oracle_model.tgz.* (the why_width bitnet seed-0 weights, split in < 16 MB parts, for the oracle
+# probe on a CPU). Rebuild the why report from them with
+#   tar xzf why_runs.tgz -C results/ && hgf reproduce --preset why_width --report-only
+# A dry run on a CPU checks the plumbing in a few minutes:
+#   OUT=/tmp/gc DEVICE=cpu DECODE_SIZE=debug GEMV_SIZES=512 CHECK_STEPS=3 WHY_SCALE=200 TOTAL_S=240 \
+#     bash scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 DEVICE=${DEVICE:-cuda}
@@ -24,10 +29,13 @@ DECODE_SIZE=${DECODE_SIZE:-1b}
 GEMV_SIZES=${GEMV_SIZES:-4096 8192}
 CHECK_STEPS=${CHECK_STEPS:-200}
 GRID_S=${GRID_S:-400}  # at most; the grid ends by TOTAL_S after the start
-TOTAL_S=${TOTAL_S:-530}
+TOTAL_S=${TOTAL_S:-545}  # everything ends by then (the why runs and the grid are cut there)
+WHY_P=${WHY_P:-16}  # why runs at once
+WHY_SCALE=${WHY_SCALE:-1}  # divide every why run's steps by this (dry runs)
+WHY_DTYPE=${WHY_DTYPE:-float32}  # why_tokens/why_width train in float32, as on the CPU (why_lr: bf16)
 PRESET=${PRESET:-paper}  # the reproduce preset of parts check and grid
 GRID=${GRID:-"2500:fp16,bitnet,diff_only,hgf,hgf_std,bitnet_diff 3500:fp16,bitnet,hgf"}
-PARTS=${PARTS:-"tests gemv decode check grid"}  # a subset reruns only those parts
+PARTS=${PARTS:-"gemv decode tests check why"}  # a subset reruns only those parts
 PY=${PYTHON:-python3}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$OUT"
@@ -56,19 +64,107 @@ step() {  # step NAME LIMIT_S CMD...: run (stopped after LIMIT_S), log the comma
 
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
-want tests && step gpu-tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/
 # shellcheck disable=SC2086  # GEMV_SIZES is a list
 want gemv && step gemv 90 $PY -m hgf.kernels.bench --device "$DEVICE" --sizes $GEMV_SIZES --dtypes float32 bfloat16 \
   --json "$OUT/gemv.json"
-want decode && step decode 200 $PY -m hgf bench infer --device "$DEVICE" --size "$DECODE_SIZE" --gemv-sizes \
-  --dense bfloat16 --packings i2 tq1 --tokens 64 --prompt-len 16 --rounds 3 \
-  --json "$OUT/decode_$DECODE_SIZE.json"
-if want check; then
-  step paper-"$CHECK_STEPS"-steps 150 $PY -m hgf reproduce --preset "$PRESET" --arms hgf --steps "$CHECK_STEPS" \
-    --seeds 1 --out "$WORK/check"
-  tail -n 4 "$WORK/check/runs/"*/metrics.jsonl >>"$LOG" 2>&1
+if want decode; then  # one process per arm: a slow arm cannot take the others' numbers with it
+  for arm in ${DECODE_ARMS:-bitnet-std hgf-diff}; do
+    step decode-$arm 110 $PY -m hgf bench infer --device "$DEVICE" --size "$DECODE_SIZE" --gemv-sizes \
+      --dense bfloat16 --arms $arm --packings i2 tq1 --tokens 64 --prompt-len 16 --rounds 3 \
+      --json "$WORK/decode-$arm.json"
+  done
+  $PY - "$WORK" "$OUT/decode_$DECODE_SIZE.json" <<'PYEOF' >>"$LOG" 2>&1
+import json, sys
+from pathlib import Path
+parts = [json.loads(p.read_text()) for p in sorted(Path(sys.argv[1]).glob("decode-*.json"))]
+if parts:
+    out = {"env": parts[0]["env"], "decode": [], "decode_reference": []}
+    for p in parts:
+        out["decode"] += p["decode"]
+        out["decode_reference"] += p["decode_reference"]
+    Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
+    print("decode records:", len(out["decode"]), "reference rows:", len(out["decode_reference"]))
+PYEOF
 fi
-want grid || exit 0
+
+# From here on the GPU is shared: tests, the paper check and the why runs side by side.
+bg=()
+if want tests; then
+  step gpu-tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py \
+    tests/test_train_precision.py tests/test_methods_tequila_sherry.py &
+  bg+=($!)
+fi
+if want check; then
+  ( step paper-"$CHECK_STEPS"-steps 240 $PY -m hgf reproduce --preset "$PRESET" --arms hgf \
+      --steps "$CHECK_STEPS" --seeds 1 --out "$WORK/check" --train.device="$DEVICE"
+    tail -n 4 "$WORK/check/runs/"*/metrics.jsonl >>"$LOG" 2>&1 ) &
+  bg+=($!)
+fi
+
+why_job() {  # why_job PRESET SELECTOR NAME STEPS SEED [OVERRIDES...]: one run, cut at DEADLINE
+  local preset=$1 sel=$2 name=$3 steps=$4 seed=$5 left rc dir kind=runs
+  shift 5
+  [[ $sel == --variants ]] && kind=variants
+  left=$((DEADLINE - $(date +%s)))
+  [ "$left" -gt 30 ] || { echo "skipped (no time left)" >"$WHY/logs/$preset-$name-$steps-$seed.log"; return 0; }
+  dir="$WHY/$preset/$kind/$name-${steps}steps-seed$seed"
+  local cmd=($PY -m hgf reproduce --preset "$preset" "$sel" "$name" --steps "$steps" --seeds 2
+             --seed-index "$seed" --out "$WHY/$preset" --train.device="$DEVICE" "$@")
+  echo "${cmd[*]}" >"$WHY/logs/$preset-$name-$steps-$seed.log"
+  timeout -s INT -k 20 "$left" "${cmd[@]}" >>"$WHY/logs/$preset-$name-$steps-$seed.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ] && [ ! -f "$dir/done.json" ] \
+     && [ $((DEADLINE - $(date +%s))) -gt 60 ] && grep -q "\"compile\": true" "$dir/config.json" 2>/dev/null \
+     && [[ " $* " != *compile=false* ]]; then
+    # it failed, not cut at the deadline, with torch.compile on: keep its log, rerun it eagerly
+    mv "$WHY/logs/$preset-$name-$steps-$seed.log" "$WHY/logs/$preset-$name-$steps-$seed.failed.log"
+    rm -rf "$dir"
+    why_job "$preset" "$sel" "$name" "$steps" "$seed" "$@" --train.compile=false
+    return
+  fi
+  echo "$(date -u +%T) $preset $name $steps seed $seed: exit $rc" >>"$LOG"
+}
+
+if want why; then
+  WHY="$WORK/why"
+  mkdir -p "$WHY/logs"
+  DEADLINE=$(( $(date +%s) + TOTAL_S - SECONDS ))
+  s8=$((8000 / WHY_SCALE)); s25=$((2500 / WHY_SCALE)); s2=$((2000 / WHY_SCALE))
+  f32="--train.dtype=$WHY_DTYPE"
+  jobs=()  # longest first; seed 0 of a cell before its seed 1
+  for seed in 0 1; do for arm in fp16 bitnet hgf_std; do
+    jobs+=("why_tokens --arms $arm $s8 $seed $f32"); done; done
+  for seed in 0 1; do for arm in bitnet fp16 hgf hgf_std bitnet_diff; do
+    jobs+=("why_width --arms $arm $s25 $seed $f32"); done
+    for v in gate_channel gate_input; do jobs+=("why_width --variants $v $s25 $seed $f32"); done; done
+  for seed in 0 1; do for lr in 1p6e-2 8e-3 4e-3; do for arm in bitnet diff_only hgf hgf_std fp16; do
+    jobs+=("why_lr --variants ${arm}_lr$lr $s25 $seed"); done; done; done
+  for seed in 0 1; do for arm in fp16 bitnet hgf_std; do
+    jobs+=("why_tokens --arms $arm $s2 $seed $f32"); done; done
+  if [ -n "${WHY_ONLY:-}" ]; then  # a regular expression: only the matching runs
+    mapfile -t jobs < <(printf '%s\n' "${jobs[@]}" | grep -E -- "$WHY_ONLY")
+  fi
+  echo "== $(date -u +%T) why: ${#jobs[@]} runs, $WHY_P at once, until $(date -u -d @"$DEADLINE" +%T)" | tee -a "$LOG"
+  # the tokenized data once, before the processes that share its cache
+  $PY -c "from hgf.reproduce.grid import load_preset, plan_grid; from hgf.data import prepare
+from pathlib import Path; prepare(plan_grid(load_preset('why_lr'), Path('x'))[0].cfg, progress=False)" >>"$LOG" 2>&1
+  export -f why_job
+  export PY DEVICE WHY DEADLINE LOG
+  printf '%s\n' "${jobs[@]}" | xargs -P "$WHY_P" -I{} bash -c 'why_job {}'
+  ls "$WHY"/*/*/*/done.json 2>/dev/null | wc -l | xargs echo "== why runs finished:" | tee -a "$LOG"
+  for f in "$WHY"/*/*/*/done.json; do echo "$f: $(tr -d '\n ' <"$f")"; done >>"$LOG" 2>&1
+  tar czf "$OUT/why_runs.tgz" -C "$WHY" --exclude=checkpoints --exclude=model.safetensors \
+    --exclude=tokenizer.json --exclude='*.png' .
+  m="$WHY/why_width/runs/bitnet-${s25}steps-seed0"
+  if [ -f "$m/done.json" ]; then  # the oracle probe's backbone, for a CPU run at home
+    tar czf "$WORK/oracle_model.tgz" -C "$WHY" "why_width/runs/bitnet-${s25}steps-seed0/model.safetensors" \
+      "why_width/runs/bitnet-${s25}steps-seed0/tokenizer.json"
+    split -b 15m -d "$WORK/oracle_model.tgz" "$OUT/oracle_model.tgz."
+  fi
+fi
+for p in "${bg[@]}"; do wait "$p"; done
+want grid || { nvidia-smi >>"$LOG" 2>&1; echo "== $(date -u +%T) done; $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"; exit 0; }
+
 
 # The grid: one process per (regime, arm), all at once on the one GPU, stopped after GRID_S s.
 left=$((TOTAL_S - SECONDS))

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from hgf.cli import main
-from hgf.reproduce.grid import load_preset, plan_grid
+from hgf.reproduce.grid import load_preset, plan_grid, plan_variants
 from hgf.reproduce.report import gap_recovery, steps_to_reach
 
 STORY = "Once upon a time there was a little {} who liked to {}. One day it {} and was happy."
@@ -120,6 +120,35 @@ def test_plan_grid_applies_preset_layers(tmp_path):
     assert hgf.dir == tmp_path / "o" / "runs" / "hgf-6steps-seed0"
 
 
+def test_command_line_overrides_and_one_seed_index(tmp_path, capsys):
+    """``--section.key=value`` lands over every layer of every run (a variant's too);
+    ``--seed-index`` runs one seed of the grid, named as the full grid names it."""
+    p = _preset(tmp_path, arms=("bitnet",))
+    p.write_text(p.read_text() + '[variant.lr_hi]\narm = "bitnet"\ntrain = { lr = 0.01 }\n')
+    preset = load_preset(str(p), {"train": {"lr": "0.005", "dtype": "bfloat16"}})
+    specs = plan_grid(preset, tmp_path / "o", seeds=3, only_seed=2)
+    assert [(s.steps, s.seed_index) for s in specs] == [(4, 2), (6, 2)]
+    assert specs[0].dir == tmp_path / "o" / "runs" / "bitnet-4steps-seed2"
+    assert specs[0].cfg.train.lr == 0.005 and specs[0].cfg.train.dtype == "bfloat16"
+    full = plan_grid(preset, tmp_path / "o", seeds=3)
+    assert (full[2].steps, full[2].seed_index) == (4, 2)
+    assert specs[0].cfg.train.seed == full[2].cfg.train.seed != full[0].cfg.train.seed
+    v = plan_variants(preset, tmp_path / "o", ["lr_hi"], [4], only_seed=1)
+    assert len(v) == 1 and v[0].cfg.train.lr == 0.005 and v[0].seed_index == 1
+    out = tmp_path / "o"
+    assert main(["reproduce", "--preset", str(p), "--out", str(out), "--steps", "4", "--seeds",
+                 "2", "--seed-index", "1", "--train.dtype=float32"]) == 0
+    assert (out / "runs" / "bitnet-4steps-seed1" / "done.json").exists()
+    assert not (out / "runs" / "bitnet-4steps-seed0").exists()
+    cfg = json.loads((out / "runs" / "bitnet-4steps-seed1" / "config.json").read_text())
+    assert cfg["train"]["dtype"] == "float32"
+    capsys.readouterr()
+    assert main(["reproduce", "--preset", str(p), "--out", str(out), "--train.nosuch=1"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", str(p), "--seeds-typo", "1"]) == 2
+    assert "--seeds-typo" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smoke_preset_on_real_data(tmp_path, monkeypatch):
     from pathlib import Path
@@ -130,7 +159,9 @@ def test_smoke_preset_on_real_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["reproduce", "--preset", "smoke", "--out", "out"]) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert len(res["runs"]) == 12 and all(math.isfinite(r["val_loss"]) for r in res["runs"])
+    smoke = load_preset("smoke")
+    assert len(res["runs"]) == len(smoke.arms) * len(smoke.steps) * smoke.seeds == 16
+    assert all(math.isfinite(r["val_loss"]) for r in res["runs"])
 
 
 def test_lr_sweep_picks_the_best_lr_and_accumulates(tmp_path):

@@ -5,7 +5,9 @@ from its checkpoint), then writes ``report.md``, ``results.json``, ``results.csv
 ``--sweep`` runs the preset's LR sweep instead and writes ``sweep.json`` with each arm's best LR.
 ``--variants`` runs the preset's ``[variant.*]`` changes of one arm and writes ``variants.md``,
 comparing each with the grid's arms at the same regime. Reports count every finished grid run in
-OUT, including extra seeds run with ``--seeds``. A preset with a ``[study]`` table also rebuilds
+OUT, including extra seeds run with ``--seeds``. ``--seed-index I`` runs only seed I (one grid
+spread over several processes); ``--section.key=value`` overrides every run's config (e.g.
+``--train.dtype=float32`` to train a preset in float32 on a GPU, whose default is bf16 autocast). A preset with a ``[study]`` table also rebuilds
 that study's report (``results/cpu/why.md`` for ``name = "why"``, :mod:`hgf.reproduce.why`) from
 every run of the study's presets. ``--preset convert`` (a preset with ``[study]`` and no ``[grid]``)
 is the conversion study: it runs :mod:`hgf.reproduce.convert_study` with ``--out``, ``--arms``,
@@ -38,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arms", type=lambda s: s.split(","), help="comma-separated subset of arms")
     p.add_argument("--steps", type=_ints, help="step regimes, e.g. 2500,3500")
     p.add_argument("--seeds", type=int, help="number of seeds")
+    p.add_argument("--seed-index", type=int,
+                   help="run only this seed index (0-based): spreads one grid over processes")
     p.add_argument("--out", help="output folder (default results/<preset>)")
     p.add_argument("--sweep", action="store_true", help="run the LR sweep instead of the grid")
     p.add_argument("--lrs", type=_floats, help="LR candidates for --sweep (default: the preset's)")
@@ -47,18 +51,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     p.add_argument("--background", action="store_true",
                    help="run detached; progress goes to OUT/reproduce.log")
-    p.set_defaults(func=run, takes_overrides=False)
+    p.set_defaults(func=run, takes_overrides=True)
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from hgf.config import parse_overrides
+    from hgf.errors import HGFError
     from hgf.reproduce.grid import load_preset
 
     kind = study_kind(args.preset)
+    if kind is not None and (overrides or args.seed_index is not None):
+        raise HGFError(f"--section.key=value overrides and --seed-index apply to grid presets, "
+                       f"not to {args.preset!r}")
     if kind == "methods":
         return run_methods_report(args)
     if kind == "convert":
         return run_conversion_study(args)
-    preset = load_preset(args.preset)
+    preset = load_preset(args.preset, parse_overrides(overrides))
     out = Path(args.out or Path("results") / preset.name)
     if preset.study:
         from hgf.reproduce.why import experiments, write_why
@@ -146,7 +155,7 @@ def _run_preset(args: argparse.Namespace, preset, out: Path) -> int:
         from hgf.reproduce.variants import write_variants
 
         names = None if args.variants == ["all"] else args.variants
-        specs = plan_variants(preset, out, names, args.steps, args.seeds)
+        specs = plan_variants(preset, out, names, args.steps, args.seeds, args.seed_index)
         if not args.report_only:
             run_specs(specs)
         grid = plan_grid(preset, out)
@@ -154,7 +163,7 @@ def _run_preset(args: argparse.Namespace, preset, out: Path) -> int:
         path = write_variants(preset, specs, grid + finished_extras(preset, out, grid), out)
         print(f"variant report: {path}")
         return 0
-    specs = plan_grid(preset, out, args.arms, args.steps, args.seeds)
+    specs = plan_grid(preset, out, args.arms, args.steps, args.seeds, args.seed_index)
     if not args.report_only:
         run_specs(specs)
     full = plan_grid(preset, out)  # a partial command (--arms/--steps/--seeds) reports the grid

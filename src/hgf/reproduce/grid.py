@@ -65,6 +65,8 @@ class Preset:
     sweep_steps: int = 0
     variants: dict[str, Variant] = field(default_factory=dict)
     study: dict[str, Any] = field(default_factory=dict)  # [study]: read by hgf.reproduce.why
+    # ``--section.key=value`` from the command line: over every run's config, after the variant
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,7 +77,8 @@ class Variant:
     sections: dict[str, Any]
 
 
-def load_preset(name_or_path: str) -> Preset:
+def load_preset(name_or_path: str, overrides: dict[str, Any] | None = None) -> Preset:
+    """The preset; ``overrides`` (nested, from ``--section.key=value``) apply to every run."""
     path = resolve_preset(name_or_path)
     d = read_toml(path)
     unknown = set(d) - {"grid", "lr", "base", "arm", "variant", "study"}
@@ -101,6 +104,7 @@ def load_preset(name_or_path: str) -> Preset:
         sweep_steps=int(grid.get("sweep_steps", 0)),
         variants={name: _variant(path, name, v) for name, v in d.get("variant", {}).items()},
         study=d.get("study", {}),
+        overrides=overrides or {},
     )
     for a in list(preset.lr) + list(preset.arm_overrides):
         if a not in ARMS:
@@ -134,6 +138,8 @@ def arm_config(preset: Preset, arm: str, steps: int, seed_index: int, run_dir: P
         layers.append(({"train": {"lr": lr}}, f"{preset.path} [lr]"))
     if variant is not None:
         layers.append((variant.sections, f"{preset.path} [variant.{variant.name}]"))
+    if preset.overrides:
+        layers.append((preset.overrides, "command line"))
     base_seed = preset.base.get("train", {}).get("seed", Config().train.seed)
     run = {"train": {"steps": steps, "seed": int(base_seed) + seed_index, "out_dir": str(run_dir)}}
     layers.append((run, "reproduce grid"))
@@ -160,11 +166,22 @@ class RunSpec:
         return json.loads((self.dir / DONE_FILE).read_text())
 
 
+def seed_range(preset: Preset, seeds: int | None, only: int | None) -> list[int]:
+    """Seed indices 0..seeds-1 (the preset's count by default), or just ``only``."""
+    n = seeds if seeds is not None else preset.seeds
+    if only is None:
+        return list(range(n))
+    if only < 0:
+        raise ConfigError(f"--seed-index must be >= 0, got {only}")
+    return [only]
+
+
 def plan_grid(preset: Preset, out: Path, arms: list[str] | None = None,
-              steps: list[int] | None = None, seeds: int | None = None) -> list[RunSpec]:
+              steps: list[int] | None = None, seeds: int | None = None,
+              only_seed: int | None = None) -> list[RunSpec]:
     specs = []  # regime-major: every arm at the first regime finishes before the next regime
     for n in steps or preset.steps:
-        for s in range(seeds if seeds is not None else preset.seeds):
+        for s in seed_range(preset, seeds, only_seed):
             for arm in arms or preset.arms:
                 d = out / "runs" / f"{arm}-{n}steps-seed{s}"
                 specs.append(RunSpec(arm, n, s, d, arm_config(preset, arm, n, s, d)))
@@ -182,7 +199,8 @@ def plan_sweep(preset: Preset, out: Path, lrs: list[float], steps: int,
 
 
 def plan_variants(preset: Preset, out: Path, names: list[str] | None = None,
-                  steps: list[int] | None = None, seeds: int | None = None) -> list[RunSpec]:
+                  steps: list[int] | None = None, seeds: int | None = None,
+                  only_seed: int | None = None) -> list[RunSpec]:
     """Runs of ``[variant.*]`` under ``out/variants/NAME-<steps>steps-seed<s>`` (all variants
     when ``names`` is None)."""
     names = names or list(preset.variants)
@@ -192,7 +210,7 @@ def plan_variants(preset: Preset, out: Path, names: list[str] | None = None,
             raise ConfigError(f"{preset.path}: unknown variant {n!r} (known: {known})")
     specs = []
     for n in steps or preset.steps:
-        for s in range(seeds if seeds is not None else preset.seeds):
+        for s in seed_range(preset, seeds, only_seed):
             for name in names:
                 v = preset.variants[name]
                 d = out / "variants" / f"{name}-{n}steps-seed{s}"
