@@ -7,7 +7,8 @@ from its checkpoint), then writes ``report.md``, ``results.json``, ``results.csv
 comparing each with the grid's arms at the same regime. Reports count every finished grid run in
 OUT, including extra seeds run with ``--seeds``. ``--seed-index I`` runs only seed I (one grid
 spread over several processes); ``--section.key=value`` overrides every run's config (e.g.
-``--train.dtype=float32`` to train a preset in float32 on a GPU, whose default is bf16 autocast). A preset with a ``[study]`` table also rebuilds
+``--train.dtype=float32`` to train a preset in float32 on a GPU, whose default is bf16 autocast).
+A preset with a ``[study]`` table also rebuilds
 that study's report (``results/cpu/why.md`` for ``name = "why"``, :mod:`hgf.reproduce.why`) from
 every run of the study's presets. ``--preset convert`` (a preset with ``[study]`` and no ``[grid]``)
 is the conversion study: it runs :mod:`hgf.reproduce.convert_study` with ``--out``, ``--arms``,
