@@ -36,11 +36,12 @@ class TernaryDiagnostics:
         for name, m in ternary_layers(model).items():
             w_t = m.ternary(full_tensor(m.weight))[0].to(torch.int8)  # whole W, the layer's rule
             zero[name] = float((w_t == 0).float().mean())
+            w_t = w_t.cpu()  # the previous eval's codes are kept on the CPU
             prev = self.previous.get(name)
             if prev is not None and prev.shape == w_t.shape:
                 flips += int((prev != w_t).sum())
                 total += w_t.numel()
-            current[name] = w_t.cpu()
+            current[name] = w_t
         out: dict[str, Any] = {"zero_frac": zero, "flip_rate": flips / total if total else None}
         self.previous = current
         gates = gate_values(model)
