@@ -163,3 +163,23 @@ def test_bad_study_tables_fail_in_one_line(study, capsys):
     path.write_text(text.replace('name = "why"', 'name = "why"\nnmae = 1'))
     assert main(["reproduce", "--preset", "why_tokens", "--report-only"]) == 2
     assert "unknown key study.nmae" in capsys.readouterr().err
+
+
+def test_without_a_gap_the_recovery_is_judged_on_the_difference_with_bitnet(study):
+    """fp16 above bitnet (an FP baseline at a poor LR): no ratio, a verdict on L_bitnet − L_arm."""
+    runs = study / "results" / "why_width" / "runs"
+    losses = {"fp16": (3.50, 3.58), "bitnet": (3.455, 3.46), "hgf": (3.50, 3.51),
+              "hgf_std": (3.456, 3.462)}
+    for arm, pair in losses.items():
+        for seed, loss in enumerate(pair):
+            fake_run(runs / f"{arm}-2500steps-seed{seed}", loss, arm=arm, steps=2500, seed=seed)
+    assert main(["reproduce", "--preset", "why_width", "--report-only"]) == 0
+    md = (study / "results/cpu/why.md").read_text()
+    exp2 = md[md.index("## Experiment 2"):md.index("## Experiment 3")]
+    assert "| hgf | hgf | 0.002 | 2 | 3.5050 ± 0.0071 |" in exp2
+    assert "| — |" in exp2.split("| hgf | hgf |")[1].splitlines()[0]  # no ratio in the table
+    assert "no ternary gap to recover here: fp16 3.5400 is not below bitnet 3.4575" in exp2
+    se = math.sqrt((0.005 / math.sqrt(2)) ** 2 / 2 + (0.01 / math.sqrt(2)) ** 2 / 2)
+    assert f"hgf: L_bitnet − L_hgf = {-0.0475:+.4f} ± {se:.4f}" in exp2
+    # hgf is clearly worse (refuted), hgf_std within the noise (undecided): undecided overall
+    assert "**Verdict (2500 steps): undecided at this budget.**" in exp2

@@ -131,8 +131,10 @@ def cells(runs: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def _recovery(c: dict, label: str, steps: int, ref: str) -> tuple[float, float | None]:
+    """Gap recovery of ``label`` against ``ref`` and fp16; NaN without the runs or without a gap
+    (fp16 not below the ternary reference: the ratio means nothing, see :func:`_no_gap`)."""
     t, a, f = c.get((ref, steps)), c.get((label, steps)), c.get(("fp16", steps))
-    if t is None or a is None or f is None:
+    if t is None or a is None or f is None or f["val_loss"] >= t["val_loss"]:
         return math.nan, None
     return (gap_recovery(t["val_loss"], a["val_loss"], f["val_loss"]),
             gap_recovery_se(t, a, f))
@@ -168,12 +170,40 @@ def _pm(q: float, s: float | None, spec: str = ".3f") -> str:
     return _fmt(q, spec) + se
 
 
+def _no_gap(c: dict, steps: int, ref: str) -> tuple[dict, dict] | None:
+    """(ref row, fp16 row) when both ran and fp16 does not reach below the ternary reference."""
+    t, f = c.get((ref, steps)), c.get(("fp16", steps))
+    return (t, f) if t is not None and f is not None and f["val_loss"] >= t["val_loss"] else None
+
+
+def _vs_ref(c: dict, arm: str, steps: int, ref: str) -> tuple[float, float | None]:
+    """L_ref − L_arm (nats; > 0: the arm is better) and its standard error (None: one seed)."""
+    t, a = c.get((ref, steps)), c.get((arm, steps))
+    if t is None or a is None:
+        return math.nan, None
+    s = (None if t["n"] < 2 or a["n"] < 2 else math.sqrt(
+        t["val_loss_std"] ** 2 / t["n"] + a["val_loss_std"] ** 2 / a["n"]))
+    return t["val_loss"] - a["val_loss"], s
+
+
 def verdict(exp: dict, c: dict, steps: int, baseline: dict | None) -> tuple[str, str]:
-    """(verdict, the numbers behind it) for one experiment."""
+    """(verdict, the numbers behind it) for one experiment. Without a gap (fp16 not below the
+    ternary reference) a recovery is judged on L_ref − L_arm alone: supported when the arm beats
+    the reference by twice its standard error, refuted when it is worse by as much."""
     rule, ref, m = exp.get("rule", "recovery"), exp.get("reference", "bitnet"), \
         float(exp.get("min_effect", 0.0))
     parts, verdicts = [], []
-    if rule in ("recovery", "recovery_vs_baseline"):
+    no_gap = _no_gap(c, steps, ref) if rule in ("recovery", "recovery_vs_baseline") else None
+    if no_gap is not None:
+        t, f = no_gap
+        parts.append(f"no ternary gap to recover here: fp16 {f['val_loss']:.4f} is not below "
+                     f"{ref} {t['val_loss']:.4f}, so the recovery ratio is undefined; judged on "
+                     f"L_{ref} − L_arm instead")
+        for arm in exp["arms"]:
+            q, s = _vs_ref(c, arm, steps, ref)
+            verdicts.append(judge(q, s))
+            parts.append(f"{arm}: L_{ref} − L_{arm} = {_pm(q, s, '+.4f')}")
+    elif rule in ("recovery", "recovery_vs_baseline"):
         for arm in exp["arms"]:
             q, s = _recovery(c, arm, steps, ref)
             text = f"{arm}: recovery {_pm(q, s)}"
