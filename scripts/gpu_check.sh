@@ -7,7 +7,8 @@
 #   3. the GPU tests                      pytest -m gpu (Triton kernels vs the reference, bf16 training)
 #   4. 200 steps of the paper preset      the hgf arm, to show the pipeline and its step time
 #   5. the "why" study's runs (issue 15)  every run of the why_tokens, why_width and why_lr presets
-#                                         (seeds, variants), one process per run, WHY_P at once,
+#                                         (seeds, variants) not yet in results/ (done.json), one
+#                                         process per run, WHY_P at once,
 #                                         longest first; runs not finished by TOTAL_S keep their
 #                                         curves so far (no done.json: reports skip them)
 #   (grid, optional: the paper grid, time-boxed, one seed per arm)
@@ -30,7 +31,7 @@ GEMV_SIZES=${GEMV_SIZES:-4096 8192}
 CHECK_STEPS=${CHECK_STEPS:-200}
 GRID_S=${GRID_S:-400}  # at most; the grid ends by TOTAL_S after the start
 TOTAL_S=${TOTAL_S:-545}  # everything ends by then (the why runs and the grid are cut there)
-WHY_P=${WHY_P:-16}  # why runs at once
+WHY_P=${WHY_P:-8}  # why runs at once (16 tiny runs time-sliced on one H200 ran slower in all)
 WHY_SCALE=${WHY_SCALE:-1}  # divide every why run's steps by this (dry runs)
 WHY_DTYPE=${WHY_DTYPE:-float32}  # why_tokens/why_width train in float32, as on the CPU (why_lr: bf16)
 PRESET=${PRESET:-paper}  # the reproduce preset of parts check and grid
@@ -108,6 +109,10 @@ why_job() {  # why_job PRESET SELECTOR NAME STEPS SEED [OVERRIDES...]: one run, 
   left=$((DEADLINE - $(date +%s)))
   [ "$left" -gt 30 ] || { echo "skipped (no time left)" >"$WHY/logs/$preset-$name-$steps-$seed.log"; return 0; }
   dir="$WHY/$preset/$kind/$name-${steps}steps-seed$seed"
+  if [ -f "results/$preset/$kind/$name-${steps}steps-seed$seed/done.json" ]; then
+    echo "done already in results/$preset/$kind" >"$WHY/logs/$preset-$name-$steps-$seed.log"
+    return 0  # committed by an earlier session: only the missing runs run
+  fi
   local cmd=($PY -m hgf reproduce --preset "$preset" "$sel" "$name" --steps "$steps" --seeds 2
              --seed-index "$seed" --out "$WHY/$preset" --train.device="$DEVICE" "$@")
   echo "${cmd[*]}" >"$WHY/logs/$preset-$name-$steps-$seed.log"
