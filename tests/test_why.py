@@ -181,5 +181,7 @@ def test_without_a_gap_the_recovery_is_judged_on_the_difference_with_bitnet(stud
     assert "no ternary gap to recover here: fp16 3.5400 is not below bitnet 3.4575" in exp2
     se = math.sqrt((0.005 / math.sqrt(2)) ** 2 / 2 + (0.01 / math.sqrt(2)) ** 2 / 2)
     assert f"hgf: L_bitnet − L_hgf = {-0.0475:+.4f} ± {se:.4f}" in exp2
+    # bitnet_diff's two seeds and the two oracle probes are still to run
+    assert "Not yet run (4 runs): bitnet_diff 2500 steps (seed 0, 1), oracle probe" in exp2
     # hgf is clearly worse (refuted), hgf_std within the noise (undecided): undecided overall
     assert "**Verdict (2500 steps): undecided at this budget.**" in exp2

@@ -405,7 +405,8 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
                for (label, st), seeds in groups.items()]
     cmds = _missing_commands(preset, out, exp["_missing"], default_out) + todo
     if missing or todo:
-        lines += [f"Not yet run ({len(exp['_missing'])} runs): " + ", ".join(
+        n_runs = len(exp["_missing"]) + len(todo)
+        lines += [f"Not yet run ({n_runs} run{'s' * (n_runs != 1)}): " + ", ".join(
                       missing + [f"oracle probe `{t.split('--out')[-1].strip()}`" for t in todo])
                   + ". Commands:", "",
                   *[f"    {cmd}" for cmd in cmds], ""]
