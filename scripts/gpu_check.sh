@@ -141,7 +141,8 @@ if want why; then
     jobs+=("why_tokens --arms $arm $s8 $seed $f32"); done; done
   for seed in 0 1; do for arm in bitnet fp16 hgf hgf_std bitnet_diff; do
     jobs+=("why_width --arms $arm $s25 $seed $f32"); done
-    for v in gate_channel gate_input; do jobs+=("why_width --variants $v $s25 $seed $f32"); done; done
+    for v in gate_channel gate_input fp16_lr2e-3 fp16_lr1e-3; do
+      jobs+=("why_width --variants $v $s25 $seed $f32"); done; done
   for seed in 0 1; do for lr in 1p6e-2 8e-3 4e-3; do for arm in bitnet diff_only hgf hgf_std fp16; do
     jobs+=("why_lr --variants ${arm}_lr$lr $s25 $seed"); done; done; done
   for seed in 0 1; do for arm in fp16 bitnet hgf_std; do

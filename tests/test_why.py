@@ -83,7 +83,10 @@ def test_report_without_runs_says_what_to_run(study, capsys):
     assert "**Hypothesis.** The correction recovers nothing" in md  # text from the preset
     assert "    hgf reproduce --preset why_tokens --steps 8000 --seeds 2" in md
     assert "    hgf reproduce --preset why_lr --variants all --steps 2500 --seeds 2" in md
-    assert "    hgf reproduce --preset why_width --variants all --steps 2500 --seeds 2" in md
+    assert "    hgf reproduce --preset why_width --variants gate_channel,gate_input --steps 2500 " \
+        "--seeds 2" in md
+    assert "    hgf reproduce --preset why_width --variants fp16_lr2e-3,fp16_lr1e-3 --steps 2500 " \
+        "--seeds 2" in md  # experiment 2's FP16 reference at other LRs
     assert "--out results/why_width/oracle_small.json" in md
 
 
@@ -181,7 +184,41 @@ def test_without_a_gap_the_recovery_is_judged_on_the_difference_with_bitnet(stud
     assert "no ternary gap to recover here: fp16 3.5400 is not below bitnet 3.4575" in exp2
     se = math.sqrt((0.005 / math.sqrt(2)) ** 2 / 2 + (0.01 / math.sqrt(2)) ** 2 / 2)
     assert f"hgf: L_bitnet − L_hgf = {-0.0475:+.4f} ± {se:.4f}" in exp2
-    # bitnet_diff's two seeds and the two oracle probes are still to run
-    assert "Not yet run (4 runs): bitnet_diff 2500 steps (seed 0, 1), oracle probe" in exp2
+    # bitnet_diff's two seeds, the fp16 LR variants' and the two oracle probes are still to run
+    assert "Not yet run (8 runs): bitnet_diff 2500 steps (seed 0, 1), fp16_lr2e-3 2500 steps " \
+        "(seed 0, 1), fp16_lr1e-3 2500 steps (seed 0, 1), oracle probe" in exp2
     # hgf is clearly worse (refuted), hgf_std within the noise (undecided): undecided overall
     assert "**Verdict (2500 steps): undecided at this budget.**" in exp2
+
+
+def test_the_fp16_reference_is_the_best_of_its_candidates(study):
+    """Experiment 2 measures the gap against the best of fp16 and its LR variants."""
+    width = study / "results" / "why_width"
+    losses = {"fp16": (3.50, 3.58), "bitnet": (3.455, 3.46), "hgf_std": (3.40, 3.41)}
+    for arm, pair in losses.items():
+        for seed, loss in enumerate(pair):
+            fake_run(width / "runs" / f"{arm}-2500steps-seed{seed}", loss, arm=arm, steps=2500,
+                     seed=seed)
+    for seed, loss in enumerate((3.30, 3.31)):
+        fake_run(width / "variants" / f"fp16_lr2e-3-2500steps-seed{seed}", loss, arm="fp16",
+                 steps=2500, seed=seed, variant="fp16_lr2e-3")
+    assert main(["reproduce", "--preset", "why_width", "--report-only"]) == 0
+    md = (study / "results/cpu/why.md").read_text()
+    exp2 = md[md.index("## Experiment 2"):md.index("## Experiment 3")]
+    assert "| fp16_lr2e-3 | fp16 | 0.002 | 2 | 3.3050 ± 0.0071 |" in exp2
+    assert ("- FP16 reference at 2500 steps: `fp16_lr2e-3` (LR 0.002, 3.3050), the lowest of "
+            "`fp16` 3.5400, `fp16_lr2e-3` 3.3050") in exp2
+    assert "no ternary gap" not in exp2
+    r = gap_recovery(3.4575, 3.405, 3.305)
+    assert f"| hgf_std | hgf_std | 0.002 | 2 | 3.4050 ± 0.0071 | {3.405 / 2.8:.4f} ± 0.0025 | " \
+           f"0/2 | " in exp2 and f"{r:.3f} ± " in exp2
+
+
+def test_an_fp16_candidate_must_be_an_fp16_run(tmp_path, capsys):
+    src = (ROOT / "configs" / "reproduce" / "why_width.toml").read_text()
+    bad = tmp_path / "w.toml"
+    bad.write_text(src.replace('fp16 = ["fp16", "fp16_lr2e-3", "fp16_lr1e-3"]',
+                               'fp16 = ["fp16", "gate_channel"]'))
+    assert main(["reproduce", "--preset", str(bad), "--report-only"]) == 2
+    assert "fp16 candidate 'gate_channel' is neither the fp16 arm nor an fp16 variant" in \
+        capsys.readouterr().err

@@ -68,7 +68,7 @@ from hgf.runs import atomic_write_text
 REPORT_DIR = Path("results/cpu")
 EXPERIMENT_KEYS = {"number", "title", "hypothesis", "prediction", "runs", "variants", "rule",
                    "arms", "steps", "reference", "min_effect", "baseline", "baseline_runs",
-                   "differences", "oracle"}
+                   "differences", "oracle", "fp16"}
 RULES = ("recovery", "recovery_vs_baseline", "vs_arm", "stability")
 UNSTABLE, STABLE = ("bitnet", "diff_only"), ("hgf", "hgf_std")
 
@@ -104,6 +104,10 @@ def experiments(preset: Preset) -> list[dict[str, Any]]:
         for v in e.get("variants", []):
             if v not in preset.variants:
                 raise ConfigError(f"{where}: unknown variant {v!r}")
+        for v in e.get("fp16", []):
+            if v != "fp16" and (v not in preset.variants or preset.variants[v].arm != "fp16"):
+                raise ConfigError(f"{where}: fp16 candidate {v!r} is neither the fp16 arm nor an "
+                                  "fp16 variant of this preset")
     return exps
 
 
@@ -168,6 +172,25 @@ def _combine(verdicts: list[str]) -> str:
 def _pm(q: float, s: float | None, spec: str = ".3f") -> str:
     se = "" if not _finite(q) else " ± ?" if s is None else f" ± {s:{spec.lstrip('+')}}"
     return _fmt(q, spec) + se
+
+
+def fp16_reference(c: dict, candidates: list[str]) -> tuple[dict, list[str]]:
+    """``c`` with each regime's ("fp16", steps) cell replaced by the candidate (the fp16 arm or
+    fp16 LR variants) of lowest loss, and one line per regime naming the choice: the FP model a
+    gap is measured against, at its best LR among those run."""
+    if not candidates:
+        return c, []
+    out, lines = dict(c), []
+    for st in sorted({st for _, st in c}):
+        rows = [c[(lab, st)] for lab in candidates if (lab, st) in c]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: r["val_loss"])
+        out[("fp16", st)] = best
+        lines.append(f"- FP16 reference at {st} steps: `{best['label']}` (LR {best['lr']:g}, "
+                     f"{best['val_loss']:.4f}), the lowest of " + ", ".join(
+                         f"`{r['label']}` {r['val_loss']:.4f}" for r in rows))
+    return out, lines
 
 
 def _no_gap(c: dict, steps: int, ref: str) -> tuple[dict, dict] | None:
@@ -308,13 +331,17 @@ def _oracles(exp: dict, out: Path) -> tuple[list[Path], list[str]]:
     return found, todo
 
 
-def _table(c: dict, steps: int, ref: str) -> list[str]:
+def _table(c: dict, steps: int, ref: str, c_ref: dict | None = None) -> list[str]:
+    """One row per cell; the recovery column against ``c_ref``'s fp16 (default ``c``'s)."""
+    c_ref = c if c_ref is None else c_ref
     lines = ["| run | arm | LR | seeds | val loss (nats/token) | bits/byte | diverged "
              "| largest spike | gap recovery vs " + ref + " |", "|---|---|---|---|---|---|---|---|---|"]
     for (label, st), r in c.items():
         if st != steps:
             continue
-        q, s = _recovery(c, label, steps, ref) if label not in (ref, "fp16") else (math.nan, None)
+        fp_like = label == "fp16" or r["arm"] == "fp16"
+        q, s = _recovery(c_ref, label, steps, ref) if label != ref and not fp_like \
+            else (math.nan, None)
         loss, bpb = (_fmt(r[k]) + (f" ± {r[k + '_std']:.4f}" if r["n"] > 1 else "")
                      for k in ("val_loss", "val_bpb"))
         lines.append(f"| {label} | {r['arm']} | {r['lr']:g} | {r['n']} | {loss} | {bpb} | "
@@ -355,13 +382,16 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
     grid, var = _specs(preset, out)
     reads = exp.get("runs", "grid")
     names = exp.get("variants") or list(preset.variants)
-    var = [s for s in var if s.variant in names] if reads in ("variants", "all") else []
+    fp_names = [v for v in exp.get("fp16", []) if v != "fp16"]
+    var = [s for s in var if (s.variant in names and reads in ("variants", "all"))
+           or s.variant in fp_names]
     refs = grid if reads in ("grid", "all") else [s for s in grid if s.arm in
                                                     ("fp16", exp.get("reference", "bitnet"),
                                                      *{preset.variants[n].arm for n in names})]
     planned = [s for s in (grid if reads in ("grid", "all") else []) + var]
     runs = [r for r in (summarize_run(s) for s in refs + var) if r is not None]
     c = cells(runs)
+    c_ref, fp_lines = fp16_reference(c, exp.get("fp16", []))
     steps = int(exp.get("steps", max(preset.steps)))
     exp = {**exp, "variants": names, "_missing": [s for s in planned if not s.done]}
     exp.setdefault("arms", [a for a in STABLE if a in preset.arms])
@@ -370,7 +400,7 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
         base = load_preset(exp["baseline"])
         g, bv = _specs(base, Path("results") / base.name)
         baseline = cells([r for r in (summarize_run(s) for s in g + bv) if r is not None])
-    v, numbers = verdict(exp, c, steps, baseline)
+    v, numbers = verdict(exp, c_ref, steps, baseline)
     ref = exp.get("reference", "bitnet")
     n = exp.get("number", "?")
     lines = [f"## Experiment {n}: {exp.get('title', preset.name)}", "",
@@ -378,7 +408,9 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
              f"**Hypothesis.** {exp.get('hypothesis', '—')}", "",
              f"**Prediction.** {exp.get('prediction', '—')}", ""]
     for st in sorted({st for _, st in c}):
-        lines += [f"### {st} steps", "", *_table(c, st, ref), ""]
+        lines += [f"### {st} steps", "", *_table(c, st, ref, c_ref), ""]
+    if fp_lines:
+        lines += fp_lines + [""]
     if not c:
         lines += ["No finished runs yet.", ""]
     if exp.get("rule") == "stability" and c:
