@@ -138,7 +138,7 @@ def _recovery(c: dict, label: str, steps: int, ref: str) -> tuple[float, float |
     """Gap recovery of ``label`` against ``ref`` and fp16; NaN without the runs or without a gap
     (fp16 not below the ternary reference: the ratio means nothing, see :func:`_no_gap`)."""
     t, a, f = c.get((ref, steps)), c.get((label, steps)), c.get(("fp16", steps))
-    if t is None or a is None or f is None or f["val_loss"] >= t["val_loss"]:
+    if t is None or a is None or f is None or _no_gap(c, steps, ref):
         return math.nan, None
     return (gap_recovery(t["val_loss"], a["val_loss"], f["val_loss"]),
             gap_recovery_se(t, a, f))
@@ -199,14 +199,15 @@ def _no_gap(c: dict, steps: int, ref: str) -> tuple[dict, dict] | None:
     return (t, f) if t is not None and f is not None and f["val_loss"] >= t["val_loss"] else None
 
 
-def _vs_ref(c: dict, arm: str, steps: int, ref: str) -> tuple[float, float | None]:
-    """L_ref − L_arm (nats; > 0: the arm is better) and its standard error (None: one seed)."""
-    t, a = c.get((ref, steps)), c.get((arm, steps))
-    if t is None or a is None:
+def _diff(c: dict, a: str, b: str, steps: int) -> tuple[float, float | None]:
+    """L_a − L_b (nats) and its standard error (None: a cell has one seed); NaN when one of the
+    two cells has not run."""
+    ra, rb = c.get((a, steps)), c.get((b, steps))
+    if ra is None or rb is None:
         return math.nan, None
-    s = (None if t["n"] < 2 or a["n"] < 2 else math.sqrt(
-        t["val_loss_std"] ** 2 / t["n"] + a["val_loss_std"] ** 2 / a["n"]))
-    return t["val_loss"] - a["val_loss"], s
+    s = (None if ra["n"] < 2 or rb["n"] < 2 else math.sqrt(
+        ra["val_loss_std"] ** 2 / ra["n"] + rb["val_loss_std"] ** 2 / rb["n"]))
+    return ra["val_loss"] - rb["val_loss"], s
 
 
 def verdict(exp: dict, c: dict, steps: int, baseline: dict | None) -> tuple[str, str]:
@@ -223,7 +224,7 @@ def verdict(exp: dict, c: dict, steps: int, baseline: dict | None) -> tuple[str,
                      f"{ref} {t['val_loss']:.4f}, so the recovery ratio is undefined; judged on "
                      f"L_{ref} − L_arm instead")
         for arm in exp["arms"]:
-            q, s = _vs_ref(c, arm, steps, ref)
+            q, s = _diff(c, ref, arm, steps)
             verdicts.append(judge(q, s))
             parts.append(f"{arm}: L_{ref} − L_{arm} = {_pm(q, s, '+.4f')}")
     elif rule in ("recovery", "recovery_vs_baseline"):
@@ -242,14 +243,11 @@ def verdict(exp: dict, c: dict, steps: int, baseline: dict | None) -> tuple[str,
     elif rule == "vs_arm":
         for v in exp["variants"]:
             var = c.get((v, steps))
-            base = c.get((var["arm"], steps)) if var else None
-            if var is None or base is None:
+            q, s = _diff(c, var["arm"], v, steps) if var else (math.nan, None)
+            if not _finite(q):
                 verdicts.append("not yet measured")
                 parts.append(f"{v}: not measured")
                 continue
-            q = base["val_loss"] - var["val_loss"]
-            s = (None if var["n"] < 2 or base["n"] < 2 else math.sqrt(
-                var["val_loss_std"] ** 2 / var["n"] + base["val_loss_std"] ** 2 / base["n"]))
             verdicts.append(judge(q, s, m))
             parts.append(f"{v}: L_{var['arm']} − L_{v} = {_pm(q, s, '+.4f')}")
     else:
@@ -446,12 +444,8 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
 
 
 def _difference(c: dict, a: str, b: str, steps: int) -> str:
-    ra, rb = c.get((a, steps)), c.get((b, steps))
-    if ra is None or rb is None:
-        return "—"
-    s = (None if ra["n"] < 2 or rb["n"] < 2 else math.sqrt(
-        ra["val_loss_std"] ** 2 / ra["n"] + rb["val_loss_std"] ** 2 / rb["n"]))
-    return _pm(ra["val_loss"] - rb["val_loss"], s, "+.4f")
+    q, s = _diff(c, a, b, steps)
+    return _pm(q, s, "+.4f") if _finite(q) else "—"
 
 
 def _best_lr_recovery(c: dict, steps: int, ref: str) -> list[str]:
