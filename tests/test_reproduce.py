@@ -147,6 +147,8 @@ def test_command_line_overrides_and_one_seed_index(tmp_path, capsys):
     assert "nosuch" in capsys.readouterr().err
     assert main(["reproduce", "--preset", str(p), "--seeds-typo", "1"]) == 2
     assert "--seeds-typo" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", str(p), "--report-only", "--train.steps=abc"]) == 2
+    assert "--train.steps is set by the grid for each run: use --steps" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -68,7 +68,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return run_methods_report(args)
     if kind == "convert":
         return run_conversion_study(args)
-    preset = load_preset(args.preset, parse_overrides(overrides))
+    over = parse_overrides(overrides)
+    fixed = sorted(f"train.{k}" for k in over.get("train", {}) if k in ("steps", "seed", "out_dir"))
+    if fixed:
+        raise HGFError(f"--{fixed[0]} is set by the grid for each run: use --steps, --seeds, "
+                       "--seed-index or --out")
+    preset = load_preset(args.preset, over)
     out = Path(args.out or Path("results") / preset.name)
     if preset.study:
         from hgf.reproduce.why import experiments, write_why
