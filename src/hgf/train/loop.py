@@ -76,7 +76,7 @@ from hgf.train.checkpoint import (
     load_checkpoint,
     step_name,
 )
-from hgf.train.device import Autocast, autocast_for, resolve_device
+from hgf.train.device import Autocast, autocast_for, gemm_context, resolve_device
 from hgf.train.diagnostics import TernaryDiagnostics
 from hgf.train.distill import Distiller, build_distiller
 from hgf.train.evaluate import EvalResult, evaluate_tokens
@@ -126,6 +126,7 @@ class Trainer:
     device: torch.device
     autocast: Autocast = contextlib.nullcontext
     distiller: Distiller | None = None  # distill.alpha > 0: the frozen teacher
+    gemms: Autocast = contextlib.nullcontext  # around forward and backward (device.gemm_context)
     schedule: Schedule = field(init=False)
     gates: GateSchedule = field(init=False)
 
@@ -148,7 +149,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             kw = dict(scale=1.0 / t.grad_accum, autocast=self.autocast,
                       penalty=lambda: self.gates.penalty(self.model))
-            with gradient_sync(self.forward, sync=i == t.grad_accum - 1):
+            with gradient_sync(self.forward, sync=i == t.grad_accum - 1), self.gemms():
                 if self.distiller is None:
                     loss_sum[0] += forward_backward_step(self.forward, x, y, **kw)
                 else:
@@ -199,7 +200,8 @@ def build_trainer(cfg: Config, train_tokens: np.ndarray, device: torch.device,
     model, forward = build_parallel(cfg, device, init)  # meta → shard → materialise, compiled
     sampler = BatchSampler(train_tokens, t.batch_size, t.seq_len, t.seed, w.rank, w.world_size)
     return Trainer(cfg, model, forward, build_optimizer(model, cfg), sampler, device,
-                   autocast_for(device, t.dtype), build_distiller(cfg, device))
+                   autocast_for(device, t.dtype), build_distiller(cfg, device),
+                   gemm_context(device, t.dtype))
 
 
 def _note(msg: str) -> None:
@@ -335,6 +337,10 @@ def _train(cfg: Config, data: Prepared | None, device: torch.device,
     if resume_path is None:
         init = model_initialiser(cfg, data.tokens("train"), device, note=main)
     tr = build_trainer(cfg, data.tokens("train"), device, init)
+    if main and tr.gemms is not contextlib.nullcontext:
+        _note("this CPU has no native bf16 matrix products: bf16 GEMMs run in float32 from bf16 "
+              "inputs, rounded back (hgf.train.device)"
+              + ("; train.compile does not apply under it (runs eagerly)" if t.compile else ""))
     model, diagnostics = tr.model, TernaryDiagnostics()
     start = 0
     if resume_path is not None:
