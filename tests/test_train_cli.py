@@ -104,3 +104,15 @@ def test_bench_train_prints_a_table(capsys):
                  "--batch-size=2", "--seq-len=16", f"--config-dir={ROOT / 'configs'}"]) == 0
     out = capsys.readouterr().out
     assert "| fp16 |" in out and "| hgf |" in out and "| 1.00 |" in out
+
+
+def test_bench_train_rows_per_dtype(capsys):
+    assert main(["bench", "train", "--size=debug", "--arms=fp16", "--steps=1", "--warmup=0",
+                 "--batch-size=2", "--seq-len=16", "--dtypes=float32,bfloat16,bfloat16-aten",
+                 f"--config-dir={ROOT / 'configs'}"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| fp16@{d} |" in out for d in ("float32", "bfloat16", "bfloat16-aten"))
+    assert "× fp16@float32" in out
+    assert main(["bench", "train", "--size=debug", "--arms=fp16", "--dtypes=float16",
+                 f"--config-dir={ROOT / 'configs'}"]) == 2
+    assert "unknown dtype 'float16'" in capsys.readouterr().err

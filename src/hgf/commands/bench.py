@@ -21,6 +21,10 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per arm first")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+    p.add_argument("--dtypes", default="",
+                   help="comma-separated train.dtype values, one row per arm and dtype: float32, "
+                        "bfloat16, bfloat16-aten (bf16 without the float32-GEMM fallback of "
+                        "CPUs with no native bf16 GEMM); default: the arm's train.dtype")
     p.set_defaults(func=_run_train, takes_overrides=True)
 
 
@@ -35,7 +39,8 @@ def _run_train(args: argparse.Namespace, overrides: list[str]) -> int:
         torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]
     rows = bench_train(arms, args.config_dir, args.size, args.batch_size, args.seq_len,
-                       args.steps, args.warmup, args.device, overrides)
+                       args.steps, args.warmup, args.device, overrides,
+                       [d for d in args.dtypes.split(",") if d] or None)
     print(f"# hgf bench train: size {args.size}, batch {args.batch_size} x seq {args.seq_len}, "
           f"median of {args.steps} steps after {args.warmup} warmup")
     print(f"# {machine_line(args.device)}")

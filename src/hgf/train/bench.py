@@ -4,13 +4,15 @@ For every arm, one full optimizer update (forward, backward, clip, AdamW, schedu
 tokens is timed; the arms run interleaved, one step each per round, so slow drifts of a shared
 machine hit every arm alike. The first ``warmup`` rounds are discarded; the reported step time is
 the median of the remaining ``steps`` rounds, tokens/s = batch_size · seq_len / step time, and
-ratio = step time / step time of the reference arm (fp16). The process CPU time of each step is
+ratio = step time / step time of the reference arm (fp16; with ``--dtypes``, the fp16 arm at the
+first dtype listed). The process CPU time of each step is
 reported next to the wall time: on a machine shared with other jobs the wall time includes time
 spent waiting for a core, the CPU time (with one thread) does not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from hgf.config import load_config
+from hgf.errors import HGFError
 from hgf.train.device import resolve_device
 from hgf.train.loop import build_trainer
 
@@ -36,39 +39,57 @@ class BenchRow:
     cpu_ratio: float
 
 
+DTYPES = ("float32", "bfloat16", "bfloat16-aten")  # -aten: bf16 without Float32Gemms
+
+
 def bench_train(arms: list[str], config_dir: str | Path, size: str, batch_size: int,
                 seq_len: int, steps: int, warmup: int, device: str = "auto",
-                overrides: list[str] | None = None) -> list[BenchRow]:
+                overrides: list[str] | None = None,
+                dtypes: list[str] | None = None) -> list[BenchRow]:
+    """One row per arm, or per (arm, dtype) as ``arm@dtype`` when ``dtypes`` is given
+    (``bfloat16-aten``: bf16 autocast with ATen's own kernels, i.e. without
+    :class:`hgf.train.device.Float32Gemms`, to measure what it saves)."""
     dev = resolve_device(device)
+    for dt in dtypes or []:
+        if dt not in DTYPES:
+            raise HGFError(f"unknown dtype {dt!r}: expected one of {', '.join(DTYPES)}")
     trainers = {}
     for arm in arms:
-        cfg = load_config(Path(config_dir) / f"{arm}.toml",
-                          [f"--model.size={size}", f"--train.batch_size={batch_size}",
-                           f"--train.seq_len={seq_len}", f"--train.steps={warmup + steps}",
-                           f"--train.device={device}", *(overrides or [])])
-        tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 1 << 16)
-        trainers[arm] = build_trainer(cfg, tokens.astype(np.int64), dev)
-    wall: dict[str, list[float]] = {arm: [] for arm in arms}
-    cpu: dict[str, list[float]] = {arm: [] for arm in arms}
+        for dt in dtypes or [None]:
+            cfg = load_config(Path(config_dir) / f"{arm}.toml",
+                              [f"--model.size={size}", f"--train.batch_size={batch_size}",
+                               f"--train.seq_len={seq_len}", f"--train.steps={warmup + steps}",
+                               f"--train.device={device}", *(overrides or []),
+                               *([f"--train.dtype={dt.removesuffix('-aten')}"] if dt else [])])
+            tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 1 << 16)
+            tr = build_trainer(cfg, tokens.astype(np.int64), dev)
+            if dt == "bfloat16-aten":
+                tr.gemms = contextlib.nullcontext
+                tr.autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
+            trainers[arm if dt is None else f"{arm}@{dt}"] = tr
+    names = list(trainers)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for step in range(warmup + steps):
-        for arm, tr in trainers.items():
+        for name, tr in trainers.items():
             t0, c0 = time.perf_counter(), time.process_time()
             tr.train_step(step)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             if step >= warmup:
-                wall[arm].append(time.perf_counter() - t0)
-                cpu[arm].append(time.process_time() - c0)
-    med = {arm: statistics.median(ts) for arm, ts in wall.items()}
-    med_cpu = {arm: statistics.median(ts) for arm, ts in cpu.items()}
-    ref = "fp16" if "fp16" in med else arms[0]
-    return [BenchRow(arm, sum(p.numel() for p in trainers[arm].model.parameters()), med[arm],
-                     batch_size * seq_len / med[arm], med[arm] / med[ref], med_cpu[arm],
-                     med_cpu[arm] / med_cpu[ref]) for arm in arms]
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    med = {name: statistics.median(ts) for name, ts in wall.items()}
+    med_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
+    ref = next((n for n in names if n.split("@")[0] == "fp16"), names[0])
+    return [BenchRow(name, sum(p.numel() for p in trainers[name].model.parameters()), med[name],
+                     batch_size * seq_len / med[name], med[name] / med[ref], med_cpu[name],
+                     med_cpu[name] / med_cpu[ref]) for name in names]
 
 
 def format_table(rows: list[BenchRow]) -> str:
-    lines = ["| arm | params | step time (ms) | tokens/s | × fp16 | CPU time/step (ms) | × fp16 (CPU) |",
+    ref = next((r.arm for r in rows if r.ratio == 1.0), "fp16")
+    lines = [f"| arm | params | step time (ms) | tokens/s | × {ref} | CPU time/step (ms) | × {ref} (CPU) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.arm} | {r.params / 1e6:.2f}M | {r.step_s * 1e3:.1f} | {r.tokens_per_s:,.0f} | "
               f"{r.ratio:.2f} | {r.cpu_s * 1e3:.1f} | {r.cpu_ratio:.2f} |" for r in rows]
