@@ -90,6 +90,17 @@ def test_report_without_runs_says_what_to_run(study, capsys):
     assert "--out results/why_width/oracle_small.json" in md
 
 
+def test_report_with_out_goes_to_that_folder(study, capsys):
+    """--out ELSEWHERE on a study preset: the report is ELSEWHERE/why.md; the default report
+    (results/cpu/why.md, built from the default folders) is not rewritten."""
+    out = study / "elsewhere"
+    fake_run(out / "runs" / "fp16-8000steps-seed0", 3.0, arm="fp16", steps=8000)
+    assert main(["reproduce", "--preset", "why_tokens", "--report-only", "--out", str(out)]) == 0
+    assert f"study report: {out / 'why.md'}" in capsys.readouterr().out
+    assert "| fp16 | fp16 | 0.004 | 1 | 3.0000 |" in (out / "why.md").read_text()
+    assert not (study / "results" / "cpu" / "why.md").exists()
+
+
 def test_report_tables_recovery_and_verdicts(study):
     runs = study / "results" / "why_tokens" / "runs"
     losses = {"fp16": (3.00, 3.02), "bitnet": (3.40, 3.42), "hgf_std": (3.20, 3.21)}

@@ -10,7 +10,8 @@ spread over several processes); ``--section.key=value`` overrides every run's co
 ``--train.dtype=float32`` to train a preset in float32 on a GPU, whose default is bf16 autocast).
 A preset with a ``[study]`` table also rebuilds
 that study's report (``results/cpu/why.md`` for ``name = "why"``, :mod:`hgf.reproduce.why`) from
-every run of the study's presets. ``--preset convert`` (a preset with ``[study]`` and no ``[grid]``)
+every run of the study's presets (with ``--out``: ``OUT/why.md``, the other presets' runs read from
+their default folders). ``--preset convert`` (a preset with ``[study]`` and no ``[grid]``)
 is the conversion study: it runs :mod:`hgf.reproduce.convert_study` with ``--out``, ``--arms``,
 ``--seeds``, ``--report-only`` and ``--background``; one whose ``[study]`` has ``name = "methods"``
 (``--preset methods --report-only``) rebuilds the methods report (:mod:`hgf.reproduce.methods`).
@@ -83,7 +84,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return detach(out, args.argv)
     code = _run_preset(args, preset, out)
     if preset.study.get("name"):
-        path = write_why(preset.study["name"], {preset.name: out} if args.out else None)
+        # with --out, the study report goes there too: results/cpu/why.md is the default folders'
+        path = (write_why(preset.study["name"], {preset.name: out}, report_dir=out) if args.out
+                else write_why(preset.study["name"]))
         print(f"study report: {path}")
     return code
 
