@@ -238,3 +238,21 @@ def test_seed_noise_statement():
     assert "+0.0400" in seed_noise(a, b)[0] and "larger than" in seed_noise(a, b)[0]
     b["val_loss"] = 3.59
     assert "within" in seed_noise(a, b)[0]  # 0.01 < 2 * sqrt(2 * 0.01² / 3) = 0.0163
+
+
+def test_a_grid_skips_the_runs_another_process_is_training(tmp_path, capsys):
+    """Several processes can work through one grid: a run whose folder is locked is skipped
+    (no done.json), the others run, and the summary says so."""
+    from hgf.runs import run_lock
+
+    preset = _preset(tmp_path, arms=("fp16", "bitnet"))
+    out = tmp_path / "out"
+    with run_lock(out / "runs" / "fp16-4steps-seed0"):
+        assert main(["reproduce", "--preset", str(preset), "--out", str(out),
+                     "--steps", "4"]) == 0
+    cap = capsys.readouterr().out
+    assert "run 1/2 fp16@4: skipped, " in cap and "another process is training this run" in cap
+    assert "1 of 2 runs done (1 run now, 0 done already, 1 skipped: in use by another process)" \
+        in cap
+    assert not (out / "runs" / "fp16-4steps-seed0" / "done.json").exists()
+    assert (out / "runs" / "bitnet-4steps-seed0" / "done.json").is_file()

@@ -269,3 +269,24 @@ def test_train_help_shows_overrides_and_defaults(capsys):
                  "(default: False)", "train.ckpt_minutes", "train.steps", "SIGTERM"):
         assert text in out, text
     assert f"default {TrainConfig().out_dir}" in out
+
+
+def test_a_run_folder_trained_by_another_process_is_refused(tmp_path, dataset, capsys):
+    """Two processes training one folder would interleave their checkpoints: the second is
+    refused in one line while the first holds the folder's lock, and a killed holder (kill -9)
+    leaves no stale lock."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from hgf.runs import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["train", *_cli_args(run, dataset)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "another process is training this run" in err
+        assert sorted(p.name for p in run.iterdir()) == [".hgf.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", *_cli_args(run, dataset)]) == 0  # the kernel dropped the dead lock

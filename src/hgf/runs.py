@@ -6,6 +6,7 @@ A finished (or checkpointed) run directory holds:
     tokenizer.json     the tokenizer (a ``tokenizers`` JSON file), when the run used one
     metrics.jsonl      one JSON object per logged step/eval (written by the trainer)
     checkpoints/       resumable checkpoints (trainer-owned layout)
+    .hgf.lock          locked while a process trains there (:func:`run_lock`)
 
 Files are written atomically (temporary file in the same folder, then ``os.replace``).
 """
@@ -125,6 +126,45 @@ def load_trained(run_dir: str | Path, device: str | torch.device = "cpu",
     model = build_model(cfg)
     load_weights(model, weights or Path(run_dir) / MODEL_FILE, device)
     return model.to(device).eval(), cfg
+
+
+LOCK_FILE = ".hgf.lock"
+
+
+class RunInUseError(HGFError):
+    """Another process is training into the same run folder."""
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` (``.hgf.lock``, an advisory ``flock``, released by
+    the kernel when the process dies, so a killed run never leaves a stale lock) while a run
+    trains there; a second process gets :class:`RunInUseError` at once. Where the folder cannot
+    be written or the platform has no ``flock``, nothing is locked and the run's own writes
+    report the problem."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    fd = None
+    if enabled and fcntl is not None:
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(f"{run_dir}: another process is training this run (it holds "
+                                f"{LOCK_FILE}); wait for it or stop it first") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 A run is finished when ``RUN_DIR/done.json`` exists; it records ``ok`` or ``diverged`` (a
 non-finite loss or gradient stopped it: for the paper's Diff_Only arm that is a result, not a
-failure). An interrupted run has checkpoints but no ``done.json``; the trainer resumes it.
+failure). An interrupted run has checkpoints but no ``done.json``; the trainer resumes it. A run
+another process is training (its folder's lock, :func:`hgf.runs.run_lock`) is skipped, so several
+processes can work through one list: each takes the runs nobody holds.
 
 Progress shows whatever ``train.progress`` says (that switch is for ``hgf train``). stdout: a
 line when a run starts and one when it ends, with the runs done, the time elapsed and the ETA of
@@ -21,7 +23,7 @@ import time
 
 from hgf.errors import HGFError
 from hgf.reproduce.grid import DONE_FILE, RunSpec
-from hgf.runs import atomic_write_text
+from hgf.runs import RunInUseError, atomic_write_text
 from hgf.train.metrics import format_duration, progress_scope
 
 
@@ -86,7 +88,7 @@ def run_specs(specs: list[RunSpec]) -> None:
     n = len(specs)
     several_seeds = len({s.seed_index for s in specs}) > 1
     clock = Clock(specs)
-    ran = 0
+    ran = skipped = 0
     for i, spec in enumerate(specs, 1):
         label = run_label(spec, i, n, several_seeds)
         if spec.done:
@@ -100,6 +102,10 @@ def run_specs(specs: list[RunSpec]) -> None:
         with progress_scope(label, clock.status) as scope:
             try:
                 train(spec.cfg)
+            except RunInUseError as e:  # another process works through the same grid
+                print(f"{label}: skipped, {e}", flush=True)
+                skipped += 1
+                continue
             except NonFiniteError as e:
                 status = {"status": "diverged", "message": str(e)}
             except HGFError as e:
@@ -115,5 +121,7 @@ def run_specs(specs: list[RunSpec]) -> None:
         ran += 1
         print(f"{label}: {status['status']} in {status['wall_s']:.0f} s; {clock.status()}",
               flush=True)
-    print(f"all {n} runs done ({ran} run now, {n - ran} done already) in "
+    head = f"{n - skipped} of {n} runs done" if skipped else f"all {n} runs done"
+    busy = f", {skipped} skipped: in use by another process" if skipped else ""
+    print(f"{head} ({ran} run now, {n - ran - skipped} done already{busy}) in "
           f"{format_duration(clock.elapsed())}", flush=True)

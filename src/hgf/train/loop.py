@@ -65,7 +65,7 @@ from hgf.parallel import (
     world,
 )
 from hgf.parallel.state import export_weights
-from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, save_config
+from hgf.runs import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, run_lock, save_config
 from hgf.train import guard
 from hgf.train.batches import BatchSampler
 from hgf.train.checkpoint import (
@@ -314,7 +314,8 @@ def train(cfg: Config, data: Prepared | None = None, *, overwrite: bool = False)
     if cfg.model.linear == "ptqtp":  # zero planes until a conversion loads them
         raise HGFError("model.linear=ptqtp has no trainable projections: it is made from a trained "
                        "FP model by `hgf convert SRC --to ptqtp OUT` (evaluate it with `hgf eval`)")
-    with process_group(cfg, resolve_device(cfg.train.device)) as device:
+    with process_group(cfg, resolve_device(cfg.train.device)) as device, \
+            run_lock(cfg.train.out_dir, enabled=is_main_process()):
         return _train(cfg, data, device, overwrite)
 
 
