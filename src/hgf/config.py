@@ -147,6 +147,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op CPU threads (0 = torch's default); 1 suits tiny models
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16
+    # (a CPU without native bf16 GEMMs runs them in float32 from bf16 inputs: hgf.train.device)
     compile: bool = False
     log_every: int = 10
     ckpt_every: int = 0  # also checkpoint every N steps (0 = off); always at the end
