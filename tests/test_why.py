@@ -85,8 +85,8 @@ def test_report_without_runs_says_what_to_run(study, capsys):
     assert "    hgf reproduce --preset why_lr --variants all --steps 2500 --seeds 2" in md
     assert "    hgf reproduce --preset why_width --variants gate_channel,gate_input --steps 2500 " \
         "--seeds 2" in md
-    assert "    hgf reproduce --preset why_width --variants fp16_lr2e-3,fp16_lr1e-3 --steps 2500 " \
-        "--seeds 2" in md  # experiment 2's FP16 reference at other LRs
+    assert "    hgf reproduce --preset why_width --variants fp16_lr2e-3,fp16_lr1e-3,fp16_lr5e-4 " \
+        "--steps 2500 --seeds 2" in md  # experiment 2's FP16 reference at other LRs
     assert "--out results/why_width/oracle_small.json" in md
 
 
@@ -196,8 +196,9 @@ def test_without_a_gap_the_recovery_is_judged_on_the_difference_with_bitnet(stud
     se = math.sqrt((0.005 / math.sqrt(2)) ** 2 / 2 + (0.01 / math.sqrt(2)) ** 2 / 2)
     assert f"hgf: L_bitnet − L_hgf = {-0.0475:+.4f} ± {se:.4f}" in exp2
     # bitnet_diff's two seeds, the fp16 LR variants' and the two oracle probes are still to run
-    assert "Not yet run (8 runs): bitnet_diff 2500 steps (seed 0, 1), fp16_lr2e-3 2500 steps " \
-        "(seed 0, 1), fp16_lr1e-3 2500 steps (seed 0, 1), oracle probe" in exp2
+    assert "Not yet run (10 runs): bitnet_diff 2500 steps (seed 0, 1), fp16_lr2e-3 2500 steps " \
+        "(seed 0, 1), fp16_lr1e-3 2500 steps (seed 0, 1), fp16_lr5e-4 2500 steps (seed 0, 1), " \
+        "oracle probe" in exp2
     # hgf is clearly worse (refuted), hgf_std within the noise (undecided): undecided overall
     assert "**Verdict (2500 steps): undecided at this budget.**" in exp2
 
@@ -228,8 +229,9 @@ def test_the_fp16_reference_is_the_best_of_its_candidates(study):
 def test_an_fp16_candidate_must_be_an_fp16_run(tmp_path, capsys):
     src = (ROOT / "configs" / "reproduce" / "why_width.toml").read_text()
     bad = tmp_path / "w.toml"
-    bad.write_text(src.replace('fp16 = ["fp16", "fp16_lr2e-3", "fp16_lr1e-3"]',
-                               'fp16 = ["fp16", "gate_channel"]'))
+    candidates = 'fp16 = ["fp16", "fp16_lr2e-3", "fp16_lr1e-3", "fp16_lr5e-4"]'
+    assert candidates in src
+    bad.write_text(src.replace(candidates, 'fp16 = ["fp16", "gate_channel"]'))
     assert main(["reproduce", "--preset", str(bad), "--report-only"]) == 2
     assert "fp16 candidate 'gate_channel' is neither the fp16 arm nor an fp16 variant" in \
         capsys.readouterr().err
