@@ -11,6 +11,9 @@
 #                                         process per run, WHY_P at once,
 #                                         longest first; runs not finished by TOTAL_S keep their
 #                                         curves so far (no done.json: reports skip them)
+#   6. the conversion study (issue 16)    the `convert` preset (small FP model, then every arm x 2
+#                                         seeds, one process per arm at once; scratch beside the FP
+#                                         model), in $WORK/convert_study, until TOTAL_S
 #   (grid, optional: the paper grid, time-boxed, one seed per arm)
 #
 # Usage, from the repository root, with the data at the default path (../shared/data/tinystories)
@@ -18,11 +21,14 @@
 # Everything lands in $OUT (at most 8 files): gpu_check.log, gemv.json, decode_1b.json,
 # why_runs.tgz (compact run records: config, metrics, run_info, done, logs; no weights) and
 # oracle_model.tgz.* (the why_width bitnet seed-0 weights, split in < 16 MB parts, for the oracle
-# probe on a CPU). Rebuild the why report from them with
+# probe on a CPU), convert_runs.tgz (the conversion study's records and report). Rebuild the
+# reports from them with
 #   tar xzf why_runs.tgz -C results/ && hgf reproduce --preset why_width --report-only
+#   tar xzf convert_runs.tgz -C results/gpu/ && hgf reproduce --preset convert --report-only --out results/gpu
 # A dry run on a CPU checks the plumbing in a few minutes:
 #   OUT=/tmp/gc DEVICE=cpu DECODE_SIZE=debug GEMV_SIZES=512 CHECK_STEPS=3 WHY_SCALE=200 TOTAL_S=240 \
 #     bash scripts/gpu_check.sh
+# (PARTS="convert" WHY_SCALE=200 ...: the conversion study at 1/200 of its steps.)
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 DEVICE=${DEVICE:-cuda}
@@ -36,7 +42,7 @@ WHY_SCALE=${WHY_SCALE:-1}  # divide every why run's steps by this (dry runs)
 WHY_DTYPE=${WHY_DTYPE:-float32}  # why_tokens/why_width train in float32, as on the CPU (why_lr: bf16)
 PRESET=${PRESET:-paper}  # the reproduce preset of parts check and grid
 GRID=${GRID:-"2500:fp16,bitnet,diff_only,hgf,hgf_std,bitnet_diff 3500:fp16,bitnet,hgf"}
-PARTS=${PARTS:-"gemv decode tests check why"}  # a subset reruns only those parts
+PARTS=${PARTS:-"gemv decode tests check why"}  # a subset reruns only those parts (+ convert)
 PY=${PYTHON:-python3}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$OUT"
@@ -141,7 +147,7 @@ if want why; then
     jobs+=("why_tokens --arms $arm $s8 $seed $f32"); done; done
   for seed in 0 1; do for arm in bitnet fp16 hgf hgf_std bitnet_diff; do
     jobs+=("why_width --arms $arm $s25 $seed $f32"); done
-    for v in gate_channel gate_input fp16_lr2e-3 fp16_lr1e-3; do
+    for v in gate_channel gate_input fp16_lr2e-3 fp16_lr1e-3 fp16_lr5e-4; do
       jobs+=("why_width --variants $v $s25 $seed $f32"); done; done
   for seed in 0 1; do for lr in 1p6e-2 8e-3 4e-3; do for arm in bitnet diff_only hgf hgf_std fp16; do
     jobs+=("why_lr --variants ${arm}_lr$lr $s25 $seed"); done; done; done
@@ -167,6 +173,42 @@ from pathlib import Path; prepare(plan_grid(load_preset('why_lr'), Path('x'))[0]
       "why_width/runs/bitnet-${s25}steps-seed0/tokenizer.json"
     split -b 15m -d "$WORK/oracle_model.tgz" "$OUT/oracle_model.tgz."
   fi
+fi
+if want convert; then
+  CV="$WORK/convert_study"
+  mkdir -p "$CV"
+  left=$((TOTAL_S - SECONDS))
+  preset=convert
+  if [ "$WHY_SCALE" != 1 ]; then  # a dry run: the preset's steps and validation set scaled down
+    preset="$WORK/convert_scaled.toml"
+    $PY - "$WHY_SCALE" "$preset" <<'PY'
+import re, sys
+k, dst = int(sys.argv[1]), sys.argv[2]
+s = open("configs/reproduce/convert.toml").read()
+s = re.sub(r"^(fp_steps|ft_steps) = (\d+)", lambda m: f"{m[1]} = {max(int(m[2]) // k, 4)}", s, flags=re.M)
+s = re.sub(r"^max_valid_stories = .*", "max_valid_stories = 20", s, flags=re.M)
+open(dst, "w").write(s)
+PY
+  fi
+  cv() {  # cv LOGNAME ARMS: one process of the study, stopped at the deadline
+    timeout -s INT -k 10 "$((TOTAL_S - SECONDS))" $PY -m hgf.reproduce.convert_study \
+      --preset "$preset" --out "$CV" --arms "$2" >"$CV/$1.log" 2>&1
+    echo "-- convert $1: exit $?" >>"$LOG"
+  }
+  echo "== $(date -u +%T) convert study (preset $preset), until $((left / 60)) min from now" | tee -a "$LOG"
+  cv scratch scratch &
+  sp=$!
+  cv fp ptq  # the FP model, then the no-training ternarization
+  ps=()
+  for arm in hgf_svd_ptq ptqtp qat qat_kd hgf_svd_kd hgf_lora_kd tequila_kd sherry_kd; do
+    cv "$arm" "$arm" &
+    ps+=($!)
+  done
+  for p in "${ps[@]}" "$sp"; do wait "$p"; done
+  $PY -m hgf.reproduce.convert_study --preset "$preset" --out "$CV" --report-only >>"$LOG" 2>&1
+  tar czf "$OUT/convert_runs.tgz" -C "$CV" --exclude=checkpoints --exclude=model.safetensors \
+    --exclude=tokenizer.json --exclude='*.png' .
+  echo "== $(date -u +%T) convert study: $(ls "$CV"/*/*/done.json 2>/dev/null | wc -l) runs done" | tee -a "$LOG"
 fi
 for p in "${bg[@]}"; do wait "$p"; done
 want grid || { nvidia-smi >>"$LOG" 2>&1; echo "== $(date -u +%T) done; $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"; exit 0; }
