@@ -290,3 +290,10 @@ def test_a_run_folder_trained_by_another_process_is_refused(tmp_path, dataset, c
         holder.kill()
         holder.wait()
     assert main(["train", *_cli_args(run, dataset)]) == 0  # the kernel dropped the dead lock
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, dataset, capsys):
+    run = tmp_path / "typo"
+    assert main(["train", *_cli_args(run, dataset, "--model.vocab_size=10")]) == 2
+    assert "vocab_size" in capsys.readouterr().err
+    assert not run.exists()  # not even the lock file

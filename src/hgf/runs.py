@@ -141,16 +141,17 @@ def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
     the kernel when the process dies, so a killed run never leaves a stale lock) while a run
     trains there; a second process gets :class:`RunInUseError` at once. Where the folder cannot
     be written or the platform has no ``flock``, nothing is locked and the run's own writes
-    report the problem."""
+    report the problem. A folder this call created and nothing else wrote to is removed again."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         fcntl = None
-    fd = None
+    fd, run_dir = None, Path(run_dir)
+    created = not run_dir.exists()
     if enabled and fcntl is not None:
         try:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-            fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
             fd = None
     if fd is not None:
@@ -164,6 +165,8 @@ def run_lock(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         if fd is not None:
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                shutil.rmtree(run_dir, ignore_errors=True)  # a run that failed before writing
             os.close(fd)  # releases the lock
 
 
