@@ -66,7 +66,7 @@ step() {  # step NAME LIMIT_S CMD...: run (stopped after LIMIT_S), log the comma
   $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__,
     'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
   $PY -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
-  nproc; uptime
+  nproc --all; uptime  # --all: nproc alone honours OMP_NUM_THREADS
 } >>"$LOG" 2>&1
 
 want() { [[ " $PARTS " == *" $1 "* ]]; }
