@@ -12,7 +12,6 @@ spent waiting for a core, the CPU time (with one thread) does not.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -24,7 +23,7 @@ import torch
 
 from hgf.config import load_config
 from hgf.errors import HGFError
-from hgf.train.device import resolve_device
+from hgf.train.device import autocast_for, gemm_context, resolve_device
 from hgf.train.loop import build_trainer
 
 
@@ -64,8 +63,8 @@ def bench_train(arms: list[str], config_dir: str | Path, size: str, batch_size: 
             tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, 1 << 16)
             tr = build_trainer(cfg, tokens.astype(np.int64), dev)
             if dt == "bfloat16-aten":
-                tr.gemms = contextlib.nullcontext
-                tr.autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
+                tr.gemms = gemm_context(dev, "bfloat16", float32_gemms=False)
+                tr.autocast = autocast_for(dev, "bfloat16", float32_gemms=False)
             trainers[arm if dt is None else f"{arm}@{dt}"] = tr
     names = list(trainers)
     wall: dict[str, list[float]] = {name: [] for name in names}

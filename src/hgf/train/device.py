@@ -39,12 +39,14 @@ class Float32Gemms(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _GEMMS and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
-                                  for a in args):
-            up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a
-                  for a in args]
+        if func in _GEMMS and any(map(_is_bf16, args)):
+            up = [a.float() if _is_bf16(a) else a for a in args]
             return func(*up, **kwargs).to(torch.bfloat16)
         return func(*args, **kwargs)
+
+
+def _is_bf16(a: object) -> bool:
+    return isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16
 
 
 @functools.cache
@@ -65,19 +67,21 @@ def _float32_gemms() -> Iterator[None]:
         yield
 
 
-def gemm_context(device: torch.device, dtype: str) -> Autocast:
+def gemm_context(device: torch.device, dtype: str, float32_gemms: bool = True) -> Autocast:
     """A factory of the context that makes bf16 GEMMs fast on this device: :class:`Float32Gemms`
-    for bf16 on a CPU without native bf16 GEMMs, else nothing."""
-    if device.type == "cpu" and dtype == "bfloat16" and not native_bf16_gemm():
+    for bf16 on a CPU without native bf16 GEMMs, else (or with ``float32_gemms=False``, ATen's own
+    bf16 kernels, for ``hgf bench train --dtypes bfloat16-aten``) nothing."""
+    if (float32_gemms and device.type == "cpu" and dtype == "bfloat16"
+            and not native_bf16_gemm()):
         return _float32_gemms
     return contextlib.nullcontext
 
 
-def autocast_for(device: torch.device, dtype: str) -> Autocast:
+def autocast_for(device: torch.device, dtype: str, float32_gemms: bool = True) -> Autocast:
     """A factory of the forward's autocast context (bf16 on CUDA for ``auto``), with
     :func:`gemm_context` inside it."""
     if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
-        gemms = gemm_context(device, "bfloat16")
+        gemms = gemm_context(device, "bfloat16", float32_gemms)
 
         @contextlib.contextmanager
         def bf16() -> Iterator[None]:
