@@ -3,7 +3,8 @@
 float32).
 
 bf16 on a CPU without native bf16 matrix products (no AVX-512 BF16 / AMX: oneDNN declines and
-PyTorch falls back to a scalar loop, 5-30x slower than float32 here) runs every bf16 GEMM in
+PyTorch falls back to a scalar loop; a training step 8-10x slower than in float32 on an AVX2 VM,
+results/bench_train_cpu.md) runs every bf16 GEMM in
 float32 from its bf16 inputs, rounded back to bf16 (:class:`Float32Gemms`). Products of two bf16
 numbers are exact in float32 and a bf16 GEMM accumulates in float32 on every backend
 (cuBLAS, oneDNN, ATen's fallback), so the result is the native one up to the order of the sums;
@@ -26,8 +27,8 @@ __all__ = ["Autocast", "Float32Gemms", "autocast_for", "gemm_context", "native_b
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
 _aten = torch.ops.aten
-# The CPU attention kernel stays native: computing it in float32 skips the bf16 rounding of its
-# probabilities (a different numeric, not the same one faster) and saved only ~5% of a step here.
+# The CPU attention kernel stays native: computing it in float32 would skip the bf16 rounding of
+# its probabilities (a different numeric, not the same one faster).
 _GEMMS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
                     _aten.baddbmm.default})
 
