@@ -3,7 +3,7 @@
 float32).
 
 bf16 on a CPU without native bf16 matrix products (no AVX-512 BF16 / AMX: oneDNN declines and
-PyTorch falls back to a scalar loop; a training step 8-10x slower than in float32 on an AVX2 VM,
+PyTorch falls back to a scalar loop; a training step 7-9x slower than in float32 on an AVX2 VM,
 results/bench_train_cpu.md) runs every bf16 GEMM in
 float32 from its bf16 inputs, rounded back to bf16 (:class:`Float32Gemms`). Products of two bf16
 numbers are exact in float32 and a bf16 GEMM accumulates in float32 on every backend
