@@ -11,7 +11,7 @@ import pytest
 
 from hgf.cli import main
 from hgf.reproduce.report import gap_recovery, gap_recovery_se
-from hgf.reproduce.why import _stability, judge
+from hgf.reproduce.why import _best_lr_recovery, _stability, judge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +70,24 @@ def test_stability_rule():
     assert _stability({}, c, 2500)[0] == "refuted"  # all run, hgf never more stable
     assert _stability({"_missing": ["x"]}, c, 2500)[0] == "undecided at this budget"
     assert _stability({}, {}, 2500)[0] == "not yet measured"
+
+
+def test_best_lr_recovery_against_the_baseline_at_each_lr_with_its_standard_error():
+    def cell(arm, lr, loss, std, n=2):
+        return {"arm": arm, "lr": lr, "diverged": 0, "n": n, "val_loss": loss, "val_loss_std": std}
+
+    c = {("fp16_a", 2500): cell("fp16", 4e-3, 3.30, 0.01), ("fp16_b", 2500): cell("fp16", 8e-3, 3.40, 0.01),
+         ("bitnet_a", 2500): cell("bitnet", 4e-3, 3.50, 0.02),
+         ("bitnet_b", 2500): cell("bitnet", 8e-3, 3.70, 0.02, n=1),
+         ("hgf_a", 2500): cell("hgf", 4e-3, 3.55, 0.03), ("hgf_b", 2500): cell("hgf", 8e-3, 3.60, 0.01)}
+    (line, _blank) = _best_lr_recovery(c, 2500, "bitnet")
+    best_hgf, fp = c[("hgf_a", 2500)], c[("fp16_a", 2500)]  # each arm at its lowest loss
+    q4 = gap_recovery(3.50, 3.55, 3.30)
+    se4 = gap_recovery_se(c[("bitnet_a", 2500)], best_hgf, fp)
+    q8 = gap_recovery(3.70, 3.55, 3.30)
+    assert line == (f"- hgf at its best LR (0.004) recovers, against bitnet at each LR (fp16 at its "
+                    f"best): LR 0.004: {q4:.3f} ± {se4:.3f}, LR 0.008: {q8:.3f} ± ?")
+    assert q4 < 0 < q8  # the artefact: "recovery" only against a baseline past its best LR
 
 
 def test_report_without_runs_says_what_to_run(study, capsys):

@@ -461,13 +461,14 @@ def _best_lr_recovery(c: dict, steps: int, ref: str) -> list[str]:
     for arm in STABLE:
         if arm not in best:
             continue
-        vs = [(r["lr"], gap_recovery(r["val_loss"], best[arm]["val_loss"], best["fp16"]["val_loss"]))
+        vs = [(r["lr"], gap_recovery(r["val_loss"], best[arm]["val_loss"], best["fp16"]["val_loss"]),
+               gap_recovery_se(r, best[arm], best["fp16"]))
               for (_, st), r in sorted(c.items(), key=lambda kv: kv[1]["lr"])
               if st == steps and r["arm"] == ref]
         if vs:
             lines.append(f"- {arm} at its best LR ({best[arm]['lr']:g}) recovers, against {ref} at "
                          "each LR (fp16 at its best): " + ", ".join(
-                             f"LR {lr:g}: {_fmt(q, '.3f')}" for lr, q in vs))
+                             f"LR {lr:g}: {_pm(q, se)}" for lr, q, se in vs))
     return lines + [""] if lines else []
 
 
