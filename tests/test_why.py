@@ -157,6 +157,11 @@ def test_report_tables_recovery_and_verdicts(study):
     assert "undecided at this budget.** gate_channel: L_hgf_std − L_gate_channel = +0.0500 ± ?" \
         in exp4
     assert (study / "results/cpu/why_width_4.png").is_file()
+    summary = md[md.index("## Verdicts"):md.index("## Experiment 1")]  # one line per experiment
+    assert ("- Experiment 1, Under-training (tokens per parameter): **supported** (8000 steps); "
+            "3 runs not yet run") in summary
+    assert "- Experiment 3, Stability, not capacity: **not yet measured** (2500 steps);" in summary
+    assert summary.count("\n- Experiment ") == 4
 
 
 def test_gate_variants_run_through_hgf_reproduce(tmp_path):

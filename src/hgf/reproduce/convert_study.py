@@ -435,7 +435,8 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path | None:
     left.set_ylabel("validation loss (nats/token)")
     left.set_title("Conversion arms (seed 0)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    if left.get_legend_handles_labels()[0]:  # no curve yet: no legend
+        left.legend(fontsize=7)
     for name, color in (("fp", "k"), ("scratch", colors[3])):
         r = data["rows"].get(name)
         if r and r["curve"]:
@@ -445,7 +446,8 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path | None:
     right.set_xlabel("training tokens (millions)")
     right.set_title("From scratch: FP model and BitNet (seed 0)")
     right.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    if right.get_legend_handles_labels()[0]:  # no curve yet: no legend
+        right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -376,7 +376,8 @@ def _plot(exp: dict, c: dict, steps: int, regimes: list[int], path: Path, title:
 
 
 def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, first: bool,
-                      default_out: bool) -> tuple[list[str], list[dict]]:
+                      default_out: bool) -> tuple[list[str], list[dict], str]:
+    """(the experiment's section, its runs, its line in the report's summary)."""
     grid, var = _specs(preset, out)
     reads = exp.get("runs", "grid")
     names = exp.get("variants") or list(preset.variants)
@@ -434,13 +435,15 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
     missing = [f"{label} {st} steps (seed {', '.join(map(str, seeds))})"
                for (label, st), seeds in groups.items()]
     cmds = _missing_commands(preset, out, exp["_missing"], default_out) + todo
+    n_runs = len(exp["_missing"]) + len(todo)
+    summary = (f"- Experiment {n}, {exp.get('title', preset.name)}: **{v}** ({steps} steps)"
+               + (f"; {n_runs} run{'s' * (n_runs != 1)} not yet run" if n_runs else ""))
     if missing or todo:
-        n_runs = len(exp["_missing"]) + len(todo)
         lines += [f"Not yet run ({n_runs} run{'s' * (n_runs != 1)}): " + ", ".join(
                       missing + [f"oracle probe `{t.split('--out')[-1].strip()}`" for t in todo])
                   + ". Commands:", "",
                   *[f"    {cmd}" for cmd in cmds], ""]
-    return lines, runs
+    return lines, runs, summary
 
 
 def _difference(c: dict, a: str, b: str, steps: int) -> str:
@@ -481,12 +484,13 @@ def write_why(name: str = "why", outs: dict[str, Path] | None = None,
                     for i, e in enumerate(experiments(p))),
                    key=lambda t: t[1].get("number", 0))
     report_dir.mkdir(parents=True, exist_ok=True)
-    body, commits = [], {}
+    body, commits, summary = [], {}, []
     for preset, exp, first in items:
         out = Path(outs.get(preset.name, Path("results") / preset.name))
-        lines, runs = render_experiment(preset, exp, out, report_dir, first,
-                                        preset.name not in outs)
+        lines, runs, line = render_experiment(preset, exp, out, report_dir, first,
+                                              preset.name not in outs)
         body += lines
+        summary.append(line)
         for r in runs:
             info = Path(r["dir"]) / "run_info.json"
             if info.is_file():
@@ -504,6 +508,7 @@ def write_why(name: str = "why", outs: dict[str, Path] | None = None,
             "budget**; **not yet measured** without the runs (hgf.reproduce.why).", ""]
     if commits:
         head += [commits_line(commits), ""]
+    head += ["## Verdicts", "", *summary, ""]
     path = report_dir / "why.md"
     atomic_write_text(path, "\n".join(head + body))
     return path
