@@ -100,7 +100,7 @@ def test_gemm_context_only_where_bf16_gemms_are_not_native(monkeypatch):
     assert dev.gemm_context(cpu, "float32") is contextlib.nullcontext
     assert dev.gemm_context(torch.device("cuda"), "bfloat16") is contextlib.nullcontext
     monkeypatch.setattr(dev, "native_bf16_gemm", lambda: False)
-    with dev.gemm_context(cpu, "bfloat16")():
+    with dev.gemm_context(cpu, "bfloat16")():  # noqa: SIM117 (nesting is the point)
         with dev.gemm_context(cpu, "bfloat16")():  # nested: one mode, not two
             from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
             assert sum(isinstance(m, dev.Float32Gemms)
