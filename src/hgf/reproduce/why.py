@@ -436,10 +436,11 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
                for (label, st), seeds in groups.items()]
     cmds = _missing_commands(preset, out, exp["_missing"], default_out) + todo
     n_runs = len(exp["_missing"]) + len(todo)
+    runs_left = f"{n_runs} run{'s' * (n_runs != 1)}"
     summary = (f"- Experiment {n}, {exp.get('title', preset.name)}: **{v}** ({steps} steps)"
-               + (f"; {n_runs} run{'s' * (n_runs != 1)} not yet run" if n_runs else ""))
+               + (f"; {runs_left} not yet run" if n_runs else ""))
     if missing or todo:
-        lines += [f"Not yet run ({n_runs} run{'s' * (n_runs != 1)}): " + ", ".join(
+        lines += [f"Not yet run ({runs_left}): " + ", ".join(
                       missing + [f"oracle probe `{t.split('--out')[-1].strip()}`" for t in todo])
                   + ". Commands:", "",
                   *[f"    {cmd}" for cmd in cmds], ""]
