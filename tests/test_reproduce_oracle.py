@@ -48,3 +48,48 @@ def test_cli_writes_the_table_and_refuses_a_non_bitnet_run(runs, tmp_path, capsy
     assert "| attention | 2 |" in out.with_suffix(".md").read_text()
     assert main([str(runs / "fp16"), str(runs / "fp16"), "--out", str(tmp_path / "x.json")]) == 2
     assert "needs a bitnet run" in capsys.readouterr().err
+
+
+def test_rows_are_saved_one_by_one_and_a_rerun_resumes_and_shares(runs, tmp_path, monkeypatch):
+    import hgf.reproduce.oracle as oracle
+
+    out = tmp_path / "oracle.json"
+    args = [str(runs / "bitnet"), str(runs / "fp16"), "--ranks", "2,3", "--targets", "attention",
+            "--steps", "2", "--out", str(out)]
+    trained = []
+    real = oracle.probe_row
+
+    def killed_after_one(*a):
+        if trained:
+            raise KeyboardInterrupt  # the process dies during the second row
+        trained.append(a[4])
+        return real(*a)
+
+    monkeypatch.setattr(oracle, "probe_row", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not out.exists()
+    saved = json.loads((oracle.rows_dir(out) / "attention-r2" / "row.json").read_text())
+    assert saved["rank"] == 2 and not (oracle.rows_dir(out) / "attention-r3").exists()
+
+    # another process holds rank 3: this one keeps rank 2, skips rank 3, writes no table
+    from hgf.runs import run_lock
+    monkeypatch.setattr(oracle, "probe_row", real)
+    with run_lock(oracle.rows_dir(out) / "attention-r3"):
+        assert main(args) == 0
+    assert not out.exists()
+
+    def counted(*a):
+        trained.append(a[4])
+        return real(*a)
+
+    monkeypatch.setattr(oracle, "probe_row", counted)
+    assert main(args) == 0  # only rank 3 trains now; the table is written, the rows removed
+    assert trained == [2, 3]
+    res = json.loads(out.read_text())
+    assert [r["rank"] for r in res["rows"]] == [2, 3]
+    assert res["rows"][0]["val_loss"] == saved["val_loss"]
+    assert not oracle.rows_dir(out).exists()
+    assert main(args) == 0 and trained == [2, 3]  # a finished probe trains nothing again
+
+    assert main(args[:-4] + ["--steps", "5", "--out", str(out)]) == 2  # other settings: refused

@@ -19,13 +19,17 @@ answers "is there anything low-rank left to recover?".
         --out results/why_width/oracle.json
 
 Writes ``oracle.json`` and ``oracle.md`` (rank, targets, steps, overhead, full-validation loss,
-bits/byte, recovery). Runs on a CPU in minutes at the ``tiny`` and ``small`` sizes.
+bits/byte, recovery). Each finished row is saved at once (``oracle.rows/``), so a killed probe
+resumes where it stopped, and two processes started with the same command share the rows (a row
+another process is training is skipped; the last to finish writes the table). Minutes per row
+at the ``tiny`` size on one CPU core, ~10 at ``small``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +42,14 @@ from hgf.errors import HGFError
 from hgf.memory import memory_report
 from hgf.model import build_model, lm_loss
 from hgf.model.hgf_linear import CORRECTION_PARAMS
-from hgf.runs import MODEL_FILE, atomic_write_text, load_run_config, load_trained
+from hgf.runs import (
+    MODEL_FILE,
+    RunInUseError,
+    atomic_write_text,
+    load_run_config,
+    load_trained,
+    run_lock,
+)
 from hgf.train.batches import BatchSampler
 from hgf.train.evaluate import evaluate_tokens
 from hgf.train.schedule import Schedule
@@ -101,32 +112,94 @@ def final_loss(run: Path) -> float:
     return float(finals[-1]["val_loss"])
 
 
+def rows_dir(out: Path) -> Path:
+    """Where the finished rows of an unfinished probe wait (``oracle.rows/`` beside ``oracle.json``),
+    one folder per (targets, rank), each locked while a process trains it (:func:`run_lock`)."""
+    return out.with_name(out.stem + ".rows")
+
+
+def _settings(bitnet_run: Path, fp16_run: Path, steps: int, lr: float, seed: int) -> dict:
+    return {"bitnet_run": str(bitnet_run), "fp16_run": str(fp16_run), "steps": steps, "lr": lr,
+            "seed": seed}
+
+
+def _same_settings(row: dict, settings: dict, where: Path) -> dict:
+    got = {k: row.get(k, settings[k] if k in ("bitnet_run", "fp16_run", "seed") else None)
+           for k in settings}
+    if got != settings:
+        diff = [f"{k} {got[k]!r} (now {v!r})" for k, v in settings.items() if got[k] != v]
+        raise HGFError(f"{where}: a probe row made with other settings ({', '.join(diff)}); "
+                       f"remove it or choose another --out")
+    return row
+
+
+def probe_row(bitnet_run: Path, base: Config, data, tg: str, r: int, steps: int, lr: float,
+              seed: int, l_bitnet: float, l_fp16: float) -> dict:
+    """Train one rank-r correction on the frozen backbone and evaluate it on full validation."""
+    cfg = oracle_config(base, r, tg, steps, lr)
+    torch.manual_seed(seed)
+    model = build_probe(bitnet_run, cfg)
+    t0 = time.time()
+    train_loss = train_probe(model, cfg, data.tokens("train"), seed)
+    res = evaluate_tokens(model.eval(), data.tokens("valid"), cfg.train.seq_len,
+                          cfg.train.batch_size, torch.device("cpu"), data.bytes_per_token("valid"))
+    return {"targets": tg, "rank": r, "steps": steps, "lr": lr,
+            "overhead_2bit": memory_report(model).overhead("i2"), "train_loss": train_loss,
+            "val_loss": res.loss, "val_bpb": res.bpb,
+            "recovery": (l_bitnet - res.loss) / (l_bitnet - l_fp16),
+            "wall_s": round(time.time() - t0, 1)}
+
+
 def run_oracle(bitnet_run: Path, fp16_run: Path, ranks: list[int], targets: list[str],
-               steps: int, lr: float, seed: int = 0) -> dict:
+               steps: int, lr: float, seed: int = 0, out: Path | None = None) -> dict:
+    """Every (targets, rank) row of the probe; with ``out``, resumable and shareable: rows already
+    in ``out`` or in :func:`rows_dir` are kept, a row another process is training is skipped,
+    each finished row is saved at once. ``complete`` says whether every row is there."""
     base = load_run_config(bitnet_run)
     data = prepare(base, progress=False)
-    valid, bpt = data.tokens("valid"), data.bytes_per_token("valid")
     l_bitnet, l_fp16 = final_loss(bitnet_run), final_loss(fp16_run)
-    rows = []
+    settings = _settings(bitnet_run, fp16_run, steps, lr, seed)
+    done: dict[tuple[str, int], dict] = {}
+    if out is not None and out.exists():
+        prev = json.loads(out.read_text())
+        for row in prev.get("rows", []):
+            _same_settings({**prev, **row}, settings, out)
+            done[row["targets"], row["rank"]] = row
     for tg in targets:
         for r in ranks:
-            cfg = oracle_config(base, r, tg, steps, lr)
-            torch.manual_seed(seed)
-            model = build_probe(bitnet_run, cfg)
-            t0 = time.time()
-            train_loss = train_probe(model, cfg, data.tokens("train"), seed)
-            res = evaluate_tokens(model.eval(), valid, cfg.train.seq_len, cfg.train.batch_size,
-                                  torch.device("cpu"), bpt)
-            overhead = memory_report(model).overhead("i2")
-            rows.append({"targets": tg, "rank": r, "steps": steps, "lr": lr,
-                         "overhead_2bit": overhead, "train_loss": train_loss,
-                         "val_loss": res.loss, "val_bpb": res.bpb,
-                         "recovery": (l_bitnet - res.loss) / (l_bitnet - l_fp16),
-                         "wall_s": round(time.time() - t0, 1)})
-            print(f"targets {tg} rank {r}: val {res.loss:.4f} recovery {rows[-1]['recovery']:+.3f} "
-                  f"overhead {overhead:.1%} ({rows[-1]['wall_s']:.0f} s)", flush=True)
+            if (tg, r) in done:
+                continue
+            row = None
+            if out is not None:
+                rdir = rows_dir(out) / f"{tg}-r{r}"
+                if (rdir / "row.json").exists():
+                    row = _same_settings(json.loads((rdir / "row.json").read_text()), settings, rdir)
+                else:
+                    try:
+                        with run_lock(rdir):
+                            row = {**probe_row(bitnet_run, base, data, tg, r, steps, lr, seed,
+                                               l_bitnet, l_fp16), **settings}
+                            atomic_write_text(rdir / "row.json", json.dumps(row, indent=1) + "\n")
+                    except RunInUseError:
+                        print(f"targets {tg} rank {r}: another process is training it; skipped",
+                              flush=True)
+                        continue
+            else:
+                row = probe_row(bitnet_run, base, data, tg, r, steps, lr, seed, l_bitnet, l_fp16)
+            done[tg, r] = row
+            print(f"targets {tg} rank {r}: val {row['val_loss']:.4f} recovery "
+                  f"{row['recovery']:+.3f} overhead {row['overhead_2bit']:.1%} "
+                  f"({row['wall_s']:.0f} s)", flush=True)
+    keys = [(tg, r) for tg in targets for r in ranks]
+    for tg, r in keys:  # rows other processes finished meanwhile: the last to finish has them all
+        row_file = rows_dir(out) / f"{tg}-r{r}" / "row.json" if out is not None else None
+        if (tg, r) not in done and row_file is not None and row_file.exists():
+            done[tg, r] = _same_settings(json.loads(row_file.read_text()), settings, row_file)
+    rows = [{k: v for k, v in done[k].items() if k not in ("bitnet_run", "fp16_run", "seed")}
+            for k in keys if k in done]
     return {"bitnet_run": str(bitnet_run), "fp16_run": str(fp16_run), "d_model": base.model.d_model,
-            "bitnet_val_loss": l_bitnet, "fp16_val_loss": l_fp16, "rows": rows}
+            "bitnet_val_loss": l_bitnet, "fp16_val_loss": l_fp16, "seed": seed, "rows": rows,
+            "complete": len(rows) == len(keys)}
 
 
 def format_oracle(res: dict) -> str:
@@ -157,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         res = run_oracle(args.bitnet_run, args.fp16_run, [int(r) for r in args.ranks.split(",")],
-                         args.targets.split(","), args.steps, args.lr)
+                         args.targets.split(","), args.steps, args.lr, out=args.out)
     except HGFError as e:
         print(f"hgf: error: {e}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not res.pop("complete"):
+        print(f"{len(res['rows'])} rows done, the others are training in another process; "
+              f"rerun this command once they finish to write {args.out}", flush=True)
+        return 0
     atomic_write_text(args.out, json.dumps(res, indent=1) + "\n")
     atomic_write_text(args.out.with_suffix(".md"), format_oracle(res))
+    shutil.rmtree(rows_dir(args.out), ignore_errors=True)
     print(format_oracle(res))
     return 0
 
