@@ -97,7 +97,7 @@ def test_report_without_runs_says_what_to_run(study, capsys):
     for n in (1, 2, 3, 4):
         assert f"## Experiment {n}:" in md
     assert md.index("Experiment 3") < md.index("Experiment 4")
-    assert md.count("not yet measured.**") == 4
+    assert md.count("not yet measured.**") == 5  # experiment 4 in two regimes
     assert "**Hypothesis.** The correction recovers nothing" in md  # text from the preset
     assert "    hgf reproduce --preset why_tokens --steps 8000 --seeds 2" in md
     assert "    hgf reproduce --preset why_lr --variants all --steps 2500 --seeds 2" in md
@@ -156,12 +156,18 @@ def test_report_tables_recovery_and_verdicts(study):
     assert "| gate_channel | hgf_std | 0.002 | 1 | 3.2500 |" in exp4
     assert "undecided at this budget.** gate_channel: L_hgf_std − L_gate_channel = +0.0500 ± ?" \
         in exp4
+    assert "Oracle probe" not in exp4  # the probe is experiment 2's, shown once
     assert (study / "results/cpu/why_width_4.png").is_file()
     summary = md[md.index("## Verdicts"):md.index("## Experiment 1")]  # one line per experiment
     assert ("- Experiment 1, Under-training (tokens per parameter): **supported** (8000 steps); "
             "3 runs not yet run") in summary
     assert "- Experiment 3, Stability, not capacity: **not yet measured** (2500 steps);" in summary
-    assert summary.count("\n- Experiment ") == 4
+    assert summary.count("\n- Experiment ") == 5  # experiment 4 in two regimes
+    exp4_tokens = md[md.index("## Experiment 4: The paper's future work in experiment 1"):
+                     md.index("## Experiment 4: The paper's future work: a gate")]
+    assert "### 2000 steps" not in exp4_tokens  # a variants experiment shows its own regime
+    assert ("Not yet run (4 runs): gate_channel 8000 steps (seed 0, 1), gate_input 8000 steps "
+            "(seed 0, 1)") in exp4_tokens  # expected at its regime only, not at 2000 steps
 
 
 def test_gate_variants_run_through_hgf_reproduce(tmp_path):
@@ -258,3 +264,17 @@ def test_an_fp16_candidate_must_be_an_fp16_run(tmp_path, capsys):
     assert main(["reproduce", "--preset", str(bad), "--report-only"]) == 2
     assert "fp16 candidate 'gate_channel' is neither the fp16 arm nor an fp16 variant" in \
         capsys.readouterr().err
+
+
+def test_run_commits_count_each_start_and_resume_of_each_run_once(tmp_path):
+    from hgf.reproduce.report import run_commits
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_info.json").write_text(json.dumps({
+        "git": {"commit": "a" * 40, "dirty": False},
+        "restarts": [{"git": {"commit": "b" * 40, "dirty": True}},
+                     {"git": {"commit": "a" * 40, "dirty": False}}]}))
+    # the same run read by two experiments, and a folder without run_info.json
+    assert run_commits([run, tmp_path / "run", tmp_path / "none"]) == {"a" * 10: 2,
+                                                                     "b" * 10 + "+dirty": 1}

@@ -51,6 +51,7 @@ from hgf.reproduce.report import (
     commits_line,
     gap_recovery,
     gap_recovery_se,
+    run_commits,
     summarize_run,
     twice_se,
 )
@@ -398,14 +399,7 @@ def render(study: dict[str, Any], cpu: Path, bench_path: Path, conv_path: Path, 
     table = rows(runs)
     bench, env = read_bench(bench_path)
     conv = json.loads(conv_path.read_text()) if conv_path.is_file() else None
-    commits: dict[str, int] = {}
-    for rs in runs.values():
-        for r in rs:
-            info = Path(r["dir"]) / "run_info.json"
-            if info.is_file():
-                git = json.loads(info.read_text()).get("git", {})
-                key = (git.get("commit") or "unknown")[:10] + ("+dirty" if git.get("dirty") else "")
-                commits[key] = commits.get(key, 0) + 1
+    commits = run_commits(r["dir"] for rs in runs.values() for r in rs)
     cpu_s = shown(cpu)
     bench_s = shown(bench_path)
     lines = ["# The methods side by side (issue 17)", "",

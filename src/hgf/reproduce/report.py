@@ -168,15 +168,7 @@ def aggregate(preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
                   for p in PACKINGS}
         memory["params"] = rep.as_dict()["params"]
     missing = [f"{s.arm} {s.steps} steps seed {s.seed_index}" for s in specs if not s.done]
-    commits: dict[str, int] = {}  # the code each finished run ran on (a restart counts too)
-    for s in specs:
-        info_file = s.dir / "run_info.json"
-        if s.done and info_file.is_file():
-            info = json.loads(info_file.read_text())
-            for part in [info, *info.get("restarts", [])]:
-                c = part.get("git", {}).get("commit") or "unknown"
-                c = c[:10] + ("+dirty" if part.get("git", {}).get("dirty") else "")
-                commits[c] = commits.get(c, 0) + 1
+    commits = run_commits(s.dir for s in specs if s.done)
     return {"preset": preset.name, "runs": runs, "missing": missing, "commits": commits,
             "table": table,
             "gap_recovery": gaps,
@@ -263,6 +255,21 @@ def shown_path(path: Path) -> str:
         except ValueError:
             continue
     return str(path)
+
+
+def run_commits(run_dirs) -> dict[str, int]:
+    """The code the runs ran on: how many run starts (a restart counts too) each git commit of
+    hgf's source tree had, from each run's ``run_info.json``; a run listed twice counts once."""
+    commits: dict[str, int] = {}
+    for d in dict.fromkeys(Path(d).resolve() for d in run_dirs):
+        info_file = d / "run_info.json"
+        if info_file.is_file():
+            info = json.loads(info_file.read_text())
+            for part in [info, *info.get("restarts", [])]:
+                git = part.get("git", {})
+                c = (git.get("commit") or "unknown")[:10] + ("+dirty" if git.get("dirty") else "")
+                commits[c] = commits.get(c, 0) + 1
+    return commits
 
 
 def commits_line(commits: dict[str, int]) -> str:

@@ -8,7 +8,8 @@ experiments, in ``number`` order; each is one ``[[study.experiment]]`` table:
     variants    the variants it reads (default: all of the preset's, when runs reads variants)
     rule        how the verdict is computed from the numbers (RULES below)
     arms        the corrected arms the recovery rules read (default hgf and hgf_std, if run)
-    steps       the regime the rule reads (default the preset's longest)
+    steps       the regime the rule reads (default the preset's longest); with it, variants are
+                only expected at that regime (their runs at others still show)
     reference   the ternary arm of the gap recovery (default bitnet)
     min_effect  the smallest effect that counts as the prediction holding (default 0)
     baseline    recovery_vs_baseline: the preset whose runs (default out folder) are the baseline
@@ -61,6 +62,7 @@ from hgf.reproduce.report import (
     commits_line,
     gap_recovery,
     gap_recovery_se,
+    run_commits,
     summarize_run,
 )
 from hgf.runs import atomic_write_text
@@ -317,7 +319,10 @@ def _missing_commands(preset: Preset, out: Path, specs: list[RunSpec], default_o
 
 
 def _oracles(exp: dict, out: Path) -> tuple[list[Path], list[str]]:
-    """(oracle JSON files present, commands of the ones not yet run)."""
+    """(oracle JSON files present, commands of the ones not yet run); none for an experiment
+    without an ``oracle`` list (another experiment of the same preset owns the probes)."""
+    if not exp.get("oracle"):
+        return [], []
     found, todo = sorted(out.glob("oracle*.json")), []
     for cmd in exp.get("oracle", []):
         words = shlex.split(cmd)
@@ -387,11 +392,12 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
     refs = grid if reads in ("grid", "all") else [s for s in grid if s.arm in
                                                     ("fp16", exp.get("reference", "bitnet"),
                                                      *{preset.variants[n].arm for n in names})]
-    planned = [s for s in (grid if reads in ("grid", "all") else []) + var]
+    steps = int(exp.get("steps", max(preset.steps)))
+    planned = [s for s in (grid if reads in ("grid", "all") else []) + var
+               if s.variant is None or "steps" not in exp or s.steps == steps]
     runs = [r for r in (summarize_run(s) for s in refs + var) if r is not None]
     c = cells(runs)
     c_ref, fp_lines = fp16_reference(c, exp.get("fp16", []))
-    steps = int(exp.get("steps", max(preset.steps)))
     exp = {**exp, "variants": names, "_missing": [s for s in planned if not s.done]}
     exp.setdefault("arms", [a for a in STABLE if a in preset.arms])
     baseline = None
@@ -406,7 +412,10 @@ def render_experiment(preset: Preset, exp: dict, out: Path, report_dir: Path, fi
              f"Preset: `configs/reproduce/{preset.name}.toml`, runs in `{out}`.", "",
              f"**Hypothesis.** {exp.get('hypothesis', '—')}", "",
              f"**Prediction.** {exp.get('prediction', '—')}", ""]
-    for st in sorted({st for _, st in c}):
+    shown = sorted({st for _, st in c})
+    if reads == "variants" and "steps" in exp:  # a variants experiment at one regime shows that one
+        shown = [st for st in shown if st == steps]
+    for st in shown:
         lines += [f"### {st} steps", "", *_table(c, st, ref, c_ref), ""]
     if fp_lines:
         lines += fp_lines + [""]
@@ -485,19 +494,15 @@ def write_why(name: str = "why", outs: dict[str, Path] | None = None,
                     for i, e in enumerate(experiments(p))),
                    key=lambda t: t[1].get("number", 0))
     report_dir.mkdir(parents=True, exist_ok=True)
-    body, commits, summary = [], {}, []
+    body, dirs, summary = [], [], []
     for preset, exp, first in items:
         out = Path(outs.get(preset.name, Path("results") / preset.name))
         lines, runs, line = render_experiment(preset, exp, out, report_dir, first,
                                               preset.name not in outs)
         body += lines
         summary.append(line)
-        for r in runs:
-            info = Path(r["dir"]) / "run_info.json"
-            if info.is_file():
-                git = json.loads(info.read_text()).get("git", {})
-                key = (git.get("commit") or "unknown")[:10] + ("+dirty" if git.get("dirty") else "")
-                commits[key] = commits.get(key, 0) + 1
+        dirs += [r["dir"] for r in runs]
+    commits = run_commits(dirs)
     head = ["# Why does the correction recover none of the gap? (issue 15)", "",
             "Rebuilt from the runs that exist by `hgf reproduce --preset <why preset> --report-only` "
             "(any of " + ", ".join(f"`{p}`" for p in dict.fromkeys(p.name for p, _, _ in items))
