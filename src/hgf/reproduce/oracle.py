@@ -21,8 +21,9 @@ answers "is there anything low-rank left to recover?".
 Writes ``oracle.json`` and ``oracle.md`` (rank, targets, steps, overhead, full-validation loss,
 bits/byte, recovery). Each finished row is saved at once (``oracle.rows/``), so a killed probe
 resumes where it stopped, and two processes started with the same command share the rows (a row
-another process is training is skipped; the last to finish writes the table). Minutes per row
-at the ``tiny`` size on one CPU core, ~10 at ``small``.
+another process is training is skipped; the last to finish writes the table). One row (1000
+steps of batch 4 × 128 and a full-validation pass) takes ~7.5 min on one CPU core at the
+``small`` size (results/why_width/COMMANDS.md).
 """
 
 from __future__ import annotations
