@@ -8,8 +8,8 @@ experiments, in ``number`` order; each is one ``[[study.experiment]]`` table:
     variants    the variants it reads (default: all of the preset's, when runs reads variants)
     rule        how the verdict is computed from the numbers (RULES below)
     arms        the corrected arms the recovery rules read (default hgf and hgf_std, if run)
-    steps       the regime the rule reads (default the preset's longest); with it, variants are
-                only expected at that regime (their runs at others still show)
+    steps       the regime the rule reads (default the preset's longest); given, variants are
+                expected at that regime only, and a ``runs = variants`` experiment shows only it
     reference   the ternary arm of the gap recovery (default bitnet)
     min_effect  the smallest effect that counts as the prediction holding (default 0)
     baseline    recovery_vs_baseline: the preset whose runs (default out folder) are the baseline
