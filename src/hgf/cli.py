@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from hgf.errors import HGFError, io_error_message
+from hgf.errors import exit_code
 
 COMMANDS = ["info", "data", "train", "eval", "generate", "plot", "bench", "export", "reproduce",
             "convert", "plan"]
@@ -42,23 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     args.argv = argv
-    try:
-        if extra and not getattr(args, "takes_overrides", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        code = args.func(args, extra)
-    except HGFError as e:
-        print(f"hgf: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hgf: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a full disk, a read-only folder, ...: one line, not a traceback
-        msg = io_error_message(e)
-        if msg is None:
-            raise
-        print(f"hgf: error: {msg}", file=sys.stderr)
-        return 2
-    return int(code or 0)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return exit_code(lambda: args.func(args, extra))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # errors of the user's files and disks, not of hgf: reported as one line, never as a traceback
@@ -54,3 +56,24 @@ def io_error_message(e: BaseException) -> str | None:
     names = [str(f) for f in (getattr(e, "filename", None), getattr(e, "filename2", None))
              if f is not None]
     return f"{' -> '.join(names)}: {what}" if names else what
+
+
+def exit_code(command: Callable[[], int | None]) -> int:
+    """Run a command's body and return its exit status: an :class:`HGFError` or a user's I/O error
+    (:func:`io_error_message`) is one line ``hgf: error: ...`` on stderr and status 2, Ctrl-C is
+    130; any other exception is a bug and propagates with its traceback. Shared by ``hgf`` and
+    the ``python -m hgf.reproduce.*`` tools."""
+    try:
+        return int(command() or 0)
+    except HGFError as e:
+        print(f"hgf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hgf: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a full disk, a read-only folder, ...: one line, not a traceback
+        msg = io_error_message(e)
+        if msg is None:
+            raise
+        print(f"hgf: error: {msg}", file=sys.stderr)
+        return 2

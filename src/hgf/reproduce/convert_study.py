@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from hgf.config import Config, ConfigError, build_config, read_toml
-from hgf.errors import HGFError
+from hgf.errors import HGFError, exit_code
 from hgf.reproduce.grid import DONE_FILE, RunSpec, configs_dir, resolve_preset
 from hgf.reproduce.report import _finite, _mean_std
 from hgf.runs import atomic_write_text
@@ -528,24 +528,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--background", action="store_true",
                    help="run detached; progress goes to OUT/convert.log")
     args = p.parse_args(argv)
-    try:
-        study = load_study(args.preset)
-        out = Path(args.out)
-        if args.arms:
-            bad = [a for a in args.arms if a not in KINDS]
-            if bad:
-                raise HGFError(f"--arms: unknown arm {bad[0]!r} (known: {', '.join(KINDS)})")
-        if args.background:
-            from hgf.commands.reproduce import detach
+    return exit_code(lambda: _study(args, argv))
 
-            return detach(out, sys.argv[1:] if argv is None else argv,
-                          "hgf.reproduce.convert_study", "convert.log")
-        if not args.report_only:
-            run_study(study, out, args.arms, args.seeds)
-        print(f"report: {write_report(study, out, args.preset)}")
-    except HGFError as e:
-        print(f"hgf: error: {e}", file=sys.stderr)
-        return 2
+
+def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``main``'s body: run the study's missing arms (unless --report-only), write the report."""
+    study = load_study(args.preset)
+    out = Path(args.out)
+    if args.arms:
+        bad = [a for a in args.arms if a not in KINDS]
+        if bad:
+            raise HGFError(f"--arms: unknown arm {bad[0]!r} (known: {', '.join(KINDS)})")
+    if args.background:
+        from hgf.commands.reproduce import detach
+
+        return detach(out, sys.argv[1:] if argv is None else argv,
+                      "hgf.reproduce.convert_study", "convert.log")
+    if not args.report_only:
+        run_study(study, out, args.arms, args.seeds)
+    print(f"report: {write_report(study, out, args.preset)}")
     return 0
 
 

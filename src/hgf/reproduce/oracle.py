@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 
 from hgf.config import Config, replace
 from hgf.data.prepare import prepare
-from hgf.errors import HGFError
+from hgf.errors import HGFError, exit_code
 from hgf.memory import memory_report
 from hgf.model import build_model, lm_loss
 from hgf.model.hgf_linear import CORRECTION_PARAMS
@@ -125,13 +124,20 @@ def _settings(bitnet_run: Path, fp16_run: Path, steps: int, lr: float, seed: int
 
 
 def _same_settings(row: dict, settings: dict, where: Path) -> dict:
-    got = {k: row.get(k, settings[k] if k in ("bitnet_run", "fp16_run", "seed") else None)
-           for k in settings}
+    """``row`` when it was made with ``settings``, else a one-line error naming the difference
+    (probes written before seeds were recorded used seed 0)."""
+    got = {k: row.get(k, 0 if k == "seed" else None) for k in settings}
     if got != settings:
         diff = [f"{k} {got[k]!r} (now {v!r})" for k, v in settings.items() if got[k] != v]
         raise HGFError(f"{where}: a probe row made with other settings ({', '.join(diff)}); "
                        f"remove it or choose another --out")
     return row
+
+
+def _saved_row(row_dir: Path, settings: dict) -> dict | None:
+    """The row a process already finished in ``row_dir``, if any."""
+    f = row_dir / "row.json"
+    return _same_settings(json.loads(f.read_text()), settings, f) if f.is_file() else None
 
 
 def probe_row(bitnet_run: Path, base: Config, data, tg: str, r: int, steps: int, lr: float,
@@ -152,52 +158,43 @@ def probe_row(bitnet_run: Path, base: Config, data, tg: str, r: int, steps: int,
 
 
 def run_oracle(bitnet_run: Path, fp16_run: Path, ranks: list[int], targets: list[str],
-               steps: int, lr: float, seed: int = 0, out: Path | None = None) -> dict:
-    """Every (targets, rank) row of the probe; with ``out``, resumable and shareable: rows already
-    in ``out`` or in :func:`rows_dir` are kept, a row another process is training is skipped,
-    each finished row is saved at once. ``complete`` says whether every row is there."""
+               steps: int, lr: float, out: Path, seed: int = 0) -> dict:
+    """Every (targets, rank) row of the probe, resumable and shareable: rows already in ``out`` or
+    in :func:`rows_dir` are kept, a row another process is training is skipped, each finished
+    row is saved at once. ``complete`` says whether every row is there."""
     base = load_run_config(bitnet_run)
     data = prepare(base, progress=False)
     l_bitnet, l_fp16 = final_loss(bitnet_run), final_loss(fp16_run)
     settings = _settings(bitnet_run, fp16_run, steps, lr, seed)
     done: dict[tuple[str, int], dict] = {}
-    if out is not None and out.exists():
+    if out.exists():
         prev = json.loads(out.read_text())
         for row in prev.get("rows", []):
-            _same_settings({**prev, **row}, settings, out)
-            done[row["targets"], row["rank"]] = row
-    for tg in targets:
-        for r in ranks:
-            if (tg, r) in done:
-                continue
-            row = None
-            if out is not None:
-                rdir = rows_dir(out) / f"{tg}-r{r}"
-                if (rdir / "row.json").exists():
-                    row = _same_settings(json.loads((rdir / "row.json").read_text()), settings, rdir)
-                else:
-                    try:
-                        with run_lock(rdir):
-                            row = {**probe_row(bitnet_run, base, data, tg, r, steps, lr, seed,
-                                               l_bitnet, l_fp16), **settings}
-                            atomic_write_text(rdir / "row.json", json.dumps(row, indent=1) + "\n")
-                    except RunInUseError:
-                        print(f"targets {tg} rank {r}: another process is training it; skipped",
-                              flush=True)
-                        continue
-            else:
-                row = probe_row(bitnet_run, base, data, tg, r, steps, lr, seed, l_bitnet, l_fp16)
-            done[tg, r] = row
-            print(f"targets {tg} rank {r}: val {row['val_loss']:.4f} recovery "
-                  f"{row['recovery']:+.3f} overhead {row['overhead_2bit']:.1%} "
-                  f"({row['wall_s']:.0f} s)", flush=True)
+            done[row["targets"], row["rank"]] = _same_settings({**prev, **row}, settings, out)
     keys = [(tg, r) for tg in targets for r in ranks]
+    rows_dir(out).mkdir(parents=True, exist_ok=True)  # a read-only --out fails now, not after a row
+    for tg, r in keys:
+        row_dir = rows_dir(out) / f"{tg}-r{r}"
+        if (tg, r) in done or (row := _saved_row(row_dir, settings)) is not None:
+            done.setdefault((tg, r), row)
+            continue
+        try:
+            with run_lock(row_dir):  # re-read inside: another process may have just finished it
+                row = _saved_row(row_dir, settings) or {
+                    **probe_row(bitnet_run, base, data, tg, r, steps, lr, seed, l_bitnet, l_fp16),
+                    **settings}
+                atomic_write_text(row_dir / "row.json", json.dumps(row, indent=1) + "\n")
+        except RunInUseError:
+            print(f"targets {tg} rank {r}: another process is training it; skipped", flush=True)
+            continue
+        done[tg, r] = row
+        print(f"targets {tg} rank {r}: val {row['val_loss']:.4f} recovery {row['recovery']:+.3f} "
+              f"overhead {row['overhead_2bit']:.1%} ({row['wall_s']:.0f} s)", flush=True)
     for tg, r in keys:  # rows other processes finished meanwhile: the last to finish has them all
-        row_file = rows_dir(out) / f"{tg}-r{r}" / "row.json" if out is not None else None
-        if (tg, r) not in done and row_file is not None and row_file.exists():
-            done[tg, r] = _same_settings(json.loads(row_file.read_text()), settings, row_file)
-    rows = [{k: v for k, v in done[k].items() if k not in ("bitnet_run", "fp16_run", "seed")}
-            for k in keys if k in done]
+        if (tg, r) not in done and (row := _saved_row(rows_dir(out) / f"{tg}-r{r}", settings)):
+            done[tg, r] = row
+    rows = [{k: v for k, v in done[key].items() if k not in ("bitnet_run", "fp16_run", "seed")}
+            for key in keys if key in done]
     return {"bitnet_run": str(bitnet_run), "fp16_run": str(fp16_run), "d_model": base.model.d_model,
             "bitnet_val_loss": l_bitnet, "fp16_val_loss": l_fp16, "seed": seed, "rows": rows,
             "complete": len(rows) == len(keys)}
@@ -229,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="oracle.json path (oracle.md beside)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        res = run_oracle(args.bitnet_run, args.fp16_run, [int(r) for r in args.ranks.split(",")],
-                         args.targets.split(","), args.steps, args.lr, out=args.out)
-    except HGFError as e:
-        print(f"hgf: error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: _probe(args))
+
+
+def _probe(args: argparse.Namespace) -> int:
+    """``main``'s body: run the probe's rows, write the table once every row is there."""
+    res = run_oracle(args.bitnet_run, args.fp16_run, [int(r) for r in args.ranks.split(",")],
+                     args.targets.split(","), args.steps, args.lr, args.out)
     if not res.pop("complete"):
         print(f"{len(res['rows'])} rows done, the others are training in another process; "
               f"rerun this command once they finish to write {args.out}", flush=True)
@@ -244,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(rows_dir(args.out), ignore_errors=True)
     print(format_oracle(res))
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
