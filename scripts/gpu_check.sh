@@ -13,8 +13,9 @@
 #                                         longest first; runs not finished by TOTAL_S keep their
 #                                         curves so far (no done.json: reports skip them)
 #   6. the conversion study (issue 16)    the `convert` preset (small FP model, then every arm x 2
-#                                         seeds, one process per arm at once; scratch beside the FP
-#                                         model), in $WORK/convert_study, until TOTAL_S
+#                                         seeds, one process per arm and seed at once; scratch beside
+#                                         the FP model), in $WORK/convert_study, until TOTAL_S; with
+#                                         part why, both side by side
 #   (grid, optional: the paper grid, time-boxed, one seed per arm)
 #
 # Usage, from the repository root, with the data at the default path (../shared/data/tinystories)
@@ -137,7 +138,7 @@ why_job() {  # why_job PRESET SELECTOR NAME STEPS SEED [OVERRIDES...]: one run, 
   echo "$(date -u +%T) $preset $name $steps seed $seed: exit $rc" >>"$LOG"
 }
 
-if want why; then
+why_part() {
   WHY="$WORK/why"
   mkdir -p "$WHY/logs"
   DEADLINE=$(( $(date +%s) + TOTAL_S - SECONDS ))
@@ -146,6 +147,8 @@ if want why; then
   jobs=()  # longest first; seed 0 of a cell before its seed 1
   for seed in 0 1; do for arm in fp16 bitnet hgf_std; do
     jobs+=("why_tokens --arms $arm $s8 $seed $f32"); done; done
+  for seed in 0 1; do for v in gate_channel gate_input; do  # experiment 4 in experiment 1's regime
+    jobs+=("why_tokens --variants $v $s8 $seed $f32"); done; done
   for seed in 0 1; do for arm in bitnet fp16 hgf hgf_std bitnet_diff; do
     jobs+=("why_width --arms $arm $s25 $seed $f32"); done
     for v in gate_channel gate_input fp16_lr2e-3 fp16_lr1e-3 fp16_lr5e-4; do
@@ -178,42 +181,60 @@ from pathlib import Path; prepare(plan_grid(load_preset('why_lr'), Path('x'))[0]
       "why_width/runs/bitnet-${s25}steps-seed0/tokenizer.json"
     split -b 15m -d "$WORK/oracle_model.tgz" "$OUT/oracle_model.tgz."
   fi
-fi
-if want convert; then
+}
+convert_part() {
   CV="$WORK/convert_study"
   mkdir -p "$CV"
   left=$((TOTAL_S - SECONDS))
-  preset=convert
-  if [ "$WHY_SCALE" != 1 ]; then  # a dry run: the preset's steps and validation set scaled down
-    preset="$WORK/convert_scaled.toml"
-    $PY - "$WHY_SCALE" "$preset" <<'PY'
+  # the preset as run here: CONVERT_DTYPE (float32 as on the CPU), the FP model eager unless
+  # CONVERT_COMPILE=true (a failed compile would cost every arm), steps / WHY_SCALE (dry runs)
+  mkdir -p "$WORK/preset"
+  preset="$WORK/preset/convert.toml"  # the study's name is the file's: runs in $CV/convert
+  $PY - "$WHY_SCALE" "$preset" "${CONVERT_DTYPE:-float32}" "${CONVERT_COMPILE:-false}" <<'PY'
 import re, sys
-k, dst = int(sys.argv[1]), sys.argv[2]
+k, dst, dtype, compile_ = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 s = open("configs/reproduce/convert.toml").read()
-s = re.sub(r"^(fp_steps|ft_steps) = (\d+)", lambda m: f"{m[1]} = {max(int(m[2]) // k, 4)}", s, flags=re.M)
-s = re.sub(r"^max_valid_stories = .*", "max_valid_stories = 20", s, flags=re.M)
+s = s.replace("[base.train]\n", f'[base.train]\ndtype = "{dtype}"\n', 1)
+s = re.sub(r"^compile = true", f"compile = {compile_}", s, flags=re.M)
+if k != 1:
+    s = re.sub(r"^(fp_steps|ft_steps) = (\d+)", lambda m: f"{m[1]} = {max(int(m[2]) // k, 4)}", s,
+               flags=re.M)
+    s = re.sub(r"^max_valid_stories = .*", "max_valid_stories = 20", s, flags=re.M)
 open(dst, "w").write(s)
 PY
-  fi
-  cv() {  # cv LOGNAME ARMS: one process of the study, stopped at the deadline
-    timeout -s INT -k 10 "$((TOTAL_S - SECONDS))" $PY -m hgf.reproduce.convert_study \
-      --preset "$preset" --out "$CV" --arms "$2" >"$CV/$1.log" 2>&1
-    echo "-- convert $1: exit $?" >>"$LOG"
+  cv() {  # cv LOGNAME ARMS [SEED]: one process of the study, stopped at the deadline
+    local t=$((TOTAL_S - SECONDS))
+    [ "$t" -gt 10 ] || { echo "-- convert $1: no time left" >>"$LOG"; return 0; }
+    timeout -s INT -k 10 "$t" $PY -m hgf.reproduce.convert_study \
+      --preset "$preset" --out "$CV" --arms "$2" ${3:+--seed-index "$3"} >"$CV/$1.log" 2>&1
+    local rc=$?
+    echo "-- $(date -u +%T) convert $1: exit $rc" >>"$LOG"
   }
-  echo "== $(date -u +%T) convert study (preset $preset), until $((left / 60)) min from now" | tee -a "$LOG"
-  cv scratch scratch &
-  sp=$!
-  cv fp ptq  # the FP model, then the no-training ternarization
+  echo "== $(date -u +%T) convert study ($preset), until $((left / 60)) min from now" | tee -a "$LOG"
   ps=()
-  for arm in hgf_svd_ptq ptqtp qat qat_kd hgf_svd_kd hgf_lora_kd tequila_kd sherry_kd; do
-    cv "$arm" "$arm" &
-    ps+=($!)
+  for seed in 0 1; do cv "scratch-$seed" scratch "$seed" & ps+=($!); done
+  cv fp ptq  # the FP model, then the no-training ternarization (it tokenizes for the arms)
+  for arm in hgf_svd_ptq ptqtp; do cv "$arm" "$arm" & ps+=($!); done
+  for seed in 0 1; do  # one process per (arm, seed); each ranked arm runs its two ranks in turn
+    for arm in hgf_svd_kd hgf_lora_kd qat qat_kd tequila_kd sherry_kd; do
+      cv "$arm-$seed" "$arm" "$seed" &
+      ps+=($!)
+    done
   done
-  for p in "${ps[@]}" "$sp"; do wait "$p"; done
+  for p in "${ps[@]}"; do wait "$p"; done
   $PY -m hgf.reproduce.convert_study --preset "$preset" --out "$CV" --report-only >>"$LOG" 2>&1
   tar czf "$OUT/convert_runs.tgz" -C "$CV" --exclude=checkpoints --exclude=model.safetensors \
     --exclude=tokenizer.json --exclude='*.png' .
   echo "== $(date -u +%T) convert study: $(ls "$CV"/*/*/done.json 2>/dev/null | wc -l) runs done" | tee -a "$LOG"
+}
+if want why && want convert; then  # side by side: the study's serial FP model leaves the GPU room
+  why_part &
+  bg+=($!)
+  convert_part
+elif want why; then
+  why_part
+elif want convert; then
+  convert_part
 fi
 for p in "${bg[@]}"; do wait "$p"; done
 want grid || { nvidia-smi >>"$LOG" 2>&1; echo "== $(date -u +%T) done; $(ls "$OUT" | tr '\n' ' ')" | tee -a "$LOG"; exit 0; }

@@ -118,3 +118,18 @@ def test_presets_load_and_bad_ones_fail(tmp_path, capsys):
     bad.write_text("[study]\narms = ['nope']\n")
     assert main(["--preset", str(bad), "--report-only"]) == 2
     assert "unknown arm 'nope'" in capsys.readouterr().err
+
+
+def test_seed_index_runs_one_seed(tmp_path, dataset, capsys):
+    """--seed-index K: one process per seed; the no-training arms belong to seed 0."""
+    preset, out = _preset(tmp_path / "tiny.toml", dataset), tmp_path / "out"
+    study = load_study(preset)
+    seed1 = plan_arms(study, out, ["ptq", "qat", "scratch"], seed_index=1)
+    assert seed1 == [("qat", "qat", 1, None), ("scratch", "scratch", 1, None)]
+    assert [r[:3] for r in plan_arms(study, out, ["ptq", "qat"], seed_index=0)] == [
+        ("ptq", "ptq", 0), ("qat", "qat", 0)]
+    assert main(["--preset", preset, "--out", str(out), "--arms", "qat", "--seed-index", "1"]) == 0
+    assert (out / "tiny" / "qat-seed1" / "done.json").is_file()
+    assert not (out / "tiny" / "qat-seed0").exists()
+    assert main(["--preset", preset, "--out", str(out), "--seed-index", "2", "--report-only"]) == 2
+    assert "--seed-index 2: out of range for 2 seed(s)" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The full-precision -> 1.58-bit conversion study (docs/CONVERT.md), and its report.
 
     python -m hgf.reproduce.convert_study --preset convert [--out results/cpu] [--arms ...]
-                                          [--seeds N] [--report-only] [--background]
+                                          [--seeds N] [--seed-index K] [--report-only]
+                                          [--background]
 
 One full-precision model ``fp`` (configs/fp16.toml + the preset, ``study.fp_steps`` steps) is
 converted by every arm; the fine-tuning arms all train ``study.ft_steps`` steps of the same batch
@@ -194,9 +195,11 @@ def ranks(study: Study, out: Path) -> list[int]:
 
 
 def plan_arms(study: Study, out: Path, kinds: list[str] | None = None,
-              seeds: int | None = None) -> list[tuple[str, str, int, int | None]]:
+              seeds: int | None = None,
+              seed_index: int | None = None) -> list[tuple[str, str, int, int | None]]:
     """(kind, arm name, seed index, rank) of every run after the FP model, in running order:
-    no-training arms, then the fine-tuning arms seed by seed, then scratch."""
+    no-training arms, then the fine-tuning arms seed by seed, then scratch; only seed
+    ``seed_index``'s runs when it is given (the no-training arms are seed 0's)."""
     kinds = kinds or study.kinds
     seeds = seeds if seeds is not None else study.seeds
     rs = ranks(study, out) if any(k in RANKED for k in kinds) else []
@@ -210,6 +213,8 @@ def plan_arms(study: Study, out: Path, kinds: list[str] | None = None,
                 out_list.append((k, arm_name(k, r), s, r))
     if "scratch" in kinds:
         out_list += [("scratch", "scratch", s, None) for s in range(seeds)]
+    if seed_index is not None:
+        out_list = [run for run in out_list if run[2] == seed_index]
     return out_list
 
 
@@ -283,13 +288,14 @@ def _run_one(label: str, d: Path, kind: str, arm: str, seed: int, make_cfg) -> N
 
 
 def run_study(study: Study, out: Path, kinds: list[str] | None = None,
-              seeds: int | None = None) -> None:
-    """Train (or skip, or resume) every run of the study in order: the FP model first unless
-    only the scratch arm is asked for (it does not need it)."""
+              seeds: int | None = None, seed_index: int | None = None) -> None:
+    """Train (or skip, or resume) every run of the study in order (only seed ``seed_index``'s,
+    when given): the FP model first unless only the scratch arm is asked for (it does not need
+    it)."""
     if any(k != "scratch" for k in kinds or study.kinds):
         _run_one("[fp] full-precision model", fp_dir(out, study.name), "fp", "fp", 0,
                  lambda: fp_config(study, out))
-    plan = plan_arms(study, out, kinds, seeds)
+    plan = plan_arms(study, out, kinds, seeds, seed_index)
     for i, (kind, arm, seed, rank) in enumerate(plan, 1):
         d = run_dir(out, arm, seed, study.name)
         label = f"[{i}/{len(plan)}] {arm} seed {seed}"
@@ -524,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {', '.join(KINDS)} (the FP model runs first "
                    "unless only scratch is asked for)")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
+    p.add_argument("--seed-index", type=int, metavar="K",
+                   help="run only seed K's runs (0-based; one process per seed; the no-training "
+                   "arms are seed 0's)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     p.add_argument("--background", action="store_true",
                    help="run detached; progress goes to OUT/convert.log")
@@ -539,13 +548,16 @@ def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
         bad = [a for a in args.arms if a not in KINDS]
         if bad:
             raise HGFError(f"--arms: unknown arm {bad[0]!r} (known: {', '.join(KINDS)})")
+    seeds = args.seeds if args.seeds is not None else study.seeds
+    if args.seed_index is not None and not 0 <= args.seed_index < seeds:
+        raise HGFError(f"--seed-index {args.seed_index}: out of range for {seeds} seed(s)")
     if args.background:
         from hgf.commands.reproduce import detach
 
         return detach(out, sys.argv[1:] if argv is None else argv,
                       "hgf.reproduce.convert_study", "convert.log")
     if not args.report_only:
-        run_study(study, out, args.arms, args.seeds)
+        run_study(study, out, args.arms, args.seeds, args.seed_index)
     print(f"report: {write_report(study, out, args.preset)}")
     return 0
 
