@@ -9,7 +9,7 @@ import math
 import pytest
 
 from hgf.commands.reproduce import is_conversion_study
-from hgf.reproduce.convert_study import KINDS, load_study, main, plan_arms
+from hgf.reproduce.convert_study import KINDS, against_reference, load_study, main, plan_arms
 from trainkit import ROOT, VOCAB
 
 pytest_plugins = ["train_fixtures"]  # the dataset and one_thread fixtures
@@ -81,16 +81,20 @@ def test_the_study_runs_end_to_end_and_reports(tmp_path, dataset, capsys):
     # at d_model 32 even rank 1 costs ~40% of the backbone: the overhead-bound rank is its floor 1
     r1, r4 = rows["hgf_svd_kd_r1"]["memory"], rows["hgf_svd_kd_r4"]["memory"]
     assert (r1["rank"], r4["rank"]) == (1, 4) and r4["overhead_i2"] > r1["overhead_i2"] > 0
-    fp, ref = rows["fp"]["val_loss"], rows["qat_kd"]["val_loss"]
-    want = (ref - rows["hgf_svd_kd_r4"]["val_loss"]) / (ref - fp)
-    assert rows["hgf_svd_kd_r4"]["gap_recovery"] == pytest.approx(want)
-    ptq = rows["ptq"]["val_loss"]
+    fp, ptq = rows["fp"]["val_loss"], rows["ptq"]["val_loss"]
     want = (ptq - rows["hgf_svd_ptq_r4"]["val_loss"]) / (ptq - fp)
     assert rows["hgf_svd_ptq_r4"]["gap_recovery"] == pytest.approx(want)
-    for name, ref in (("tequila_kd", "qat_kd"), ("sherry_kd", "qat_kd"), ("ptqtp", "ptq")):
-        r, base = rows[name], rows[ref]["val_loss"]
+    for name, ref in (("hgf_svd_kd_r4", "qat_kd"), ("tequila_kd", "qat_kd"),
+                      ("sherry_kd", "qat_kd"), ("ptqtp", "ptq")):
+        r, base = rows[name], rows[ref]
         assert r["reference"] == ref
-        assert r["gap_recovery"] == pytest.approx((base - r["val_loss"]) / (base - fp))
+        assert r["vs_reference"] == pytest.approx(base["val_loss"] - r["val_loss"])
+        se_ref = base["val_loss_std"] / math.sqrt(base["n"]) if base["n"] > 1 else 0.0
+        if base["val_loss"] - fp > 2 * se_ref:  # a gap to recover: the ratio
+            assert r["gap_recovery"] == pytest.approx(
+                (base["val_loss"] - r["val_loss"]) / (base["val_loss"] - fp))
+        else:  # none beyond the noise: no ratio, a note
+            assert math.isnan(r["gap_recovery"]) and r["gap_note"].startswith("no gap")
     # PTQTP's two planes beat one absmean plane on the weights, so on the loss without training
     assert rows["ptqtp"]["val_loss"] < ptq
     bits = {name: rows[name]["bits_i2"] for name in ("fp", "qat", "sherry_kd", "ptqtp", "tequila_kd")}
@@ -98,6 +102,7 @@ def test_the_study_runs_end_to_end_and_reports(tmp_path, dataset, capsys):
     report = (out / "tiny.md").read_text()
     for name in arms:
         assert f"| {name} |" in report
+    assert "## What it shows" in report and "Does the correction pay here?" in report
     assert (out / "tiny_curves.png").is_file()
 
     # a second call skips every finished run; --report-only rebuilds the report
@@ -133,3 +138,26 @@ def test_seed_index_runs_one_seed(tmp_path, dataset, capsys):
     assert not (out / "tiny" / "qat-seed0").exists()
     assert main(["--preset", preset, "--out", str(out), "--seed-index", "2", "--report-only"]) == 2
     assert "--seed-index 2: out of range for 2 seed(s)" in capsys.readouterr().err
+
+
+def _row(arm, loss, std=0.0, n=1):
+    return {"arm": arm, "val_loss": loss, "val_loss_std": std, "n": n}
+
+
+def test_gap_recovery_needs_a_gap_beyond_the_noise():
+    """The ratio (L_ref - L_arm) / (L_ref - L_fp) only where the reference is above the FP model
+    by more than twice its standard error; the difference from the reference always, with its
+    standard error."""
+    fp = 2.0
+    arm = _row("hgf", 2.1, 0.02, 2)
+    against_reference(arm, _row("qat_kd", 2.3, 0.02, 2), fp)  # gap 0.3, SE 0.014
+    assert arm["vs_reference"] == pytest.approx(0.2)
+    assert arm["vs_reference_se"] == pytest.approx(math.hypot(0.02, 0.02) / math.sqrt(2))
+    assert arm["gap_recovery"] == pytest.approx(0.2 / 0.3) and arm["gap_note"] == ""
+    against_reference(arm, _row("qat_kd", 2.02, 0.02, 2), fp)  # gap 0.02 < 2 SE (0.028)
+    assert math.isnan(arm["gap_recovery"]) and "within 2 SE of" in arm["gap_note"]
+    assert arm["vs_reference"] == pytest.approx(-0.08)
+    against_reference(arm, _row("qat_kd", 1.99, 0.0, 2), fp)  # below the FP model
+    assert math.isnan(arm["gap_recovery"]) and "below" in arm["gap_note"]
+    against_reference(arm, None, fp)  # an arm without a reference
+    assert arm["reference"] is None and math.isnan(arm["vs_reference"])

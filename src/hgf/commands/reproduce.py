@@ -62,9 +62,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     from hgf.reproduce.grid import load_preset
 
     kind = study_kind(args.preset)
-    if kind is not None and (overrides or args.seed_index is not None):
-        raise HGFError(f"--section.key=value overrides and --seed-index apply to grid presets, "
-                       f"not to {args.preset!r}")
+    if kind is not None and overrides:
+        raise HGFError(f"--section.key=value overrides apply to grid presets, not to "
+                       f"{args.preset!r}")
+    if kind == "methods" and args.seed_index is not None:
+        raise HGFError(f"--seed-index applies to grid presets and the conversion study, not to "
+                       f"{args.preset!r}")
     if kind == "methods":
         return run_methods_report(args)
     if kind == "convert":
@@ -139,11 +142,13 @@ def run_conversion_study(args: argparse.Namespace) -> int:
                         ("--sweep-steps", args.sweep_steps), ("--variants", args.variants)):
         if value:
             raise HGFError(f"{flag} does not apply to the conversion study {args.preset!r} "
-                           "(it takes --out, --arms, --seeds, --report-only, --background)")
+                           "(it takes --out, --arms, --seeds, --seed-index, --report-only, "
+                           "--background)")
     argv = ["--preset", args.preset]
     argv += ["--out", args.out] if args.out else []
     argv += ["--arms", ",".join(args.arms)] if args.arms else []
     argv += ["--seeds", str(args.seeds)] if args.seeds else []
+    argv += ["--seed-index", str(args.seed_index)] if args.seed_index is not None else []
     argv += ["--report-only"] * args.report_only + ["--background"] * args.background
     return convert_study.main(argv)
 

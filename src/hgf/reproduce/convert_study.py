@@ -385,14 +385,34 @@ def collect(out: Path, name: str = DEFAULT_NAME) -> dict[str, Any]:
     fp = rows.get("fp", {}).get("val_loss", math.nan)
     for row in rows.values():
         row["gap_to_fp"] = row["val_loss"] - fp
-        # HGF's recovery of the ternary gap: trained arms against qat_kd (c), the no-training
-        # arm against ptq (a)
-        row["reference"] = REFERENCE.get(row["kind"])
-        ref = rows.get(row["reference"], {}).get("val_loss", math.nan)
-        den = ref - fp
-        row["gap_recovery"] = ((ref - row["val_loss"]) / den if _finite(den) and den != 0
-                               else math.nan)
+        against_reference(row, rows.get(REFERENCE.get(row["kind"], "")), fp)
     return {"rows": rows, "fp_loss": fp}
+
+
+def _se(row: dict[str, Any]) -> float:
+    """Standard error of an arm's mean loss over its seeds (0 for one run: no estimate)."""
+    return row["val_loss_std"] / math.sqrt(row["n"]) if row["n"] > 1 else 0.0
+
+
+def against_reference(row: dict[str, Any], ref: dict[str, Any] | None, fp: float) -> None:
+    """An arm against its reference (qat_kd for the trained HGF, Tequila and Sherry arms, ptq
+    for the untrained HGF and PTQTP ones): ``vs_reference`` = L_ref − L_arm (> 0: the arm is
+    better) ± ``vs_reference_se``, and ``gap_recovery`` = that / (L_ref − L_fp) only where the
+    reference's gap to the FP model exceeds twice its standard error; otherwise there is no gap
+    to recover (``gap_note`` says why) and the ratio, whose denominator is noise, is NaN."""
+    row["reference"] = ref["arm"] if ref else None
+    row["vs_reference"] = row["vs_reference_se"] = row["gap_recovery"] = math.nan
+    row["gap_note"] = ""
+    if ref is None:
+        return
+    row["vs_reference"] = ref["val_loss"] - row["val_loss"]
+    row["vs_reference_se"] = math.hypot(_se(ref), _se(row))
+    den = ref["val_loss"] - fp
+    if _finite(den) and den > 2 * _se(ref):
+        row["gap_recovery"] = row["vs_reference"] / den
+    elif _finite(den):
+        row["gap_note"] = (f"no gap: {ref['arm']} is {'below' if den < 0 else 'within 2 SE of'} "
+                           "the FP model")
 
 
 REFERENCE = {"hgf_svd_kd": "qat_kd", "hgf_lora_kd": "qat_kd", "tequila_kd": "qat_kd",
@@ -460,6 +480,96 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def findings(data: dict[str, Any], study: Study) -> list[str]:
+    """The report's "What it shows": the measured answers, in words, to the study's questions
+    (the ternary gap with and without training; whether the correction pays, judged on its
+    difference from the reference beyond twice the standard error at the overhead-bound rank)."""
+    rows = data["rows"]
+    fp = rows.get("fp")
+    if fp is None:
+        return []
+    out = ["", "## What it shows", ""]
+
+    def gap(name: str) -> str:
+        r = rows[name]
+        se = f" ± {_se(r):.4f}" if r["n"] > 1 else ""
+        return f"{name} {r['gap_to_fp']:+.4f}{se}"
+
+    def corrected(kind: str) -> list[dict[str, Any]]:
+        return sorted((r for r in rows.values() if r["kind"] == kind and r["memory"]),
+                      key=lambda r: r["memory"]["rank"])
+
+    def vs(r: dict[str, Any]) -> str:
+        se = f" ± {r['vs_reference_se']:.4f}" if r["vs_reference_se"] > 0 else ""
+        rec = f", {r['gap_recovery']:.0%} of the gap" if _finite(r["gap_recovery"]) else ""
+        return (f"{r['arm']} {r['vs_reference']:+.4f}{se} nats{rec} at "
+                f"{r['memory']['overhead_i2']:.0%} memory")
+
+    if "ptq" in rows:
+        line = f"- **Without training** the ternarized FP model is {gap('ptq')} nats from it"
+        svd = corrected("hgf_svd_ptq")
+        if svd:
+            line += "; the residual-SVD correction: " + "; ".join(vs(r) for r in svd)
+        if "ptqtp" in rows:
+            r = rows["ptqtp"]
+            line += (f"; PTQTP's two trit-planes {r['vs_reference']:+.4f} nats at "
+                     f"{r['bits_i2']:.2f} bits/weight")
+        out.append(line + ".")
+    trained = [n for n in ("qat", "qat_kd", "scratch") if n in rows]
+    if trained:
+        out.append(f"- **Fine-tuned ({study.ft_steps} steps)**, the ternary models' distance to "
+                   "the FP model (nats, ± standard error): " + ", ".join(gap(n) for n in trained)
+                   + (" (scratch: trained from random weights on the same total tokens)"
+                      if "scratch" in trained else "") + ".")
+    ref = rows.get("qat_kd")
+    hgf = corrected("hgf_svd_kd") + corrected("hgf_lora_kd")
+    if ref and hgf:
+        if ref["gap_to_fp"] <= 2 * _se(ref):
+            out.append("- QAT with distillation is not above the FP model by more than twice its "
+                       "standard error: at this scale there is no ternary gap left after the "
+                       "fine-tune, and a gap-recovery ratio would divide by noise. (The "
+                       "fine-tune's tokens are extra training the FP model did not get; this "
+                       "study has no FP model continued on them.)")
+        out.append("- **The correction against QAT + distillation** (> 0: lower loss): "
+                   + "; ".join(vs(r) for r in hgf) + ".")
+        bound = [r for r in hgf if r["memory"]["overhead_i2"] <= study.overhead + 1e-9]
+        pays = [r for r in bound
+                if r["vs_reference"] > 2 * r["vs_reference_se"] and r["vs_reference"] > 0]
+        if pays:
+            best = max(pays, key=lambda r: r["vs_reference"])
+            out.append(f"- **Does the correction pay here? Yes, slightly**: within "
+                       f"{study.overhead:.0%} of the backbone's memory, {vs(best)}, beyond twice "
+                       "its standard error.")
+        elif bound:
+            out.append(f"- **Does the correction pay here? No**: within {study.overhead:.0%} of "
+                       "the backbone's memory no corrected arm beats QAT + distillation by twice "
+                       "its standard error.")
+        else:
+            small = min(hgf, key=lambda r: r["memory"]["overhead_i2"])["memory"]
+            out.append(f"- **Does the correction pay here? Not within {study.overhead:.0%} of the "
+                       f"backbone's memory**: at this width even rank {small['rank']} costs "
+                       f"{small['overhead_i2']:.0%}.")
+    return out
+
+
+def _provenance(root: Path) -> list[str]:
+    """Where the trained runs ran (device, torch) and on which code, from their run_info.json."""
+    from hgf.reproduce.report import commits_line, run_commits
+
+    dirs = sorted(f.parent for f in root.glob("*/run_info.json"))
+    if not dirs:
+        return []
+    where: dict[str, int] = {}
+    for d in dirs:
+        info = json.loads((d / "run_info.json").read_text(encoding="utf-8"))
+        hw = info.get("hardware", {})
+        name = (f"{hw.get('gpu') or hw.get('cpu') or 'unknown'} ({hw.get('device', '?')}, torch "
+                f"{info.get('versions', {}).get('torch', '?')})")
+        where[name] = where.get(name, 0) + 1
+    return ["", "Trained runs made on: " + ", ".join(f"{k}: {n}" for k, n in where.items())
+            + " (each run's run_info.json).", "", commits_line(run_commits(dirs)).rstrip(".") + "."]
+
+
 def write_report(study: Study, out: Path, preset: str | None = None) -> Path:
     data = collect(out, study.name)
     json_file, plot_file = f"{study.name}.json", f"{study.name}_curves.png"
@@ -483,32 +593,43 @@ def write_report(study: Study, out: Path, preset: str | None = None) -> Path:
             f"fine-tuning tokens) from it; seeds: {study.seeds} (the FP model is one run); the "
             "scratch arm trains the FP model's steps plus the fine-tune's.", ""]
     lines += ["Losses are full-validation nats/token (mean ± std over seeds); bits/byte is "
-              "tokenizer-independent. Gap recovered = (L_ref − L_arm) / (L_ref − L_fp), the "
-              "reference being qat_kd (c) for the trained HGF, Tequila and Sherry arms and ptq "
-              "(a) for the untrained HGF and PTQTP arms. Overhead = FP16 correction + gates / the "
-              "2-bit packed backbone (hgf.memory).", "",
+              "tokenizer-independent. Against the reference = L_ref − L_arm ± its standard "
+              "error (> 0: better than the reference), the reference being qat_kd (c) for the "
+              "trained HGF, Tequila and Sherry arms and ptq (a) for the untrained HGF and PTQTP "
+              "arms. Gap recovered = (L_ref − L_arm) / (L_ref − L_fp), shown only where the "
+              "reference's gap to the FP model exceeds twice its standard error (– where it does "
+              "not: no gap to recover). Overhead = FP16 correction + gates / the 2-bit packed "
+              "backbone (hgf.memory).", "",
               "Bits/weight = the projections as stored (i2; Sherry in its 1.25-bit packing) "
               "with everything beside the backbone.", "",
-              "| arm | what | runs | steps | loss | bits/byte | gap to FP | gap recovered "
-              "| overhead (i2) | bits/weight |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| arm | what | runs | steps | loss | bits/byte | gap to FP | against the reference "
+              "| gap recovered | overhead (i2) | bits/weight |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         loss = _fmt(r["val_loss"]) + (f" ± {r['val_loss_std']:.4f}" if r["n"] > 1 else "")
         bpb = _fmt(r["val_bpb"]) + (f" ± {r['val_bpb_std']:.4f}" if r["n"] > 1 else "")
-        rec = (f"{r['gap_recovery']:.1%} vs {r['reference']}" if r["reference"]
-               and _finite(r["gap_recovery"]) else "")
+        rec = (f"{r['gap_recovery']:.1%}" if _finite(r["gap_recovery"])
+               else "–" if r["gap_note"] else "")
+        vs = ""
+        if r["reference"] and _finite(r["vs_reference"]):
+            se = f" ± {r['vs_reference_se']:.4f}" if r["vs_reference_se"] > 0 else ""
+            vs = f"{r['vs_reference']:+.4f}{se} vs {r['reference']}"
         mem = r["memory"]
         over = f"r={mem['rank']}: {mem['overhead_i2']:.1%}" if mem else ""
         div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
         gap = _fmt(r["gap_to_fp"]) if r["kind"] != "fp" else ""
         lines.append(f"| {r['arm']} | {r['about']}{div} | {r['n']} | {r['steps']} | {loss} | "
-                     f"{bpb} | {gap} | {rec} | {over} | {_fmt(r['bits_i2'], 2)} |")
+                     f"{bpb} | {gap} | {vs} | {rec} | {over} | {_fmt(r['bits_i2'], 2)} |")
     if not rows:
-        lines.append("| (no finished run yet) | | | | | | | | | |")
+        lines.append("| (no finished run yet) | | | | | | | | | | |")
+    lines += findings(data, study)
+    lines += _provenance(out / study.name)
     if plot is not None:
         lines += ["", f"![validation loss curves]({plot_file})"]
     run = f"python -m hgf.reproduce.convert_study --preset {preset or study.name} --out {out}"
-    lines += ["", "Commands (docs/CONVERT.md has the split over two processes):", "",
-              f"    {run}", f"    {run} --report-only", ""]
+    lines += ["", "Commands (docs/CONVERT.md has the split over two processes; on a GPU, "
+              "`PARTS=convert bash scripts/gpu_check.sh` runs one process per arm and seed, in "
+              "float32 as on the CPU):", "", f"    {run}", f"    {run} --report-only", ""]
     path = out / f"{study.name}.md"
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -540,8 +540,11 @@ def finetune_section(study: dict[str, Any], cpu: Path) -> list[str]:
         for r in order:
             if r["kind"] not in FT_ARMS:
                 continue
-            rec = (f"{r['gap_recovery']:.3f} vs {r['reference']}" if r.get("reference")
-                   and _finite(r.get("gap_recovery")) else "—")
+            rec = "—"
+            if r.get("reference") and _finite(r.get("gap_recovery")):
+                rec = f"{r['gap_recovery']:.3f} vs {r['reference']}"
+            elif r.get("reference") and _finite(r.get("vs_reference")):  # no gap to recover
+                rec = f"— ({r['vs_reference']:+.4f} nats vs {r['reference']}; {r['gap_note']})"
             lines.append(f"| {r['arm']} | {r['n']} | "
                          f"{_pm(r['val_loss'], r.get('val_loss_std'), r['n'])} | "
                          f"{_pm(r['val_bpb'], r.get('val_bpb_std'), r['n'])} | {rec} | "
