@@ -433,8 +433,9 @@ def _fmt(x: float, nd: int = 4) -> str:
 
 
 def plot_curves(data: dict[str, Any], path: Path) -> Path | None:
-    """Validation loss (fixed subset) vs step: the fine-tuning arms (seed 0) with the FP model's
-    and the no-training arms' full-validation losses as lines; the scratch arm and the FP model."""
+    """Validation loss on the fixed evaluation subset vs step: the fine-tuning arms (seed 0) with
+    the FP model's last loss on the same subset as a line (the no-training arms' losses, far
+    above, are in the table); the scratch arm and the FP model against tokens."""
     try:
         import matplotlib
 
@@ -452,13 +453,13 @@ def plot_curves(data: dict[str, Any], path: Path) -> Path | None:
         xs, ys = zip(*r["curve"], strict=True)
         left.plot(xs, ys, color=colors[i % 10], label=r["arm"])
         i += 1
-    for r in rows:
-        if r["kind"] in ("fp",) + NO_TRAINING and _finite(r["val_loss"]):
-            left.axhline(r["val_loss"], ls=":", color="k" if r["kind"] == "fp" else "grey", lw=1)
-            left.text(1.0, r["val_loss"], f"{r['arm']} (full validation)", fontsize=7,
-                      ha="right", va="bottom", transform=left.get_yaxis_transform())
+    fp = data["rows"].get("fp")
+    if fp and fp["curve"]:  # the same subset as the curves: comparable
+        left.axhline(fp["curve"][-1][1], ls=":", color="k", lw=1)
+        left.text(1.0, fp["curve"][-1][1], "FP model, end of its training", fontsize=7,
+                  ha="right", va="bottom", transform=left.get_yaxis_transform())
     left.set_xlabel("fine-tuning step")
-    left.set_ylabel("validation loss (nats/token)")
+    left.set_ylabel("validation loss, evaluation subset (nats/token)")
     left.set_title("Conversion arms (seed 0)")
     left.grid(alpha=0.3)
     if left.get_legend_handles_labels()[0]:  # no curve yet: no legend
