@@ -156,3 +156,14 @@ def test_finetune_section_reads_the_conversion_study(cpu):
     assert "| scratch |" not in tiny  # not a method of this comparison
     assert tiny.index("| qat_kd |") < tiny.index("| tequila_kd |")
     assert "not measured yet (`hgf reproduce --preset convert`" in full
+
+
+def test_methods_main_fails_in_one_line(tmp_path, capsys):
+    """A bad preset or an unwritable report: one line and status 2, not a traceback."""
+    assert methods.main(["--preset", "nope", "--cpu", str(tmp_path)]) == 2
+    assert "unknown reproduce preset 'nope'" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert methods.main(["--cpu", str(tmp_path), "--out", str(blocker / "methods.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hgf: error: ") and "a_file" in err and len(err.splitlines()) == 1

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-from hgf.errors import HGFError
+from hgf.errors import HGFError, exit_code
 from hgf.model.hgf_linear import HGFLinear
 from hgf.model.quant import ternarize
 from hgf.runs import load_trained
@@ -60,15 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print("| run | projections | share ‖C‖/‖W_q‖ | residual ‖W−W_q‖/‖W_q‖ | align cos(C, W−W_q) |")
     print("|---|---|---|---|---|")
-    for run in args.runs:
-        try:
+
+    def body() -> int:
+        for run in args.runs:
             u = correction_use(run)
-        except HGFError as e:
-            print(f"hgf: error: {e}", file=sys.stderr)
-            return 2
-        print(f"| {Path(run).name} | {u['projections']} | {u['share']:.4f} | "
-              f"{u['residual']:.3f} | {u['align']:.3f} |")
-    return 0
+            print(f"| {Path(run).name} | {u['projections']} | {u['share']:.4f} | "
+                  f"{u['residual']:.3f} | {u['align']:.3f} |")
+        return 0
+
+    return exit_code(body)  # a bad run (or an unreadable file): one line, status 2
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from hgf.config import ConfigError, read_toml
+from hgf.errors import exit_code
 from hgf.kernels.packing import PACKING_REGISTRY
 from hgf.reproduce.grid import DONE_FILE, RunSpec, arm_config, load_preset, resolve_preset
 from hgf.reproduce.report import (
@@ -596,13 +597,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--convert", type=Path, metavar="FP_RUN",
                    help="first measure the conversion without training of this FP run")
     args = p.parse_args(argv)
-    study = load_study(args.preset)
-    methods_dir = args.methods_dir or args.cpu / "methods"
-    if args.convert:
-        print(f"conversion: {convert(args.convert, methods_dir)}")
-    path = write_report(study, args.cpu, args.bench, args.out, methods_dir / CONVERSION)
-    print(f"methods report: {path}")
-    return 0
+
+    def body() -> int:
+        study = load_study(args.preset)
+        methods_dir = args.methods_dir or args.cpu / "methods"
+        if args.convert:
+            print(f"conversion: {convert(args.convert, methods_dir)}")
+        path = write_report(study, args.cpu, args.bench, args.out, methods_dir / CONVERSION)
+        print(f"methods report: {path}")
+        return 0
+
+    return exit_code(body)  # a bad preset or an unwritable report: one line, status 2
 
 
 if __name__ == "__main__":
