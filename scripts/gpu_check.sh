@@ -8,7 +8,9 @@
 #   4. 200 steps of the paper preset      the hgf arm, to show the pipeline and its step time
 #   5. the "why" study's runs (issue 15)  every run of the why_tokens, why_width and why_lr presets
 #                                         (seeds, variants; a third seed of experiment 2's
-#                                         bitnet/hgf/hgf_std/fp16_lr1e-3) not yet in results/ (done.json), one
+#                                         bitnet/hgf/hgf_std/fp16_lr1e-3 and of experiment 4's
+#                                         tokens-regime gates and hgf_std) not yet in results/
+#                                         (done.json), one
 #                                         process per run, WHY_P at once,
 #                                         longest first; runs not finished by TOTAL_S keep their
 #                                         curves so far (no done.json: reports skip them)
@@ -157,6 +159,9 @@ why_part() {
   # recovery against the cpu grid's, the gap itself)
   for arm in bitnet hgf hgf_std; do jobs+=("why_width --arms $arm $s25 2 $f32"); done
   jobs+=("why_width --variants fp16_lr1e-3 $s25 2 $f32")
+  # and where experiment 4's (the gates in experiment 1's regime) are
+  for v in gate_channel gate_input; do jobs+=("why_tokens --variants $v $s8 2 $f32"); done
+  jobs+=("why_tokens --arms hgf_std $s8 2 $f32")
   for seed in 0 1; do for lr in 1p6e-2 8e-3 4e-3; do for arm in bitnet diff_only hgf hgf_std fp16; do
     jobs+=("why_lr --variants ${arm}_lr$lr $s25 $seed"); done; done; done
   for seed in 0 1; do for arm in fp16 bitnet hgf_std; do

@@ -136,8 +136,10 @@ def test_seed_index_runs_one_seed(tmp_path, dataset, capsys):
     assert main(["--preset", preset, "--out", str(out), "--arms", "qat", "--seed-index", "1"]) == 0
     assert (out / "tiny" / "qat-seed1" / "done.json").is_file()
     assert not (out / "tiny" / "qat-seed0").exists()
-    assert main(["--preset", preset, "--out", str(out), "--seed-index", "2", "--report-only"]) == 2
-    assert "--seed-index 2: out of range for 2 seed(s)" in capsys.readouterr().err
+    # past the preset's seeds: an extra seed, as for a grid
+    assert plan_arms(study, out, ["qat"], seed_index=2) == [("qat", "qat", 2, None)]
+    assert main(["--preset", preset, "--out", str(out), "--seed-index", "-1", "--report-only"]) == 2
+    assert "--seed-index must be >= 0, got -1" in capsys.readouterr().err
 
 
 def _row(arm, loss, std=0.0, n=1):

@@ -199,9 +199,12 @@ def plan_arms(study: Study, out: Path, kinds: list[str] | None = None,
               seed_index: int | None = None) -> list[tuple[str, str, int, int | None]]:
     """(kind, arm name, seed index, rank) of every run after the FP model, in running order:
     no-training arms, then the fine-tuning arms seed by seed, then scratch; only seed
-    ``seed_index``'s runs when it is given (the no-training arms are seed 0's)."""
+    ``seed_index``'s runs when it is given, inside ``seeds`` or beyond it (an extra seed, as
+    ``hgf reproduce --seed-index`` for a grid; the no-training arms are seed 0's)."""
     kinds = kinds or study.kinds
     seeds = seeds if seeds is not None else study.seeds
+    if seed_index is not None:
+        seeds = max(seeds, seed_index + 1)
     rs = ranks(study, out) if any(k in RANKED for k in kinds) else []
     out_list = []
     for k in (k for k in kinds if k in NO_TRAINING):
@@ -653,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
                    "unless only scratch is asked for)")
     p.add_argument("--seeds", type=int, help="number of seeds (default: the preset's)")
     p.add_argument("--seed-index", type=int, metavar="K",
-                   help="run only seed K's runs (0-based; one process per seed; the no-training "
-                   "arms are seed 0's)")
+                   help="run only seed K's runs (0-based, also past --seeds: an extra seed; one "
+                   "process per seed; the no-training arms are seed 0's)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report")
     p.add_argument("--background", action="store_true",
                    help="run detached; progress goes to OUT/convert.log")
@@ -670,9 +673,8 @@ def _study(args: argparse.Namespace, argv: list[str] | None) -> int:
         bad = [a for a in args.arms if a not in KINDS]
         if bad:
             raise HGFError(f"--arms: unknown arm {bad[0]!r} (known: {', '.join(KINDS)})")
-    seeds = args.seeds if args.seeds is not None else study.seeds
-    if args.seed_index is not None and not 0 <= args.seed_index < seeds:
-        raise HGFError(f"--seed-index {args.seed_index}: out of range for {seeds} seed(s)")
+    if args.seed_index is not None and args.seed_index < 0:
+        raise HGFError(f"--seed-index must be >= 0, got {args.seed_index}")
     if args.background:
         from hgf.commands.reproduce import detach
 
