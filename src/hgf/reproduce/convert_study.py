@@ -541,9 +541,10 @@ def findings(data: dict[str, Any], study: Study) -> list[str]:
                 if r["vs_reference"] > 2 * r["vs_reference_se"] and r["vs_reference"] > 0]
         if pays:
             best = max(pays, key=lambda r: r["vs_reference"])
-            out.append(f"- **Does the correction pay here? Yes, slightly**: within "
+            out.append(f"- **Does the correction pay here? Yes**: within "
                        f"{study.overhead:.0%} of the backbone's memory, {vs(best)}, beyond twice "
-                       "its standard error.")
+                       f"its standard error ({best['vs_reference'] / ref['val_loss']:.2%} of "
+                       "QAT + distillation's loss).")
         elif bound:
             out.append(f"- **Does the correction pay here? No**: within {study.overhead:.0%} of "
                        "the backbone's memory no corrected arm beats QAT + distillation by twice "
