@@ -52,7 +52,7 @@ from typing import Any
 from hgf.config import Config, ConfigError, build_config, read_toml
 from hgf.errors import HGFError, exit_code
 from hgf.reproduce.grid import DONE_FILE, RunSpec, configs_dir, resolve_preset
-from hgf.reproduce.report import _finite, _mean_std
+from hgf.reproduce.report import _finite, _mean_std, mean_se
 from hgf.runs import atomic_write_text
 
 KINDS = ("ptq", "hgf_svd_ptq", "ptqtp", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
@@ -392,11 +392,6 @@ def collect(out: Path, name: str = DEFAULT_NAME) -> dict[str, Any]:
     return {"rows": rows, "fp_loss": fp}
 
 
-def _se(row: dict[str, Any]) -> float:
-    """Standard error of an arm's mean loss over its seeds (0 for one run: no estimate)."""
-    return row["val_loss_std"] / math.sqrt(row["n"]) if row["n"] > 1 else 0.0
-
-
 def against_reference(row: dict[str, Any], ref: dict[str, Any] | None, fp: float) -> None:
     """An arm against its reference (qat_kd for the trained HGF, Tequila and Sherry arms, ptq
     for the untrained HGF and PTQTP ones): ``vs_reference`` = L_ref − L_arm (> 0: the arm is
@@ -409,9 +404,9 @@ def against_reference(row: dict[str, Any], ref: dict[str, Any] | None, fp: float
     if ref is None:
         return
     row["vs_reference"] = ref["val_loss"] - row["val_loss"]
-    row["vs_reference_se"] = math.hypot(_se(ref), _se(row))
+    row["vs_reference_se"] = math.hypot(mean_se(ref), mean_se(row))
     den = ref["val_loss"] - fp
-    if _finite(den) and den > 2 * _se(ref):
+    if _finite(den) and den > 2 * mean_se(ref):
         row["gap_recovery"] = row["vs_reference"] / den
     elif _finite(den):
         row["gap_note"] = (f"no gap: {ref['arm']} is {'below' if den < 0 else 'within 2 SE of'} "
@@ -496,7 +491,7 @@ def findings(data: dict[str, Any], study: Study) -> list[str]:
 
     def gap(name: str) -> str:
         r = rows[name]
-        se = f" ± {_se(r):.4f}" if r["n"] > 1 else ""
+        se = f" ± {mean_se(r):.4f}" if r["n"] > 1 else ""
         return f"{name} {r['gap_to_fp']:+.4f}{se}"
 
     def corrected(kind: str) -> list[dict[str, Any]]:
@@ -528,7 +523,7 @@ def findings(data: dict[str, Any], study: Study) -> list[str]:
     ref = rows.get("qat_kd")
     hgf = corrected("hgf_svd_kd") + corrected("hgf_lora_kd")
     if ref and hgf:
-        if ref["gap_to_fp"] <= 2 * _se(ref):
+        if ref["gap_to_fp"] <= 2 * mean_se(ref):
             out.append("- QAT with distillation is not above the FP model by more than twice its "
                        "standard error: at this scale there is no ternary gap left after the "
                        "fine-tune, and a gap-recovery ratio would divide by noise. (The "

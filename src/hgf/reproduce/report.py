@@ -98,6 +98,12 @@ def gap_recovery(l_ternary: float, l_hgf: float, l_fp: float) -> float:
     return (l_ternary - l_hgf) / den if _finite(den) and den != 0 else math.nan
 
 
+def mean_se(row: dict[str, Any]) -> float:
+    """Standard error of a row's mean loss over its ``n`` seeds (``val_loss_std`` / √n); 0 for
+    one run, whose seed noise is not measured (callers that must know check ``n``)."""
+    return row["val_loss_std"] / math.sqrt(row["n"]) if row["n"] > 1 else 0.0
+
+
 def gap_recovery_se(ternary: dict[str, Any], arm: dict[str, Any], fp: dict[str, Any]
                     ) -> float | None:
     """Standard error of :func:`gap_recovery` from the three arms' rows (``val_loss``,
@@ -111,7 +117,7 @@ def gap_recovery_se(ternary: dict[str, Any], arm: dict[str, Any], fp: dict[str, 
     d = lt - lf
     if d == 0:
         return None
-    st, sa, sf = (r["val_loss_std"] / math.sqrt(r["n"]) for r in rows)
+    st, sa, sf = (mean_se(r) for r in rows)
     return math.sqrt((sa / d) ** 2 + (st * (la - lf) / d ** 2) ** 2 + (sf * (lt - la) / d ** 2) ** 2)
 
 
@@ -341,7 +347,7 @@ def twice_se(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     where the seed noise is unknown."""
     if a["n"] < 2 or b["n"] < 2:
         return None
-    return 2 * math.sqrt(a["val_loss_std"] ** 2 / a["n"] + b["val_loss_std"] ** 2 / b["n"])
+    return 2 * math.hypot(mean_se(a), mean_se(b))
 
 
 def ordering(rows: dict[str, dict[str, Any]]) -> str:
@@ -386,7 +392,7 @@ def seed_noise(hgf: dict[str, Any], bitnet: dict[str, Any]) -> list[str]:
         return ["  One seed per arm: the seed noise is not measured here (`--seeds 3` measures "
                 "it)."]
     diff = hgf["val_loss"] - bitnet["val_loss"]
-    se = math.sqrt(hgf["val_loss_std"] ** 2 / hgf["n"] + bitnet["val_loss_std"] ** 2 / bitnet["n"])
+    se = math.hypot(mean_se(hgf), mean_se(bitnet))
     verdict = "larger than" if abs(diff) > 2 * se else "within"
     return [f"  L_hgf − L_bitnet = {diff:+.4f} over {hgf['n']} and {bitnet['n']} seeds "
             f"(std {hgf['val_loss_std']:.4f} and {bitnet['val_loss_std']:.4f}): {verdict} "
