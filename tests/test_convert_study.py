@@ -68,7 +68,7 @@ def test_the_study_runs_end_to_end_and_reports(tmp_path, dataset, capsys):
     study = load_study(preset)
     plan = plan_arms(study, out)
     arms = {a for _, a, _, _ in plan}
-    assert arms == {"ptq", "hgf_svd_ptq_r1", "hgf_svd_ptq_r4", "qat", "qat_kd", "hgf_svd_kd_r1",
+    assert arms == {"ptq", "hgf_svd_ptq_r1", "hgf_svd_ptq_r4", "fp_ft", "qat", "qat_kd", "hgf_svd_kd_r1",
                     "hgf_svd_kd_r4", "hgf_lora_kd_r1", "hgf_lora_kd_r4", "tequila_kd", "sherry_kd",
                     "ptqtp", "scratch"}
     res = json.loads((out / "tiny.json").read_text())
@@ -84,15 +84,23 @@ def test_the_study_runs_end_to_end_and_reports(tmp_path, dataset, capsys):
     fp, ptq = rows["fp"]["val_loss"], rows["ptq"]["val_loss"]
     want = (ptq - rows["hgf_svd_ptq_r4"]["val_loss"]) / (ptq - fp)
     assert rows["hgf_svd_ptq_r4"]["gap_recovery"] == pytest.approx(want)
+    # the equal-token control: the untrained arms and fp_ft itself are measured against the
+    # source, the trained ones (fine-tuned, scratch) against fp_ft
+    assert rows["fp_ft"]["bits_i2"] == 16 and rows["fp_ft"]["steps"] == 4  # dense, fine-tuned
+    for name, want_fp in (("ptq", "fp"), ("ptqtp", "fp"), ("fp_ft", "fp"), ("qat_kd", "fp_ft"),
+                          ("hgf_svd_kd_r4", "fp_ft"), ("scratch", "fp_ft")):
+        r, base = rows[name], rows[want_fp]
+        assert r["fp_reference"] == want_fp, name
+        assert r["gap_to_fp"] == pytest.approx(r["val_loss"] - base["val_loss"]), name
     for name, ref in (("hgf_svd_kd_r4", "qat_kd"), ("tequila_kd", "qat_kd"),
                       ("sherry_kd", "qat_kd"), ("ptqtp", "ptq")):
         r, base = rows[name], rows[ref]
+        fp_row = rows[r["fp_reference"]]
         assert r["reference"] == ref
         assert r["vs_reference"] == pytest.approx(base["val_loss"] - r["val_loss"])
-        se_ref = base["val_loss_std"] / math.sqrt(base["n"]) if base["n"] > 1 else 0.0
-        if base["val_loss"] - fp > 2 * se_ref:  # a gap to recover: the ratio
-            assert r["gap_recovery"] == pytest.approx(
-                (base["val_loss"] - r["val_loss"]) / (base["val_loss"] - fp))
+        den = base["val_loss"] - fp_row["val_loss"]
+        if den > 2 * math.hypot(_se(base), _se(fp_row)):  # a gap to recover: the ratio
+            assert r["gap_recovery"] == pytest.approx((base["val_loss"] - r["val_loss"]) / den)
         else:  # none beyond the noise: no ratio, a note
             assert math.isnan(r["gap_recovery"]) and r["gap_note"].startswith("no gap")
     # PTQTP's two planes beat one absmean plane on the weights, so on the loss without training
@@ -103,6 +111,7 @@ def test_the_study_runs_end_to_end_and_reports(tmp_path, dataset, capsys):
     for name in arms:
         assert f"| {name} |" in report
     assert "## What it shows" in report and "Does the correction pay here?" in report
+    assert "The FP model continued on the fine-tune's tokens" in report
     assert (out / "tiny_curves.png").is_file()
 
     # a second call skips every finished run; --report-only rebuilds the report
@@ -142,6 +151,10 @@ def test_seed_index_runs_one_seed(tmp_path, dataset, capsys):
     assert "--seed-index must be >= 0, got -1" in capsys.readouterr().err
 
 
+def _se(row):
+    return row["val_loss_std"] / math.sqrt(row["n"]) if row["n"] > 1 else 0.0
+
+
 def _row(arm, loss, std=0.0, n=1):
     return {"arm": arm, "val_loss": loss, "val_loss_std": std, "n": n}
 
@@ -150,16 +163,26 @@ def test_gap_recovery_needs_a_gap_beyond_the_noise():
     """The ratio (L_ref - L_arm) / (L_ref - L_fp) only where the reference is above the FP model
     by more than twice its standard error; the difference from the reference always, with its
     standard error."""
-    fp = 2.0
+    fp = _row("fp", 2.0)
     arm = _row("hgf", 2.1, 0.02, 2)
     against_reference(arm, _row("qat_kd", 2.3, 0.02, 2), fp)  # gap 0.3, SE 0.014
     assert arm["vs_reference"] == pytest.approx(0.2)
     assert arm["vs_reference_se"] == pytest.approx(math.hypot(0.02, 0.02) / math.sqrt(2))
     assert arm["gap_recovery"] == pytest.approx(0.2 / 0.3) and arm["gap_note"] == ""
     against_reference(arm, _row("qat_kd", 2.02, 0.02, 2), fp)  # gap 0.02 < 2 SE (0.028)
-    assert math.isnan(arm["gap_recovery"]) and "within 2 SE of" in arm["gap_note"]
+    assert math.isnan(arm["gap_recovery"])
+    assert arm["gap_note"] == "no gap: qat_kd is within 2 SE of the FP model"
     assert arm["vs_reference"] == pytest.approx(-0.08)
     against_reference(arm, _row("qat_kd", 1.99, 0.0, 2), fp)  # below the FP model
     assert math.isnan(arm["gap_recovery"]) and "below" in arm["gap_note"]
     against_reference(arm, None, fp)  # an arm without a reference
     assert arm["reference"] is None and math.isnan(arm["vs_reference"])
+    # against the equal-token control, whose own seed noise widens the gap's uncertainty:
+    # gap 0.04 > 2 SE of qat_kd alone (0.028), < 2 · hypot(0.014, 0.014) (0.040)
+    control = _row("fp_ft", 1.98, 0.02, 2)
+    against_reference(arm, _row("qat_kd", 2.0199, 0.02, 2), control)
+    assert math.isnan(arm["gap_recovery"])
+    assert arm["gap_note"] == ("no gap: qat_kd is within 2 SE of the FP model continued on the "
+                               "same tokens")
+    against_reference(arm, _row("qat_kd", 2.2, 0.02, 2), control)  # gap 0.22: a ratio
+    assert arm["gap_recovery"] == pytest.approx(0.1 / 0.22) and arm["gap_note"] == ""

@@ -11,6 +11,8 @@ converted by every arm; the fine-tuning arms all train ``study.ft_steps`` steps 
     ptq            BitNet with the FP weights ternarized, no training: the post-training loss
     hgf_svd_ptq    HGF with the residual-SVD correction, no training (post-training low-rank
                    error correction, LQER/LoftQ-like), at each rank
+    fp_ft          the FP model itself continued on the fine-tune's tokens (CE only): the
+                   equal-token control, the FP reference of the fine-tuned arms when present
     qat            BitNet QAT from the FP model (CE only)
     qat_kd         qat + distillation from the FP model ([distill])
     hgf_svd_kd     HGF (standard attention) + correction initialised from the residual SVD
@@ -35,7 +37,9 @@ runs (``done.json``) are skipped, interrupted ones resume. The report is ``OUT/<
 and bits/byte (mean ± std over seeds), the gap recovered by the HGF/Tequila/Sherry/PTQTP arms
 against the FP model, ``(L_ref − L_arm) / (L_ref − L_fp)`` with ref = qat_kd for the trained arms
 and ptq for the untrained ones, the correction's memory overhead, the bits per weight as stored,
-and the validation-loss curves.
+and the validation-loss curves. L_fp is the source FP model's loss for the untrained arms and, when
+the study has ``fp_ft``, that arm's for the fine-tuned ones (equal tokens: the fine-tune's tokens
+are extra training the source did not get).
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ from hgf.reproduce.grid import DONE_FILE, RunSpec, configs_dir, resolve_preset
 from hgf.reproduce.report import _finite, _mean_std, mean_se
 from hgf.runs import atomic_write_text
 
-KINDS = ("ptq", "hgf_svd_ptq", "ptqtp", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
+KINDS = ("ptq", "hgf_svd_ptq", "ptqtp", "fp_ft", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
          "tequila_kd", "sherry_kd", "scratch")
 ABOUT = {
     "fp": "full-precision model (the source)",
+    "fp_ft": "the FP model continued on the fine-tune's tokens (equal-token control)",
     "ptq": "(a) ternarized FP weights, no training",
     "hgf_svd_ptq": "HGF, residual-SVD correction, no training",
     "qat": "(b) BitNet QAT from the FP model",
@@ -71,7 +76,8 @@ ABOUT = {
     "scratch": "(f) BitNet from scratch, FP + fine-tune tokens",
 }
 NO_TRAINING = ("ptq", "hgf_svd_ptq", "ptqtp")
-ARM_FILE = {"tequila_kd": "tequila", "sherry_kd": "sherry"}  # else bitnet / hgf_std
+# the arm config file (configs/<name>.toml) of a kind; the others: bitnet, or hgf_std for hgf_*
+ARM_FILE = {"fp_ft": "fp16", "tequila_kd": "tequila", "sherry_kd": "sherry"}
 RANKED = ("hgf_svd_ptq", "hgf_svd_kd", "hgf_lora_kd")
 SECTIONS = ("base", "fp", "ft", "scratch", "distill", "init", "hgf")
 # a preset's runs live in OUT/<preset name>/, its report in OUT/<preset name>.md, .json and
@@ -385,19 +391,32 @@ def collect(out: Path, name: str = DEFAULT_NAME) -> dict[str, Any]:
         row["bits_i2"] = _stored_bits_i2(runs[0]["config"])
         row["curve"] = next((r["val_curve"] for r in runs if r["seed_index"] == 0), [])
         rows[arm] = row
-    fp = rows.get("fp", {}).get("val_loss", math.nan)
     for row in rows.values():
-        row["gap_to_fp"] = row["val_loss"] - fp
+        fp = fp_reference(row, rows)
+        row["fp_reference"] = fp["arm"] if fp else None
+        row["gap_to_fp"] = row["val_loss"] - fp["val_loss"] if fp else math.nan
+        row["gap_to_fp_se"] = math.hypot(mean_se(row), mean_se(fp)) if fp else math.nan
         against_reference(row, rows.get(REFERENCE.get(row["kind"], "")), fp)
-    return {"rows": rows, "fp_loss": fp}
+    return {"rows": rows, "fp_loss": rows.get("fp", {}).get("val_loss", math.nan)}
 
 
-def against_reference(row: dict[str, Any], ref: dict[str, Any] | None, fp: float) -> None:
+def fp_reference(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The FP row an arm is measured against: the source model ``fp`` for itself, ``fp_ft`` and the
+    untrained arms; for the trained ones (fine-tuned, scratch) ``fp_ft`` when the study has it,
+    the FP model on the same tokens (else the source, which saw fewer)."""
+    if row["kind"] in ("fp", "fp_ft", *NO_TRAINING):
+        return rows.get("fp")
+    return rows.get("fp_ft", rows.get("fp"))
+
+
+def against_reference(row: dict[str, Any], ref: dict[str, Any] | None,
+                      fp: dict[str, Any] | None) -> None:
     """An arm against its reference (qat_kd for the trained HGF, Tequila and Sherry arms, ptq
     for the untrained HGF and PTQTP ones): ``vs_reference`` = L_ref − L_arm (> 0: the arm is
-    better) ± ``vs_reference_se``, and ``gap_recovery`` = that / (L_ref − L_fp) only where the
-    reference's gap to the FP model exceeds twice its standard error; otherwise there is no gap
-    to recover (``gap_note`` says why) and the ratio, whose denominator is noise, is NaN."""
+    better) ± ``vs_reference_se``, and ``gap_recovery`` = that / (L_ref − L_fp), ``fp`` the row
+    of :func:`fp_reference`, only where the reference's gap to it exceeds twice that gap's
+    standard error; otherwise there is no gap to recover (``gap_note`` says why) and the ratio,
+    whose denominator is noise, is NaN."""
     row["reference"] = ref["arm"] if ref else None
     row["vs_reference"] = row["vs_reference_se"] = row["gap_recovery"] = math.nan
     row["gap_note"] = ""
@@ -405,17 +424,22 @@ def against_reference(row: dict[str, Any], ref: dict[str, Any] | None, fp: float
         return
     row["vs_reference"] = ref["val_loss"] - row["val_loss"]
     row["vs_reference_se"] = math.hypot(mean_se(ref), mean_se(row))
-    den = ref["val_loss"] - fp
-    if _finite(den) and den > 2 * mean_se(ref):
+    if fp is None:
+        return
+    den = ref["val_loss"] - fp["val_loss"]
+    if _finite(den) and den > 2 * math.hypot(mean_se(ref), mean_se(fp)):
         row["gap_recovery"] = row["vs_reference"] / den
     elif _finite(den):
         row["gap_note"] = (f"no gap: {ref['arm']} is {'below' if den < 0 else 'within 2 SE of'} "
-                           "the FP model")
+                           f"{FP_NAME.get(fp['arm'], fp['arm'])}")
+
+
+FP_NAME = {"fp": "the FP model", "fp_ft": "the FP model continued on the same tokens"}
 
 
 REFERENCE = {"hgf_svd_kd": "qat_kd", "hgf_lora_kd": "qat_kd", "tequila_kd": "qat_kd",
              "sherry_kd": "qat_kd", "hgf_svd_ptq": "ptq", "ptqtp": "ptq"}
-ORDER = ("fp", "ptq", "hgf_svd_ptq", "ptqtp", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
+ORDER = ("fp", "fp_ft", "ptq", "hgf_svd_ptq", "ptqtp", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
          "tequila_kd", "sherry_kd", "scratch")
 
 
@@ -491,7 +515,7 @@ def findings(data: dict[str, Any], study: Study) -> list[str]:
 
     def gap(name: str) -> str:
         r = rows[name]
-        se = f" ± {mean_se(r):.4f}" if r["n"] > 1 else ""
+        se = f" ± {r['gap_to_fp_se']:.4f}" if r["gap_to_fp_se"] > 0 else ""
         return f"{name} {r['gap_to_fp']:+.4f}{se}"
 
     def corrected(kind: str) -> list[dict[str, Any]]:
@@ -514,21 +538,27 @@ def findings(data: dict[str, Any], study: Study) -> list[str]:
             line += (f"; PTQTP's two trit-planes {r['vs_reference']:+.4f} nats at "
                      f"{r['bits_i2']:.2f} bits/weight")
         out.append(line + ".")
+    control = rows.get("fp_ft")
+    if control:
+        out.append(f"- **The FP model continued on the fine-tune's tokens** (fp_ft, the "
+                   f"equal-token control): {gap('fp_ft')} nats from the source; the fine-tuned "
+                   "arms below are measured against it.")
     trained = [n for n in ("qat", "qat_kd", "scratch") if n in rows]
     if trained:
+        against = ("the FP model continued on the same tokens" if control else "the FP model")
         out.append(f"- **Fine-tuned ({study.ft_steps} steps)**, the ternary models' distance to "
-                   "the FP model (nats, ± standard error): " + ", ".join(gap(n) for n in trained)
+                   f"{against} (nats, ± standard error): " + ", ".join(gap(n) for n in trained)
                    + (" (scratch: trained from random weights on the same total tokens)"
                       if "scratch" in trained else "") + ".")
     ref = rows.get("qat_kd")
     hgf = corrected("hgf_svd_kd") + corrected("hgf_lora_kd")
     if ref and hgf:
-        if ref["gap_to_fp"] <= 2 * mean_se(ref):
-            out.append("- QAT with distillation is not above the FP model by more than twice its "
-                       "standard error: at this scale there is no ternary gap left after the "
-                       "fine-tune, and a gap-recovery ratio would divide by noise. (The "
-                       "fine-tune's tokens are extra training the FP model did not get; this "
-                       "study has no FP model continued on them.)")
+        if ref["gap_to_fp"] <= 2 * ref["gap_to_fp_se"]:
+            out.append(f"- QAT with distillation is not above {FP_NAME[ref['fp_reference']]} by "
+                       "more than twice its standard error: at this scale there is no ternary gap "
+                       "left after the fine-tune, and a gap-recovery ratio would divide by noise."
+                       + ("" if control else " (The fine-tune's tokens are extra training the FP "
+                          "model did not get; this study has no FP model continued on them.)"))
         out.append("- **The correction against QAT + distillation** (> 0: lower loss): "
                    + "; ".join(vs(r) for r in hgf) + ".")
         bound = [r for r in hgf if r["memory"]["overhead_i2"] <= study.overhead + 1e-9]
@@ -593,7 +623,11 @@ def write_report(study: Study, out: Path, preset: str | None = None) -> Path:
             f"fine-tuning tokens) from it; seeds: {study.seeds} (the FP model is one run); the "
             "scratch arm trains the FP model's steps plus the fine-tune's.", ""]
     lines += ["Losses are full-validation nats/token (mean ± std over seeds); bits/byte is "
-              "tokenizer-independent. Against the reference = L_ref − L_arm ± its standard "
+              "tokenizer-independent. Gap to FP = L_arm − L_FP, the FP model being the source "
+              "for the untrained arms and fp_ft"
+              + (" (the source continued on the fine-tune's tokens)" if "fp_ft" in data["rows"]
+                 else " (not in this study: the source instead)")
+              + " for the trained ones. Against the reference = L_ref − L_arm ± its standard "
               "error (> 0: better than the reference), the reference being qat_kd (c) for the "
               "trained HGF, Tequila and Sherry arms and ptq (a) for the untrained HGF and PTQTP "
               "arms. Gap recovered = (L_ref − L_arm) / (L_ref − L_fp), shown only where the "

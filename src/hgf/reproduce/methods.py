@@ -508,7 +508,7 @@ def render(study: dict[str, Any], cpu: Path, bench_path: Path, conv_path: Path, 
     return "\n".join(lines), table
 
 
-FT_ARMS = ("fp", "ptq", "ptqtp", "hgf_svd_ptq", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
+FT_ARMS = ("fp", "fp_ft", "ptq", "ptqtp", "hgf_svd_ptq", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
            "tequila_kd", "sherry_kd")
 
 
@@ -520,7 +520,9 @@ def finetune_section(study: dict[str, Any], cpu: Path) -> list[str]:
              "same steps from it with distillation (BitNet QAT `qat_kd`, HGF with the residual-SVD "
              "correction, Tequila, Sherry), or converted with no training (absmean `ptq`, PTQTP, "
              "HGF's SVD correction alone). Gap recovery is against `qat_kd` for the trained arms "
-             "and `ptq` for the untrained ones, relative to the FP model; bits/weight as stored "
+             "and `ptq` for the untrained ones, relative to the FP model (for the trained arms, "
+             "`fp_ft`, the FP model continued on the same tokens, where the study has it); "
+             "bits/weight as stored "
              "(i2; Sherry in its own packing).", ""]
     for preset in study["convert_presets"]:
         path = cpu / f"{preset}.json"
