@@ -12,8 +12,11 @@ ternary matmuls (llama.cpp: q8_K, one int8 scale per 256 values; hgf: one per to
     max|logit| per position (measured: median 2e-7, max 1.4e-6), except where an ulp-level
     difference moves an activation code across a rounding boundary (a "flip", as in
     test_bitnet_export), which moves that position and, through attention, the later ones by up
-    to ``TOL_FLIP`` = 5e-3 × max|logit| (measured: ≤ 1.5e-3); the median position stays within
-    ``TOL_ARITH``;
+    to ``TOL_FLIP`` = 5e-3 × max|logit| (measured: ≤ 2e-3). Where a flip happens depends on the
+    machine's float32 rounding (one machine flipped at position 6 of 48, another nowhere), so
+    the sequence is compared as ``WINDOWS`` independent windows, each in a fresh context: a flip
+    moves only the rest of its window, and the median position over all windows stays within
+    ``TOL_ARITH`` unless most windows flip early;
   * native check: llama.cpp vs hgf's own (per-token) model differs by no more than hgf's two
     quantizers differ from each other on the same input (``D_q`` = max|hgf_q8K − hgf_native|,
     measured in the test: ~1% of max|logit| here) plus ``TOL_FLIP``;
@@ -54,6 +57,26 @@ WORDS = ["the", "dog", "don't", "I'll", "we're", "café", "naïve", "日本語",
 def _sequence(tok, n: int = 96) -> list[int]:
     ids = corpus_ids(tok).tolist()[:n - 16]
     return ids + torch.randint(1, 300, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+WINDOWS = 6  # independent windows the arithmetic check splits a sequence into (docstring)
+
+
+def _window_errors(lm: LlamaCpp, model, seq: list[int], scale: float) -> np.ndarray:
+    """max |llama.cpp − hgf (q8_K activations)| / scale per position, over ``WINDOWS`` windows
+    of ``seq`` each evaluated from an empty context on both sides."""
+    errs = []
+    for window in np.array_split(np.asarray(seq), WINDOWS):
+        ids = window.tolist()
+        with torch.no_grad(), llama_cpp_activations():
+            want = model(torch.tensor([ids]))[0].numpy()
+        errs.append(np.abs(lm.logits(ids) - want).max(-1) / scale)
+    return np.concatenate(errs)
+
+
+def _assert_same_arithmetic(per_pos: np.ndarray) -> None:
+    assert float(np.median(per_pos)) < TOL_ARITH, f"median {np.median(per_pos):.2e}"
+    assert float(per_pos.max()) < TOL_FLIP, f"max {per_pos.max():.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +125,11 @@ def test_logits_match(files, arm, packing):
         native = model(idx)[0].numpy()
         with llama_cpp_activations():
             emulated = model(idx)[0].numpy()
+    scale = float(np.abs(emulated).max())
     with LlamaCpp(info["model"], info.get("adapter"), n_ctx=128, f32_attention=True) as lm:
         got = lm.logits(seq)
-    scale = float(np.abs(emulated).max())
-    per_pos = np.abs(got - emulated).max(-1) / scale  # [T]
-    assert float(np.median(per_pos)) < TOL_ARITH and float(per_pos.max()) < TOL_FLIP
+        _assert_same_arithmetic(_window_errors(lm, model, seq, scale))
+    assert float((np.abs(got - emulated).max(-1) / scale).max()) < TOL_FLIP  # the whole sequence
     d_q = float(np.abs(emulated - native).max())  # hgf's own quantizer difference
     assert d_q > 10 * TOL_ARITH * scale  # d_ff = 512: two q8_K blocks per down_proj row
     assert float(np.abs(got - native).max()) <= d_q + TOL_FLIP * scale
@@ -116,7 +139,7 @@ def test_logits_match(files, arm, packing):
 def test_lora_adapter_is_the_correction(files):
     """llama.cpp without the adapter = hgf's ternary backbone (B := 0); with it = the HGF model."""
     model, cfg, info = files("hgf_std", "i2", "fp32")
-    seq = _sequence(make_tokenizer(), 48)
+    seq = _sequence(make_tokenizer(), 96)
     backbone = build_model(cfg).eval()
     backbone.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -127,11 +150,9 @@ def test_lora_adapter_is_the_correction(files):
             base = backbone(torch.tensor([seq]))[0].numpy()
     scale = float(np.abs(full).max())
     assert float(np.abs(full - base).max()) > 2 * TOL_FLIP * scale  # the correction matters
-    for adapter, want in ((None, base), (info["adapter"], full)):
-        with LlamaCpp(info["model"], adapter, n_ctx=64, f32_attention=True) as lm:
-            got = lm.logits(seq)
-        per_pos = np.abs(got - want).max(-1) / scale
-        assert float(np.median(per_pos)) < TOL_ARITH and float(per_pos.max()) < TOL_FLIP
+    for adapter, want in ((None, backbone), (info["adapter"], model)):
+        with LlamaCpp(info["model"], adapter, n_ctx=128, f32_attention=True) as lm:
+            _assert_same_arithmetic(_window_errors(lm, want, seq, scale))
 
 
 @pytest.mark.parametrize("arm", ["bitnet", "hgf_std"])
