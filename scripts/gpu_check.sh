@@ -221,7 +221,7 @@ PY
   cv fp ptq  # the FP model, then the no-training ternarization (it tokenizes for the arms)
   for arm in hgf_svd_ptq ptqtp; do cv "$arm" "$arm" & ps+=($!); done
   for seed in 0 1; do  # one process per (arm, seed); each ranked arm runs its two ranks in turn
-    for arm in hgf_svd_kd hgf_lora_kd qat qat_kd tequila_kd sherry_kd; do
+    for arm in fp_ft hgf_svd_kd hgf_lora_kd qat qat_kd tequila_kd sherry_kd; do
       cv "$arm-$seed" "$arm" "$seed" &
       ps+=($!)
     done
