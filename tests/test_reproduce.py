@@ -216,6 +216,29 @@ def test_variants_compare_with_the_grid_and_extra_seeds_join_the_report(tmp_path
     assert (out / "variants_final_4.png").is_file()
 
 
+def test_report_only_of_a_variants_only_preset_writes_no_grid_report(tmp_path, capsys):
+    """A preset run only through its variants (why_lr): --report-only does not write a grid
+    report that lists every grid run as unfinished; the variants' report still rebuilds."""
+    preset = _preset(tmp_path)
+    with preset.open("a") as f:
+        f.write('[variant.fast_ab]\narm = "hgf"\nabout = "A/B LR x10"\nhgf = { lr_mult = 10.0 }\n')
+    out = tmp_path / "out"
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
+                 "--variants", "fast_ab"]) == 0
+    capsys.readouterr()
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--report-only"]) == 0
+    assert "report: none (no run of the preset's grid" in capsys.readouterr().out
+    assert not (out / "report.md").exists() and not (out / "results.json").exists()
+    (out / "variants.md").unlink()
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
+                 "--variants", "all", "--report-only"]) == 0
+    assert "| fast_ab | hgf |" in (out / "variants.md").read_text()
+    # with one grid run finished the grid report is written (and lists the rest as unfinished)
+    assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
+                 "--arms", "bitnet"]) == 0
+    assert "Incomplete grid" in (out / "report.md").read_text()
+
+
 def test_bad_variant_errors(tmp_path, capsys):
     preset = _preset(tmp_path)
     with preset.open("a") as f:

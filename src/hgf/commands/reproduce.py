@@ -181,7 +181,14 @@ def _run_preset(args: argparse.Namespace, preset, out: Path) -> int:
     if not args.report_only:
         run_specs(specs)
     full = plan_grid(preset, out)  # a partial command (--arms/--steps/--seeds) reports the grid
-    path = write_report(preset, full + finished_extras(preset, out, full), out)
+    runs = full + finished_extras(preset, out, full)
+    if args.report_only and preset.variants and not any(s.done for s in runs):
+        # a preset run only through its variants (why_lr): a grid report would list every grid
+        # run as unfinished and ask to run them
+        print(f"report: none (no run of the preset's grid in {out}; its variants' report: "
+              "--variants all --report-only)")
+        return 0
+    path = write_report(preset, runs, out)
     print(f"report: {path}")
     return 0
 
