@@ -149,6 +149,15 @@ def test_seed_index_runs_one_seed(tmp_path, dataset, capsys):
     assert plan_arms(study, out, ["qat"], seed_index=2) == [("qat", "qat", 2, None)]
     assert main(["--preset", preset, "--out", str(out), "--seed-index", "-1", "--report-only"]) == 2
     assert "--seed-index must be >= 0, got -1" in capsys.readouterr().err
+    # a checkout with the FP model's records but not its weights (git keeps no weights): finished
+    # arms are skipped, a new one stops with one line instead of failing inside its run
+    (out / "tiny" / "fp" / "model.safetensors").unlink()
+    assert main(["--preset", preset, "--out", str(out), "--arms", "qat", "--seed-index", "1"]) == 0
+    capsys.readouterr()
+    assert main(["--preset", preset, "--out", str(out), "--arms", "fp_ft", "--seed-index", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the FP model is finished (done.json) but its weights" in err and "fp_ft needs" in err
+    assert not (out / "tiny" / "fp_ft-seed0").exists()
 
 
 def _se(row):

@@ -57,7 +57,7 @@ from hgf.config import Config, ConfigError, build_config, read_toml
 from hgf.errors import HGFError, exit_code
 from hgf.reproduce.grid import DONE_FILE, RunSpec, configs_dir, resolve_preset
 from hgf.reproduce.report import _finite, _mean_std, mean_se
-from hgf.runs import atomic_write_text
+from hgf.runs import MODEL_FILE, atomic_write_text
 
 KINDS = ("ptq", "hgf_svd_ptq", "ptqtp", "fp_ft", "qat", "qat_kd", "hgf_svd_kd", "hgf_lora_kd",
          "tequila_kd", "sherry_kd", "scratch")
@@ -301,10 +301,19 @@ def run_study(study: Study, out: Path, kinds: list[str] | None = None,
     """Train (or skip, or resume) every run of the study in order (only seed ``seed_index``'s,
     when given): the FP model first unless only the scratch arm is asked for (it does not need
     it)."""
-    if any(k != "scratch" for k in kinds or study.kinds):
-        _run_one("[fp] full-precision model", fp_dir(out, study.name), "fp", "fp", 0,
-                 lambda: fp_config(study, out))
-    plan = plan_arms(study, out, kinds, seeds, seed_index)
+    needs_fp = any(k != "scratch" for k in kinds or study.kinds)
+    fp = fp_dir(out, study.name)
+    if needs_fp:
+        _run_one("[fp] full-precision model", fp, "fp", "fp", 0, lambda: fp_config(study, out))
+    plan = plan_arms(study, out, kinds, seeds, seed_index)  # the ranks need the FP model's config
+    if needs_fp:
+        pending = [arm for kind, arm, s, _ in plan
+                   if kind != "scratch" and not (run_dir(out, arm, s, study.name) / DONE_FILE).is_file()]
+        if pending and not (fp / MODEL_FILE).is_file():
+            raise HGFError(f"{fp}: the FP model is finished (done.json) but its weights "
+                           f"({MODEL_FILE}, not kept in git) are missing, and {pending[0]} needs "
+                           f"them: move {fp} aside to retrain it (every arm then needs a rerun "
+                           "from the new model: floats differ across machines)")
     for i, (kind, arm, seed, rank) in enumerate(plan, 1):
         d = run_dir(out, arm, seed, study.name)
         label = f"[{i}/{len(plan)}] {arm} seed {seed}"
