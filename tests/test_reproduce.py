@@ -232,7 +232,10 @@ def test_report_only_of_a_variants_only_preset_writes_no_grid_report(tmp_path, c
     (out / "variants.md").unlink()
     assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
                  "--variants", "all", "--report-only"]) == 0
-    assert "| fast_ab | hgf |" in (out / "variants.md").read_text()
+    md = (out / "variants.md").read_text()
+    assert "| fast_ab | hgf |" in md
+    # the regimes measured (4 steps) are not all of the preset's (4, 6): the rebuild command says so
+    assert "Command: `hgf reproduce --preset" in md and "--variants all --steps 4`" in md
     # with one grid run finished the grid report is written (and lists the rest as unfinished)
     assert main(["reproduce", "--preset", str(preset), "--out", str(out), "--steps", "4",
                  "--arms", "bitnet"]) == 0

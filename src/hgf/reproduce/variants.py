@@ -143,6 +143,9 @@ def write_variants(preset: Preset, variant_specs: list[RunSpec], grid_specs: lis
         band = (bitnet["val_loss"], bitnet["val_loss_std"]) if bitnet else None
         plot_final_losses(rows, band, out / f"variants_final_{steps}.png",
                           f"Final loss per arm and variant, {steps} steps (band: bitnet ± std)")
-    command = command or f"hgf reproduce --preset {preset.name} --variants all"
+    if not command:  # the command that rebuilds this report: the regimes measured, if not all
+        command = f"hgf reproduce --preset {preset.name} --variants all"
+        if regimes and regimes != set(preset.steps):
+            command += f" --steps {','.join(map(str, sorted(regimes)))}"
     atomic_write_text(out / "variants.md", render_variants(res, command))
     return out / "variants.md"
