@@ -403,10 +403,14 @@ def collect(out: Path, name: str = DEFAULT_NAME) -> dict[str, Any]:
     for row in rows.values():
         fp = fp_reference(row, rows)
         row["fp_reference"] = fp["arm"] if fp else None
-        row["gap_to_fp"] = row["val_loss"] - fp["val_loss"] if fp else math.nan
-        row["gap_to_fp_se"] = math.hypot(mean_se(row), mean_se(fp)) if fp else math.nan
+        row["gap_to_fp"], row["gap_to_fp_se"] = gap_to(row, fp) if fp else (math.nan, math.nan)
         against_reference(row, rows.get(REFERENCE.get(row["kind"], "")), fp)
     return {"rows": rows, "fp_loss": rows.get("fp", {}).get("val_loss", math.nan)}
+
+
+def gap_to(row: dict[str, Any], fp: dict[str, Any]) -> tuple[float, float]:
+    """L_row − L_fp and its standard error (the two rows' seed noise, independent)."""
+    return row["val_loss"] - fp["val_loss"], math.hypot(mean_se(row), mean_se(fp))
 
 
 def fp_reference(row: dict[str, Any], rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -435,8 +439,8 @@ def against_reference(row: dict[str, Any], ref: dict[str, Any] | None,
     row["vs_reference_se"] = math.hypot(mean_se(ref), mean_se(row))
     if fp is None:
         return
-    den = ref["val_loss"] - fp["val_loss"]
-    if _finite(den) and den > 2 * math.hypot(mean_se(ref), mean_se(fp)):
+    den, den_se = gap_to(ref, fp)
+    if _finite(den) and den > 2 * den_se:
         row["gap_recovery"] = row["vs_reference"] / den
     elif _finite(den):
         row["gap_note"] = (f"no gap: {ref['arm']} is {'below' if den < 0 else 'within 2 SE of'} "
